@@ -1,0 +1,114 @@
+"""The Dynamo backend ``ascend_compile``: options -> plan -> pass pipeline -> lowering.
+
+Registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="ascend_compile", options={...})`` works after
+``pip install`` with no import. A graph without shared weights goes to the lowering
+unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from torch import fx
+
+from .config import CompileOptions
+from .debug.dump import GraphDumper
+from .lowering import get_lowering
+from .passes import CompilePlan, PassPipeline, collective_schedule, default_passes, rewrite_shared_weights, schedule_prefetch
+from .passes.plan import marker_groups
+from .runtime import comm
+
+log = logging.getLogger(__name__)
+
+
+def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePlan]:
+    groups = marker_groups(gm.graph)
+    if not groups:
+        return None
+    if len(groups) > 1:
+        raise ValueError(f"one compiled graph shares weights over several process groups {sorted(groups)}; use one group")
+    (name,) = groups
+    pg = comm.group_from_name(name)
+    return CompilePlan(
+        rank=comm.group_rank(pg), world_size=comm.group_size(pg), group_name=name,
+        prefetch_step=options.prefetch_step, pin_order=options.pin_order,
+    )
+
+
+def planned_schedule(gm: fx.GraphModule, plan: CompilePlan) -> list:
+    """The collective order our passes give this graph, computed on a copy (weights shared, not copied)."""
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = fx.GraphModule(gm, graph)
+    copy = schedule_prefetch(rewrite_shared_weights(copy, plan), plan)
+    return collective_schedule(copy.graph)
+
+
+def schedule_fingerprint(schedule: list, plan: CompilePlan) -> dict:
+    """What must be identical on every rank: the collectives in issue order and the step."""
+    return {
+        "world_size": plan.world_size,
+        "group": plan.group_name,
+        "collectives": [
+            f"{r['series']}[{r['index']}] owner={r['owner']} bytes={r['bytes']} step={r['prefetch_step']}"
+            for r in schedule
+        ],
+    }
+
+
+class RankCheckedGraph:
+    """A compiled graph that, at its first call, checks every rank compiled the same schedule."""
+
+    def __init__(self, compiled, fingerprint: dict, group_name: str, graph_id: str):
+        self.compiled = compiled
+        self.fingerprint = fingerprint
+        self.group_name = group_name
+        self.graph_id = graph_id
+        self.checked = False
+
+    def __call__(self, *args):
+        if not self.checked:
+            comm.check_same_across_ranks(
+                self.fingerprint, comm.group_from_name(self.group_name),
+                f"collective schedule of compiled graph {self.graph_id}",
+            )
+            self.checked = True
+        return self.compiled(*args)
+
+
+def schedule_table(plan: CompilePlan, rows: list) -> dict:
+    steps = sorted({r["prefetch_step"] for r in rows})
+    return {
+        "rank": plan.rank, "world_size": plan.world_size, "group": plan.group_name,
+        "prefetch_step": steps[0] if len(steps) == 1 else steps,
+        "collectives": [{k: r[k] for k in ("series", "index", "owner", "bytes", "issue", "wait", "first_use", "last_use")} for r in rows],
+    }
+
+
+def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: Any = None, mode: Optional[str] = None):
+    opts = CompileOptions.from_dict(options)
+    lowering = get_lowering(opts.lowering)
+    plan = make_plan(gm, opts)
+    if plan is None:
+        log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)
+        return _lower(lowering, gm, example_inputs, None, opts, mode)
+
+    plan = CompilePlan(**{**plan.key(), "pin_order": opts.pin_order and lowering.PINS_ORDER})
+    dumper = GraphDumper(opts.dump_dir, plan.rank)
+    planned = planned_schedule(gm, plan)
+    pipeline = PassPipeline(plan, default_passes(plan.pin_order), observer=dumper.graph)
+    compiled = _lower(lowering, gm, example_inputs, pipeline, opts, mode)
+    # The table holds positions in the last graph we controlled; on an Inductor cache hit the
+    # passes did not run, so fall back to the positions in our own copy of Dynamo's graph.
+    dumper.schedule(schedule_table(plan, pipeline.final_schedule or planned))
+    if not opts.check_ranks:
+        return compiled
+    return RankCheckedGraph(compiled, schedule_fingerprint(planned, plan), plan.group_name, dumper.graph_id)
+
+
+def _lower(lowering, gm, example_inputs, pipeline, opts, mode):
+    if mode is not None and lowering.__name__.endswith(".inductor"):
+        return lowering.compile(gm, example_inputs, pipeline, opts, mode=mode)
+    return lowering.compile(gm, example_inputs, pipeline, opts)

@@ -1,0 +1,147 @@
+"""User-facing configuration objects, validated up front with errors that say how to fix them."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from typing import Any, Mapping, Optional, Sequence, Union
+
+PrefetchStep = Union[int, str]
+
+LOWERINGS = ("inductor", "aot_eager", "eager", "torchair")
+DUMP_ENV = "ASCEND_COMPILE_DUMP"
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the value and the fix."""
+
+
+def _close(word: str, choices: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def check_prefetch_step(value: Any, where: str = "prefetch_step") -> PrefetchStep:
+    if value == "auto":
+        raise ConfigError(
+            f"{where}='auto' needs the prefetch cost model, which this version does not have yet; "
+            "give a fixed step (0, 1, 2, ...)"
+        )
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(
+            f"{where} must be a non-negative int or 'auto', got {value!r}. "
+            "Use 0 to fetch each layer at its use, 1 to fetch one layer ahead, ..."
+        )
+    if value < 0:
+        raise ConfigError(
+            f"{where} must be >= 0, got {value}. "
+            "Use 0 to fetch each layer at its use, k > 0 to fetch k layers ahead, or 'auto'."
+        )
+    return value
+
+
+@dataclasses.dataclass
+class SharedWeightConfig:
+    """Which repeated layers to share across ranks, and how far ahead to fetch them.
+
+    ``layers``: name suffixes; every module whose qualified name ends with one of them
+    (``"o_proj"`` matches ``model.layers.3.self_attn.o_proj``) joins that series.
+    ``prefetch_step``: broadcast layer ``i + k`` while layer ``i`` computes (``0`` =
+    fetch at use), or ``"auto"`` to let the cost model choose.
+    ``group``: the process group to share over (default: the default group).
+    ``params``: which of each layer's own parameters to share; ``None`` = all of them.
+    """
+
+    layers: Sequence[str]
+    prefetch_step: PrefetchStep = 1
+    group: Any = None
+    params: Optional[Sequence[str]] = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            self.layers = [self.layers]
+        if not self.layers or not all(isinstance(x, str) and x for x in self.layers):
+            raise ConfigError(
+                f"layers must be a non-empty list of layer names such as ['o_proj'], got {self.layers!r}"
+            )
+        dupes = sorted({x for x in self.layers if list(self.layers).count(x) > 1})
+        if dupes:
+            raise ConfigError(f"layers lists {dupes} more than once; list each series once")
+        self.layers = list(self.layers)
+        self.prefetch_step = check_prefetch_step(self.prefetch_step)
+        if self.params is not None:
+            self.params = list(self.params)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SharedWeightConfig":
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown shared_weight option {key!r}; known options: {fields}.{_close(key, fields)}"
+                )
+        if "layers" not in d:
+            raise ConfigError("shared_weight config needs 'layers', e.g. {'layers': ['o_proj']}")
+        return cls(**d)
+
+
+@dataclasses.dataclass
+class CompileOptions:
+    """Options of ``torch.compile(..., backend="ascend_compile", options={...})``.
+
+    ``lowering``: ``"inductor"`` (default off-NPU), ``"aot_eager"``, ``"eager"`` (debug) or
+    ``"torchair"`` (default when ``torch_npu`` imports).
+    ``dump_dir``: per-rank graph dumps (also ``ASCEND_COMPILE_DUMP``).
+    ``prefetch_step``: overrides the step the model was sharded with.
+    ``pin_order``: state the collective order in the graph so the lowering cannot change it.
+    ``check_ranks``: at the first call of each compiled graph, compare the collective
+    schedule across ranks and raise on a mismatch instead of deadlocking.
+    ``inductor``: extra ``torch._inductor.config`` patches. ``torchair``: torchair settings.
+    """
+
+    lowering: Optional[str] = None
+    dump_dir: Optional[str] = None
+    prefetch_step: Optional[PrefetchStep] = None
+    pin_order: bool = True
+    check_ranks: bool = True
+    inductor: dict = dataclasses.field(default_factory=dict)
+    torchair: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.lowering is None:
+            self.lowering = default_lowering()
+        if self.lowering not in LOWERINGS:
+            raise ConfigError(
+                f"unknown lowering {self.lowering!r}; choose one of {list(LOWERINGS)}.{_close(str(self.lowering), LOWERINGS)}"
+            )
+        if self.dump_dir is None:
+            self.dump_dir = os.environ.get(DUMP_ENV) or None
+        if self.prefetch_step is not None:
+            self.prefetch_step = check_prefetch_step(self.prefetch_step, "options['prefetch_step']")
+        for name in ("inductor", "torchair"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"options[{name!r}] must be a dict, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, d: Optional[Mapping[str, Any]]) -> "CompileOptions":
+        if d is None:
+            return cls()
+        if isinstance(d, CompileOptions):
+            return d
+        fields = [f.name for f in dataclasses.fields(cls)]
+        for key in d:
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown ascend_compile option {key!r}; known options: {fields}.{_close(key, fields)}"
+                )
+        return cls(**dict(d))
+
+
+def default_lowering() -> str:
+    """``torchair`` when an NPU stack is importable, else ``inductor``; never imports torch_npu."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch_npu") is not None:
+        return "torchair"
+    return "inductor"

@@ -1,0 +1,137 @@
+"""Per-rank graph dumps: FX code around every pass, the schedule table, a timeline picture.
+
+Layout under ``dump_dir``::
+
+    rank_<r>/graph_<id>/NN_<pass>.before.py, NN_<pass>.after.py, schedule.json, timeline.svg
+    rank_<r>/schedule.json, rank_<r>/timeline.svg   (the latest graph with shared weights)
+
+Everything is also emitted as torch structured-trace artifacts (``TORCH_TRACE``), so
+``tlparse`` shows it next to the compiler's own output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Optional
+
+from torch import fx
+from torch._logging import trace_structured
+
+
+def compile_id() -> str:
+    """Dynamo's id of the frame being compiled ("0_0"), or "0" outside Dynamo."""
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+    except Exception:  # pragma: no cover - private API moved
+        cid = None
+    return re.sub(r"[^0-9A-Za-z]+", "_", str(cid)).strip("_") if cid is not None else "0"
+
+
+def _artifact(name: str, payload: str, encoding: str = "string") -> None:
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": f"ascend_compile_{name}", "encoding": encoding},
+        payload_fn=lambda: payload,
+    )
+
+
+class GraphDumper:
+    """Writes one compiled graph's dumps; a no-op on disk when ``root`` is None."""
+
+    def __init__(self, root: Optional[str], rank: int, graph_id: Optional[str] = None):
+        self.root = root
+        self.rank = rank
+        self.graph_id = graph_id or compile_id()
+        self.rank_dir = os.path.join(root, f"rank_{rank}") if root else None
+        self.dir = os.path.join(self.rank_dir, f"graph_{self.graph_id}") if root else None
+        if self.dir:
+            os.makedirs(self.dir, exist_ok=True)
+
+    def _write(self, directory: Optional[str], name: str, text: str) -> None:
+        if directory:
+            with open(os.path.join(directory, name), "w") as f:
+                f.write(text)
+
+    def graph(self, index: int, pass_name: str, phase: str, gm: fx.GraphModule) -> None:
+        code = gm.print_readable(print_output=False, include_stride=True, include_device=True)
+        name = f"{index:02d}_{pass_name}.{phase}"
+        _artifact(f"graph_{self.graph_id}_{name}", code)
+        self._write(self.dir, name + ".py", code)
+
+    def schedule(self, table: dict) -> None:
+        text = json.dumps(table, indent=2)
+        svg = timeline_svg(table)
+        _artifact(f"graph_{self.graph_id}_schedule", text, "json")
+        _artifact(f"graph_{self.graph_id}_timeline_svg", svg)
+        for d in (self.dir, self.rank_dir):
+            self._write(d, "schedule.json", text)
+            self._write(d, "timeline.svg", svg)
+
+
+def windows_alive(collectives: list) -> dict:
+    """``{series: [(position, windows alive)]}`` at every issue/last-use event."""
+    out: dict = {}
+    for series in sorted({c["series"] for c in collectives}):
+        rows = [c for c in collectives if c["series"] == series]
+        events = sorted({r["issue"] for r in rows} | {r["last_use"] for r in rows if r["last_use"] is not None})
+        out[series] = [
+            (p, sum(1 for r in rows if r["issue"] <= p <= (r["last_use"] if r["last_use"] is not None else r["wait"])))
+            for p in events
+        ]
+    return out
+
+
+def timeline_svg(table: dict) -> str:
+    """One row per collective: issue -> wait (in flight), wait -> last use (window in use)."""
+    rows = table.get("collectives", [])
+    if not rows:
+        return '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="40"><text x="10" y="25">no shared-weight collectives</text></svg>'
+    end = max(max(r["last_use"] or r["wait"] or r["issue"] for r in rows), 1)
+    left, width, row_h = 170, 760, 14
+    x = lambda p: left + width * p / end  # noqa: E731
+    alive = windows_alive(rows)
+    height = 50 + row_h * len(rows) + 30 * len(alive) + 20
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" height="{height}" font-family="monospace" font-size="10">',
+           f'<text x="10" y="15">rank {table.get("rank")} of {table.get("world_size")}, prefetch_step {table.get("prefetch_step")}: '
+           'grey = broadcast in flight, blue = window in use, | = wait</text>']
+    y = 30
+    for r in rows:
+        label = f'{r["series"]}[{r["index"]}] @{r["owner"]}'
+        out.append(f'<text x="10" y="{y + 10}">{label}</text>')
+        wait = r["wait"] if r["wait"] is not None else r["issue"]
+        last = r["last_use"] if r["last_use"] is not None else wait
+        out.append(f'<rect x="{x(r["issue"]):.1f}" y="{y}" width="{max(x(wait) - x(r["issue"]), 1):.1f}" height="{row_h - 3}" fill="#bbb"/>')
+        out.append(f'<rect x="{x(wait):.1f}" y="{y}" width="{max(x(last) - x(wait), 1):.1f}" height="{row_h - 3}" fill="#4a7fd4"/>')
+        out.append(f'<line x1="{x(wait):.1f}" y1="{y - 1}" x2="{x(wait):.1f}" y2="{y + row_h - 2}" stroke="black"/>')
+        y += row_h
+    y += 10
+    for series, points in alive.items():
+        peak = max(n for _, n in points)
+        out.append(f'<text x="10" y="{y + 12}">{series}: peak {peak} windows</text>')
+        path = " ".join(f"{x(p):.1f},{y + 24 - 20 * n / max(peak, 1):.1f}" for p, n in points)
+        out.append(f'<polyline points="{path}" fill="none" stroke="#d44" />')
+        y += 30
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def format_schedule(table: dict) -> str:
+    """The schedule table as text, as ``ascend-compile explain`` prints it."""
+    rows = table.get("collectives", [])
+    head = (f"rank {table.get('rank')} / world {table.get('world_size')}  prefetch_step={table.get('prefetch_step')}  "
+            f"collectives={len(rows)}")
+    cols = ("#", "series", "index", "owner", "bytes", "issue", "wait", "first_use")
+    lines = [head, "  ".join(f"{c:>10}" for c in cols)]
+    for i, r in enumerate(rows):
+        vals = (i, r["series"], r["index"], r["owner"], r["bytes"], r["issue"], r["wait"], r["first_use"])
+        lines.append("  ".join(f"{str(v):>10}" for v in vals))
+    for series, points in windows_alive(rows).items():
+        lines.append(f"{series}: at most {max(n for _, n in points)} window(s) alive")
+    for key in ("explain",):
+        if table.get(key):
+            lines.append(f"{key}: {table[key]}")
+    return "\n".join(lines)

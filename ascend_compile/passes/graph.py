@@ -1,0 +1,153 @@
+"""Predicates and small helpers shared by the passes (kept here once, imported everywhere).
+
+Nodes this project creates carry ``node.meta["ascend_compile"]`` =
+``{"role": "issue" | "wait", "series", "index", "owner", "bytes"}`` so later passes, the
+verifier and the dumps can find them even after a lowering wrapped them (``control_deps``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional
+
+import torch
+from torch import fx
+
+from ..runtime.ops import shared_weight_targets
+
+TAG = "ascend_compile"
+ISSUE, WAIT = "issue", "wait"
+
+_c10d = torch.ops._c10d_functional
+BROADCAST_TARGETS = (_c10d.broadcast, _c10d.broadcast.default)
+WAIT_TARGETS = (_c10d.wait_tensor, _c10d.wait_tensor.default)
+
+# Ops that only re-view their input: a weight's window is alive while any of these is used.
+VIEW_TARGETS = {
+    torch.ops.aten.t.default, torch.ops.aten.permute.default, torch.ops.aten.transpose.int,
+    torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.expand.default,
+    torch.ops.aten.reshape.default, torch.ops.aten.alias.default, torch.ops.aten.as_strided.default,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkerArgs:
+    weight: fx.Node
+    series: str
+    index: int
+    owner: int
+    group_name: str
+    prefetch_step: int
+
+
+def _control_deps():
+    try:
+        from torch._inductor.fx_passes.control_dependencies import control_deps
+    except ImportError:  # pragma: no cover - older torch
+        return None
+    return control_deps
+
+
+def inner_target(node: fx.Node):
+    """The op a node runs, looking through a ``control_deps`` wrapper."""
+    cd = _control_deps()
+    if cd is not None and node.op == "call_function" and node.target is cd:
+        sub = node.args[1]
+        gm = getattr(node.graph.owning_module, sub.target) if isinstance(sub, fx.Node) else sub
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+        return calls[0].target if len(calls) == 1 else None
+    return node.target if node.op == "call_function" else None
+
+
+def is_marker(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in shared_weight_targets()
+
+
+def marker_args(node: fx.Node) -> MarkerArgs:
+    names = ("w", "series", "index", "owner", "group_name", "prefetch_step")
+    values = dict(zip(names, node.args))
+    values.update(node.kwargs)
+    return MarkerArgs(values["w"], values["series"], values["index"], values["owner"],
+                      values["group_name"], values["prefetch_step"])
+
+
+def is_broadcast(node: fx.Node) -> bool:
+    return inner_target(node) in BROADCAST_TARGETS
+
+
+def is_wait(node: fx.Node) -> bool:
+    return inner_target(node) in WAIT_TARGETS
+
+
+def tag(node: fx.Node) -> Optional[dict]:
+    return node.meta.get(TAG)
+
+
+def role(node: fx.Node) -> Optional[str]:
+    t = tag(node)
+    return t["role"] if t else None
+
+
+def is_ours(node: fx.Node) -> bool:
+    return tag(node) is not None
+
+
+def layer_key(node: fx.Node) -> tuple:
+    t = tag(node)
+    return (t["series"], t["index"])
+
+
+def describe(node: fx.Node) -> str:
+    t = tag(node)
+    where = f" ({t['role']} of {t['series']}[{t['index']}])" if t else ""
+    return f"node {node.name!r}{where}"
+
+
+def positions(graph: fx.Graph) -> dict:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def value_users(node: fx.Node) -> list:
+    """Users of ``node`` and, transitively, of views of it: everything that reads its memory."""
+    out, todo = [], list(node.users)
+    while todo:
+        u = todo.pop()
+        out.append(u)
+        if inner_target(u) in VIEW_TARGETS:
+            todo.extend(u.users)
+    return out
+
+
+def first_user(node: fx.Node, pos: dict) -> Optional[fx.Node]:
+    users = list(node.users)
+    return min(users, key=pos.__getitem__) if users else None
+
+
+def collective_pairs(graph: fx.Graph) -> dict:
+    """``{(series, index): {"issue": node, "wait": node}}`` for every tagged collective."""
+    pairs: dict = {}
+    for n in graph.nodes:
+        t = tag(n)
+        if t:
+            pairs.setdefault((t["series"], t["index"]), {})[t["role"]] = n
+    return pairs
+
+
+def entry_point(graph: fx.Graph) -> fx.Node:
+    """The last node that is an input (placeholder / get_attr) at the head of the graph."""
+    last = None
+    for n in graph.nodes:
+        if n.op in ("placeholder", "get_attr"):
+            last = n
+        else:
+            break
+    if last is None:
+        raise ValueError("graph has no inputs; nothing to schedule")
+    return last
+
+
+def nodes_between(a: fx.Node, b: fx.Node) -> Iterable[fx.Node]:
+    n = a.next
+    while n is not b and n.op != "root":
+        yield n
+        n = n.next

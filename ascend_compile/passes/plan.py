@@ -1,0 +1,35 @@
+"""The plan every pass takes: who we are and how to schedule. Passes never look ranks up."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from torch import fx
+
+from .graph import is_marker, marker_args
+
+
+@dataclasses.dataclass(frozen=True)
+class CompilePlan:
+    rank: int
+    world_size: int
+    group_name: str
+    prefetch_step: Optional[int] = None  # overrides the step carried by the markers
+    pin_order: bool = True
+
+    def step_for(self, marker_step: int, series: str) -> int:
+        step = self.prefetch_step if self.prefetch_step is not None else marker_step
+        if step < 0:
+            raise ValueError(
+                f"series {series!r} has no prefetch step (got {step}); pass options['prefetch_step']"
+            )
+        return step
+
+    def key(self) -> dict:
+        """What must be part of every cache key."""
+        return dataclasses.asdict(self)
+
+
+def marker_groups(graph: fx.Graph) -> set:
+    return {marker_args(n).group_name for n in graph.nodes if is_marker(n)}

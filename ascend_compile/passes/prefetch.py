@@ -1,0 +1,126 @@
+"""Place each broadcast ``k`` layers ahead of its use and each wait right before its use.
+
+For a series whose layers are ``0..N-1`` in order of first use and prefetch step ``k``:
+
+- the wait of layer ``i`` sits right before its first use;
+- the broadcast of layer ``i`` is issued right after the wait of layer ``i - k``
+  (layers ``0..k-1`` at graph entry; ``k = 0`` means right before its own wait);
+- so at most ``k + 1`` windows of a series are alive at once.
+
+The result is a pure function of the graph and the plan, hence the same collective order
+on every rank. ``collective_schedule`` reads that order back for dumps and the rank check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Optional
+
+from torch import fx
+
+from .graph import ISSUE, WAIT, collective_pairs, entry_point, first_user, positions, tag, value_users
+from .plan import CompilePlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class ScheduledLayer:
+    series: str
+    index: int
+    issue: fx.Node
+    wait: fx.Node
+    first_use: fx.Node
+    step: int
+
+
+def find_series_layers(graph: fx.Graph, plan: CompilePlan) -> dict:
+    """``{series: [ScheduledLayer]}``, each list in order of first use."""
+    pos = positions(graph)
+    series: dict = {}
+    for (name, index), pair in collective_pairs(graph).items():
+        if ISSUE not in pair or WAIT not in pair:
+            raise ValueError(f"{name}[{index}] has a {'wait' if WAIT in pair else 'broadcast'} but no partner")
+        use = first_user(pair[WAIT], pos)
+        if use is None:
+            raise ValueError(f"{name}[{index}]: the fetched weight is never used ({pair[WAIT].name})")
+        step = tag(pair[ISSUE])["prefetch_step"]
+        series.setdefault(name, []).append(ScheduledLayer(name, index, pair[ISSUE], pair[WAIT], use, step))
+    for layers in series.values():
+        layers.sort(key=lambda layer: pos[layer.first_use])
+        steps = {layer.step for layer in layers}
+        if len(steps) != 1:
+            raise ValueError(f"series {layers[0].series!r} mixes prefetch steps {sorted(steps)}")
+    return series
+
+
+def _latest_input(node: fx.Node, pos: dict) -> Optional[fx.Node]:
+    inputs = [a for a in node.all_input_nodes]
+    return max(inputs, key=pos.__getitem__) if inputs else None
+
+
+def schedule_prefetch(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
+    """Move broadcasts and waits to their scheduled places (see module docstring)."""
+    graph = gm.graph
+    series = find_series_layers(graph, plan)
+    if not series:
+        log.debug("schedule_prefetch: no shared-weight collectives in graph")
+        return gm
+
+    # Waits first: each right before its first use.
+    for layers in series.values():
+        for layer in layers:
+            layer.first_use.prepend(layer.wait)
+
+    # Broadcasts anchored at graph entry go there in order of first use (a stable, rank-independent order).
+    pos = positions(graph)
+    at_entry = sorted(
+        (layer for layers in series.values() for j, layer in enumerate(layers) if j < layer.step),
+        key=lambda layer: (pos[layer.first_use], layer.series),
+    )
+    anchor = entry_point(graph)
+    for layer in at_entry:
+        src = _latest_input(layer.issue, pos)
+        if src is not None and src.op not in ("placeholder", "get_attr"):
+            raise ValueError(
+                f"cannot prefetch {layer.series}[{layer.index}] at graph entry: its weight is computed by "
+                f"{src.name!r} inside the graph"
+            )
+        anchor.append(layer.issue)
+        anchor = layer.issue
+
+    for layers in series.values():
+        for j, layer in enumerate(layers):
+            k = layer.step
+            if k == 0:
+                layer.wait.prepend(layer.issue)
+            elif j >= k:
+                layers[j - k].wait.append(layer.issue)
+
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def collective_schedule(graph: fx.Graph) -> list:
+    """The collectives of a scheduled graph in issue order, with node positions.
+
+    ``[{"series", "index", "owner", "bytes", "prefetch_step", "issue", "wait", "first_use"}]``;
+    positions are node indices in ``graph``.
+    """
+    pos = positions(graph)
+    rows = []
+    for (name, index), pair in collective_pairs(graph).items():
+        t = tag(pair[ISSUE])
+        wait = pair.get(WAIT)
+        users = value_users(wait) if wait is not None else []
+        rows.append({
+            "series": name, "index": index, "owner": t["owner"], "bytes": t["bytes"],
+            "prefetch_step": t["prefetch_step"], "issue": pos[pair[ISSUE]],
+            "wait": pos[wait] if wait is not None else None,
+            "first_use": min((pos[u] for u in users), default=None),
+            "last_use": max((pos[u] for u in users), default=None),
+        })
+    rows.sort(key=lambda r: r["issue"])
+    return rows

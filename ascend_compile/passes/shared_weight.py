@@ -1,0 +1,73 @@
+"""Rewrite each ``shared_weight`` marker into functional ``broadcast`` + ``wait_tensor``.
+
+After this pass the graph holds, per shared parameter, one ``_c10d_functional.broadcast``
+(``src`` = the owner's group rank) and one ``_c10d_functional.wait_tensor`` whose result
+replaces the marker's. Both sit where the marker was; ``prefetch.py`` moves them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from torch import fx
+
+from .graph import ISSUE, TAG, WAIT, MarkerArgs, _c10d, is_marker, marker_args
+from .plan import CompilePlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SharedWeightMatch:
+    node: fx.Node
+    args: MarkerArgs
+
+    def replace(self, plan: CompilePlan) -> fx.Node:
+        a, graph = self.args, self.node.graph
+        if a.group_name != plan.group_name:
+            raise ValueError(
+                f"{self.node.name}: {a.series}[{a.index}] is shared over group {a.group_name!r} but this "
+                f"compile plan is for group {plan.group_name!r}; shard all series over one group"
+            )
+        val = self.node.meta.get("val")
+        nbytes = val.numel() * val.element_size() if val is not None else None
+        info = {"series": a.series, "index": a.index, "owner": a.owner, "bytes": nbytes}
+        with graph.inserting_before(self.node):
+            issue = graph.call_function(_c10d.broadcast.default, (a.weight, a.owner, a.group_name))
+            wait = graph.call_function(_c10d.wait_tensor.default, (issue,))
+        for n, role in ((issue, ISSUE), (wait, WAIT)):
+            if val is not None:
+                n.meta["val"] = val
+            n.meta[TAG] = dict(info, role=role, prefetch_step=plan.step_for(a.prefetch_step, a.series))
+            n.meta["stack_trace"] = self.node.meta.get("stack_trace")
+        self.node.replace_all_uses_with(wait)
+        graph.erase_node(self.node)
+        return wait
+
+    def reuse(self, wait: fx.Node) -> None:
+        """A second read of the same parameter in one graph: use the first fetch (one collective)."""
+        self.node.replace_all_uses_with(wait)
+        self.node.graph.erase_node(self.node)
+
+
+def find_shared_weights(graph: fx.Graph) -> list:
+    return [SharedWeightMatch(n, marker_args(n)) for n in graph.nodes if is_marker(n)]
+
+
+def rewrite_shared_weights(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
+    """Replace every marker with broadcast + wait: exactly one pair per shared parameter read
+    in the graph (repeated reads of one parameter share the first fetch). No marker is left."""
+    matches = find_shared_weights(gm.graph)
+    if not matches:
+        log.debug("rewrite_shared_weights: no shared_weight markers in graph")
+    fetched: dict = {}
+    for m in matches:
+        key = (m.args.series, m.args.index)
+        if key in fetched:
+            m.reuse(fetched[key])
+        else:
+            fetched[key] = m.replace(plan)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -1,0 +1,50 @@
+"""The shared-weight marker op.
+
+``ascend_compile::shared_weight(Tensor w, str series, int index, int owner, str group_name,
+int prefetch_step) -> Tensor`` stands for "the full value of layer ``index`` of ``series``,
+whose real storage lives on group rank ``owner``". Every read of a shared parameter goes
+through it, so the sharded model is one program for eager, any backend, and our compiler:
+
+- eagerly (and under any backend, to which the op is opaque) it is a synchronous broadcast
+  from the owner into a fresh buffer: correct, not overlapped;
+- our backend rewrites it into functional ``broadcast`` + ``wait_tensor`` and schedules them.
+
+A placeholder therefore never reaches a matmul: the only way to the weight is the op.
+``prefetch_step`` is a scheduling hint carried in the IR so that a graph says how it wants
+to be scheduled and a change of step changes the graph (and every cache key).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .comm import group_from_name
+
+OP_NAMESPACE = "ascend_compile"
+OP_NAME = "shared_weight"
+AUTO_STEP = -1  # prefetch_step="auto" as carried by the op
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}", mutates_args=())
+def shared_weight(
+    w: torch.Tensor, series: str, index: int, owner: int, group_name: str, prefetch_step: int
+) -> torch.Tensor:
+    pg = group_from_name(group_name)
+    if dist.get_rank(pg) == owner:
+        out = w.clone(memory_format=torch.contiguous_format)
+    else:
+        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+    dist.broadcast(out, group_src=owner, group=pg)
+    return out
+
+
+@shared_weight.register_fake
+def _(w, series, index, owner, group_name, prefetch_step):
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+def shared_weight_targets() -> tuple:
+    """The FX call targets that mean the marker: Dynamo graphs may hold the overload packet."""
+    packet = getattr(torch.ops, OP_NAMESPACE).shared_weight
+    return (packet, packet.default)

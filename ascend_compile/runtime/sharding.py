@@ -1,0 +1,257 @@
+"""``shard_model``: keep each repeated layer's parameters on one rank, route reads through the marker op.
+
+Layer ``i`` of a series is owned by group rank ``i % K``. The owner keeps its real tensor;
+every other rank keeps a storage-less stand-in of the same shape and dtype (a 0-dim tensor
+expanded to the shape: one element of storage). Reads go through a parametrization whose
+forward is the ``shared_weight`` marker op, so eager, any backend and our compiler see the
+same program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..config import ConfigError, SharedWeightConfig
+from . import comm
+from .comm import ShardingError
+from .ops import AUTO_STEP
+
+PLAN_ATTR = "_ascend_compile_plan"
+
+
+@dataclasses.dataclass(frozen=True)
+class SharedParam:
+    """One parameter of one layer: the unit that is broadcast."""
+
+    series: str  # "<layer series>.<param name>", e.g. "o_proj.weight"
+    index: int
+    owner: int
+    module: str
+    param: str
+    shape: tuple
+    dtype: str
+    nbytes: int
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    """What ``shard_model`` did, identical on every rank except ``rank``."""
+
+    group_name: str
+    rank: int
+    world_size: int
+    prefetch_step: int
+    layer_series: dict  # layer series name -> [module names in index order]
+    params: list  # [SharedParam]
+
+    def series_names(self) -> list:
+        return sorted({p.series for p in self.params})
+
+    def series_bytes(self) -> int:
+        """Bytes of all shared parameters, as a replicated model holds them on every rank."""
+        return sum(p.nbytes for p in self.params)
+
+    def owned_bytes(self, rank: Optional[int] = None) -> int:
+        rank = self.rank if rank is None else rank
+        return sum(p.nbytes for p in self.params if p.owner == rank)
+
+    def saved_bytes(self, rank: Optional[int] = None) -> int:
+        """Bytes this rank no longer stores."""
+        return self.series_bytes() - self.owned_bytes(rank)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["params"] = [dataclasses.asdict(p) for p in self.params]
+        return d
+
+
+class SharedWeight(nn.Module):
+    """Parametrization: the parameter's value is the owner's tensor, fetched by the marker op."""
+
+    def __init__(self, series: str, index: int, owner: int, group_name: str, prefetch_step: int):
+        super().__init__()
+        self.series, self.index, self.owner = series, index, owner
+        self.group_name, self.prefetch_step = group_name, prefetch_step
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return torch.ops.ascend_compile.shared_weight(
+            w, self.series, self.index, self.owner, self.group_name, self.prefetch_step
+        )
+
+    def extra_repr(self) -> str:
+        return f"series={self.series!r}, index={self.index}, owner={self.owner}"
+
+
+def _matches(module_name: str, layer: str) -> bool:
+    return module_name == layer or module_name.endswith("." + layer)
+
+
+def _suffixes(names: list) -> list:
+    out = set()
+    for n in names:
+        parts = n.split(".")
+        for i in range(len(parts)):
+            out.add(".".join(parts[i:]))
+    return sorted(out)
+
+
+def find_series(model: nn.Module, layers: list) -> dict:
+    """Map each listed layer name to the module names it matches, in model order."""
+    names = [n for n, _ in model.named_modules() if n]
+    found = {layer: [n for n in names if _matches(n, layer)] for layer in layers}
+    for layer, members in found.items():
+        if not members:
+            close = difflib.get_close_matches(layer, _suffixes(names), n=5, cutoff=0.6)
+            hint = f" Close matches: {close}." if close else ""
+            raise ConfigError(
+                f"no module of {type(model).__name__} is named {layer!r} (or ends with '.{layer}').{hint} "
+                "List the last part of a repeated layer's name, e.g. 'o_proj'."
+            )
+    owners: dict = {}
+    for layer, members in found.items():
+        for m in members:
+            if m in owners:
+                raise ConfigError(
+                    f"module {m!r} matches both {owners[m]!r} and {layer!r}; each layer may be in one series only"
+                )
+            owners[m] = layer
+    return found
+
+
+def _layer_params(module: nn.Module, module_name: str, wanted: Optional[list]) -> dict:
+    params = dict(module.named_parameters(recurse=False))
+    if wanted is not None:
+        missing = [p for p in wanted if p not in params]
+        if missing:
+            raise ConfigError(f"{module_name} has no parameter(s) {missing}; it has {sorted(params)}")
+        params = {k: params[k] for k in wanted}
+    if not params:
+        raise ConfigError(
+            f"{module_name} ({type(module).__name__}) has no parameters of its own to share; "
+            "name the linear layer itself, not its parent"
+        )
+    return params
+
+
+def _check_series(layer: str, modules: dict) -> None:
+    """All members of a series must be the same layer repeated: same params, shapes, dtypes."""
+    ref_name, ref = next(iter(modules.items()))
+    ref_sig = {k: (tuple(p.shape), p.dtype) for k, p in ref.items()}
+    for name, params in modules.items():
+        sig = {k: (tuple(p.shape), p.dtype) for k, p in params.items()}
+        if sig != ref_sig:
+            def fmt(s):
+                return ", ".join(f"{k} {list(v[0])} {str(v[1]).replace('torch.', '')}" for k, v in s.items())
+
+            raise ConfigError(
+                f"series {layer!r} mixes different layers: {ref_name} has {fmt(ref_sig)} but {name} has "
+                f"{fmt(sig)}. A series must be one layer repeated; give the odd layers their own series "
+                "name or leave them out."
+            )
+
+
+def _standin(p: torch.Tensor) -> nn.Parameter:
+    """Same shape, dtype and device as ``p`` with one element of storage."""
+    return nn.Parameter(torch.empty((), dtype=p.dtype, device=p.device).expand(p.shape), requires_grad=False)
+
+
+def is_standin(t: torch.Tensor) -> bool:
+    return t.numel() > 1 and t.untyped_storage().nbytes() <= t.element_size()
+
+
+def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
+    """Share the parameters of every series in ``config`` across the ranks of its group.
+
+    Call after the weights are loaded, on every rank, with the same model and config.
+    Guarantees: the model's outputs are unchanged (eagerly and under any backend); on each
+    rank only the layers it owns keep storage; the plan is identical on every rank (checked).
+    Shared parameters stop requiring grad: sharing is for inference.
+    """
+    if not isinstance(config, SharedWeightConfig):
+        raise TypeError(f"config must be an ascend_compile.SharedWeightConfig, got {type(config).__name__}")
+    if hasattr(model, PLAN_ATTR):
+        raise ShardingError(
+            f"{type(model).__name__} is already sharded (series {sorted(getattr(model, PLAN_ATTR).layer_series)}). "
+            "Call shard_model once, with every series in one SharedWeightConfig."
+        )
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m) and any(
+            isinstance(p, SharedWeight) for plist in m.parametrizations.values() for p in plist
+        ):
+            raise ShardingError(f"{name or type(model).__name__} already has shared weights; shard a model once")
+    pg = comm.resolve_group(config.group)
+    rank, world = comm.group_rank(pg), comm.group_size(pg)
+    gname = comm.group_name(pg)
+    step = config.prefetch_step
+    step_value = AUTO_STEP if step == "auto" else step
+
+    found = find_series(model, config.layers)
+    modules = dict(model.named_modules())
+    per_layer: dict = {}
+    for layer, members in found.items():
+        if step != "auto" and step > len(members) - 1:
+            raise ConfigError(
+                f"prefetch_step={step} is out of range for series {layer!r}, which has {len(members)} "
+                f"layer(s): use 0..{len(members) - 1}"
+            )
+        per_layer[layer] = {m: _layer_params(modules[m], m, config.params) for m in members}
+        _check_series(layer, per_layer[layer])
+
+    shared = []
+    for layer, members in per_layer.items():
+        for index, (mname, params) in enumerate(members.items()):
+            owner = index % world
+            for pname, p in params.items():
+                shared.append(
+                    SharedParam(
+                        series=f"{layer}.{pname}", index=index, owner=owner, module=mname, param=pname,
+                        shape=tuple(p.shape), dtype=str(p.dtype).replace("torch.", ""),
+                        nbytes=p.numel() * p.element_size(),
+                    )
+                )
+    plan = ShardPlan(gname, rank, world, step_value, {k: list(v) for k, v in found.items()}, shared)
+    comm.check_same_across_ranks(
+        {k: v for k, v in plan.to_json().items() if k != "rank"}, pg, "sharding plan (model structure and config)"
+    )
+
+    for sp in shared:
+        module = modules[sp.module]
+        p = module._parameters[sp.param]
+        if sp.owner == rank:
+            p.requires_grad_(False)
+        else:
+            module._parameters[sp.param] = _standin(p)  # drops this rank's reference to the real storage
+        del p
+        parametrize.register_parametrization(
+            module, sp.param, SharedWeight(sp.series, sp.index, sp.owner, gname, step_value), unsafe=True
+        )
+    setattr(model, PLAN_ATTR, plan)
+    return plan
+
+
+def get_plan(model: nn.Module) -> Optional[ShardPlan]:
+    return getattr(model, PLAN_ATTR, None)
+
+
+def parameter_storage_bytes(model: nn.Module) -> int:
+    """Bytes of unique storage behind the model's parameters and buffers (stand-ins count ~0)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        st = t.untyped_storage()
+        key = (st.data_ptr(), st.nbytes(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += st.nbytes()
+    return total
+
+
+__all__ = [
+    "SharedParam", "ShardPlan", "SharedWeight", "shard_model", "get_plan", "parameter_storage_bytes",
+    "find_series", "is_standin",
+]

@@ -1,0 +1,162 @@
+"""Spawn gloo ranks on 127.0.0.1 for tests, with a deadline; a hung collective fails the test.
+
+``run_ranks(fn, world_size, *args)`` runs ``fn(rank, world_size, *args)`` in every rank of
+a pool of worker processes (kept between tests of the same world size, so torch is
+imported and the process group set up once) and returns the list of results by rank. If
+any rank raises, the test fails with that rank's traceback; if the ranks do not all finish
+within ``timeout`` seconds, the pool is killed and the test fails saying which ranks hung.
+``fn`` must be a module-level function (it is sent by reference).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+
+DEFAULT_TIMEOUT = float(os.environ.get("ASCEND_COMPILE_TEST_TIMEOUT", "300"))
+GROUP_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
+        )
+        results.put((rank, "ready", None))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        task_id, fn, args = task
+        try:
+            out = fn(rank, world_size, *args)
+            results.put((rank, task_id, ("ok", out)))
+        except BaseException as e:  # report, keep serving
+            results.put((rank, task_id, ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")))
+    dist.destroy_process_group()
+
+
+class RankPool:
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        ctx = mp.get_context("spawn")
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(world_size)]
+        port = free_port()
+        self.procs = [
+            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results), daemon=True)
+            for r in range(world_size)
+        ]
+        for p in self.procs:
+            p.start()
+        self.next_id = 0
+        ready = self._collect("ready", DEFAULT_TIMEOUT)
+        errors = {r: v for r, v in ready.items() if v is not None}
+        if errors:
+            self.close()
+            raise RuntimeError(f"ranks failed to start: {errors}")
+
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def _collect(self, task_id, timeout: float) -> dict:
+        import time
+
+        deadline = time.monotonic() + timeout
+        got: dict = {}
+        while len(got) < self.world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(self.world_size)) - set(got))
+                self.close()
+                errors = {r: v for r, v in got.items() if isinstance(v, tuple) and v[0] == "error"}
+                detail = "".join(f"\n--- rank {r} ---\n{v[1]}" for r, v in errors.items())
+                raise TimeoutError(
+                    f"rank(s) {missing} did not finish within {timeout:.0f}s (hung collective?); "
+                    f"the pool was killed.{detail}"
+                )
+            try:
+                rank, tid, value = self.results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in got]
+                if dead:
+                    self.close()
+                    raise RuntimeError(f"rank(s) {dead} died (exit codes {[self.procs[r].exitcode for r in dead]})")
+                continue
+            if tid == "error":
+                got[rank] = value
+            elif tid == task_id:
+                got[rank] = value
+        return got
+
+    def run(self, fn, *args, timeout: float = DEFAULT_TIMEOUT) -> list:
+        task_id = self.next_id
+        self.next_id += 1
+        for q in self.tasks:
+            q.put((task_id, fn, args))
+        got = self._collect(task_id, timeout)
+        errors = {r: v[1] for r, v in sorted(got.items()) if v[0] == "error"}
+        if errors:
+            raise AssertionError("".join(f"\n--- rank {r} ---\n{tb}" for r, tb in errors.items()))
+        return [got[r][1] for r in range(self.world_size)]
+
+    def close(self) -> None:
+        for q in self.tasks:
+            try:
+                q.put_nowait(None)
+            except Exception:
+                pass
+        for p in self.procs:
+            p.join(timeout=2)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+_pools: dict = {}
+
+
+def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT) -> list:
+    pool = _pools.get(world_size)
+    if pool is None or not pool.alive():
+        pool = _pools[world_size] = RankPool(world_size)
+    try:
+        return pool.run(fn, *args, timeout=timeout)
+    except (TimeoutError, RuntimeError):
+        _pools.pop(world_size, None)
+        raise
+
+
+def run_fresh(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT) -> list:
+    """Like run_ranks, in a pool of its own that is closed afterwards (for tests that break groups)."""
+    pool = RankPool(world_size)
+    try:
+        return pool.run(fn, *args, timeout=timeout)
+    finally:
+        pool.close()
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in _pools.values():
+        pool.close()
