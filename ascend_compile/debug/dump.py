@@ -125,10 +125,11 @@ def format_schedule(table: dict) -> str:
     head = (f"rank {table.get('rank')} / world {table.get('world_size')}  prefetch_step={table.get('prefetch_step')}  "
             f"collectives={len(rows)}")
     cols = ("#", "series", "index", "owner", "bytes", "issue", "wait", "first_use")
-    lines = [head, "  ".join(f"{c:>10}" for c in cols)]
+    width = max([len(c) for c in cols] + [len(str(r["series"])) for r in rows])
+    fmt = lambda vals: "  ".join(f"{str(v):>{width if i == 1 else 9}}" for i, v in enumerate(vals))  # noqa: E731
+    lines = [head, fmt(cols)]
     for i, r in enumerate(rows):
-        vals = (i, r["series"], r["index"], r["owner"], r["bytes"], r["issue"], r["wait"], r["first_use"])
-        lines.append("  ".join(f"{str(v):>10}" for v in vals))
+        lines.append(fmt((i, r["series"], r["index"], r["owner"], r["bytes"], r["issue"], r["wait"], r["first_use"])))
     for series, points in windows_alive(rows).items():
         lines.append(f"{series}: at most {max(n for _, n in points)} window(s) alive")
     for key in ("explain",):

@@ -11,34 +11,21 @@ within ``timeout`` seconds, the pool is killed and the test fails saying which r
 from __future__ import annotations
 
 import atexit
-import datetime
 import multiprocessing as mp
 import os
 import queue
-import socket
 import traceback
 
+from ascend_compile.launch import free_port, init_gloo
+
 DEFAULT_TIMEOUT = float(os.environ.get("ASCEND_COMPILE_TEST_TIMEOUT", "300"))
-GROUP_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=GROUP_TIMEOUT_S),
-        )
+        init_gloo(rank, world_size, port)
         results.put((rank, "ready", None))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))

@@ -1,0 +1,85 @@
+"""Run a function on N local CPU ranks over gloo (for the demo, benchmarks and ``explain``).
+
+Real deployments start ranks with torchrun or vLLM; this is the small, self-contained
+launcher the CLI uses on one machine. A rank that raises or hangs fails the whole run
+with its traceback: nothing waits forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, world_size: int, port: int, timeout_s: float = 60) -> None:
+    """One thread per rank (the ranks share the machine's cores) and a gloo group on loopback."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(max(1, int(os.environ.get("ASCEND_COMPILE_THREADS", "1"))))
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _entry(fn, rank, world_size, port, args, results) -> None:
+    try:
+        init_gloo(rank, world_size, port)
+        out = fn(rank, world_size, *args)
+        results.put((rank, "ok", out))
+    except BaseException as e:
+        results.put((rank, "error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900) -> list:
+    """``[fn(rank, world_size, *args) for each rank]``, run in ``world_size`` fresh processes."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    got: dict = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(got))
+                raise TimeoutError(f"rank(s) {missing} did not finish within {timeout:.0f}s")
+            try:
+                rank, status, value = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode and r not in got]
+                if dead:
+                    raise RuntimeError(f"rank(s) {dead} died with exit codes {[procs[r].exitcode for r in dead]}")
+                continue
+            got[rank] = (status, value)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    errors = {r: v for r, (s, v) in sorted(got.items()) if s == "error"}
+    if errors:
+        raise RuntimeError("".join(f"\n--- rank {r} ---\n{tb}" for r, tb in errors.items()))
+    return [got[r][1] for r in range(world_size)]
