@@ -1,0 +1,147 @@
+"""backend="ascend_compile" on gloo ranks: numerics, rewritten graphs, schedules, dumps, rank checks."""
+
+import json
+import os
+import re
+
+import pytest
+import torch
+
+import ascend_compile as ac
+from ascend_compile.models import StackShape, build_stack, make_input
+from ranks import run_ranks
+
+SERIES = ["o_proj", "q_b_proj"]
+
+
+def _compiled(shape, series, k, options, dtype=torch.float32):
+    model = build_stack(shape, dtype=dtype)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=series, prefetch_step=k))
+    return torch.compile(model, backend="ascend_compile", fullgraph=True, options=options)
+
+
+def _numerics_case(rank, world, lowering, k, layers, dump_root):
+    torch._dynamo.reset()
+    shape = StackShape(layers=layers, bias=True)
+    x = make_input(shape)
+    ref_model = build_stack(shape)
+    ref_eager = ref_model(x)
+    ref_inductor = torch.compile(ref_model, backend="inductor")(x) if lowering == "inductor" else None
+    dump = os.path.join(dump_root, f"{lowering}_{k}")
+    out = _compiled(shape, SERIES, k, {"lowering": lowering, "dump_dir": dump})(x)
+    ref = ref_inductor if lowering == "inductor" else ref_eager
+    with open(os.path.join(dump, f"rank_{rank}", "schedule.json")) as f:
+        schedule = json.load(f)
+    return {"bitwise": torch.equal(out, ref), "diff": float((out - ref).abs().max()), "schedule": schedule}
+
+
+@pytest.mark.parametrize("lowering, world, k", [
+    ("eager", 2, 1), ("aot_eager", 2, 0), ("aot_eager", 2, 2), ("aot_eager", 3, 1), ("aot_eager", 2, 4),
+    ("inductor", 2, 1),
+])
+def test_compiled_matches_unsharded(lowering, world, k, tmp_path):
+    n = 5  # uneven for both 2 and 3 ranks
+    results = run_ranks(_numerics_case, world, lowering, k, n, str(tmp_path))
+    for rank, r in enumerate(results):
+        if lowering == "inductor":
+            assert r["diff"] <= 1e-5, f"rank {rank}: max |diff| {r['diff']}"
+        else:  # same aten ops on the same values: bitwise
+            assert r["bitwise"], f"rank {rank}: max |diff| {r['diff']}"
+        s = r["schedule"]
+        assert (s["rank"], s["world_size"], s["prefetch_step"]) == (rank, world, k)
+        rows = s["collectives"]
+        assert len(rows) == 2 * n * len(SERIES)  # weight + bias of every layer of every series
+        assert [r["issue"] for r in rows] == sorted(r["issue"] for r in rows)  # listed in issue order
+        for row in rows:
+            assert row["owner"] == row["index"] % world
+            assert row["issue"] < row["wait"] < row["first_use"]
+    # every rank issues the same collectives in the same order
+    orders = [[(c["series"], c["index"]) for c in r["schedule"]["collectives"]] for r in results]
+    assert all(o == orders[0] for o in orders)
+
+
+def _dump_case(rank, world, dump):
+    torch._dynamo.reset()
+    shape = StackShape(layers=3)
+    _compiled(shape, SERIES, 1, {"lowering": "aot_eager", "dump_dir": dump})(make_input(shape))
+    explain = torch._dynamo.explain(_compiled(shape, SERIES, 1, {"lowering": "aot_eager"}))(make_input(shape))
+    return explain.graph_break_count, explain.graph_count
+
+
+def test_dumps_show_the_rewrite_and_no_graph_breaks(tmp_path):
+    dump = str(tmp_path)
+    for breaks, graphs in run_ranks(_dump_case, 2, dump):
+        assert (breaks, graphs) == (0, 1)
+    for rank in range(2):
+        rank_dir = tmp_path / f"rank_{rank}"
+        (graph_dir,) = [p for p in rank_dir.iterdir() if p.is_dir()]
+        files = sorted(p.name for p in graph_dir.iterdir())
+        assert files == [
+            "01_shared_weight.after.py", "01_shared_weight.before.py", "02_prefetch.after.py",
+            "02_prefetch.before.py", "03_verify.after.py", "03_verify.before.py", "schedule.json", "timeline.svg",
+        ]
+        before = (graph_dir / "01_shared_weight.before.py").read_text()
+        after = (graph_dir / "01_shared_weight.after.py").read_text()
+        calls = lambda text, op: len(re.findall(rf"= torch\.ops\.{op}\b", text))  # noqa: E731 (code, not comments)
+        assert calls(before, "ascend_compile.shared_weight") == 6
+        assert calls(after, "ascend_compile.shared_weight") == 0
+        assert calls(after, "_c10d_functional.broadcast.default") == 6
+        assert calls(after, "_c10d_functional.wait_tensor.default") == 6
+        assert (rank_dir / "timeline.svg").read_text().startswith("<svg")
+        assert json.loads((rank_dir / "schedule.json").read_text())["rank"] == rank
+
+
+def _inductor_code_case(rank, world, k):
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    fn = _compiled(shape, ["o_proj"], k, {"lowering": "inductor", "inductor": {"fx_graph_cache": False}})
+    _, (code, *_) = run_and_get_code(fn, make_input(shape))
+    return code
+
+
+def _events(code):
+    """The collective calls (B, W) and matmuls (c) of Inductor's output code, in the order it runs them."""
+    events = []
+    for line in code.splitlines():
+        if "_c10d_functional.broadcast_.default(" in line:
+            events.append("B")
+        elif "_c10d_functional.wait_tensor.default(" in line:
+            events.append("W")
+        elif re.search(r"extern_kernels\.(mm|addmm)\(", line):
+            events.append("c")
+    return events
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_inductor_runs_the_scheduled_order(k):
+    for code in run_ranks(_inductor_code_case, 2, k):
+        ev = "".join(_events(code))
+        collectives = ev.replace("c", "")
+        if k == 0:  # fetch at use: each broadcast directly followed by its wait, no compute between
+            assert collectives == "BW" * 4
+            assert ev.count("BW") == 4
+        else:  # two ahead: B0 B1 at entry, then W_i B_{i+2} pairs, then the last two waits
+            assert collectives == "BB" + "WB" * 2 + "WW"
+            assert ev.startswith("BB")
+            # compute between every wait and the next broadcast's wait: the transfer overlaps it
+            assert all("c" in chunk for chunk in ev.split("W")[1:-1])
+
+
+def _mismatch_case(rank, world):
+    torch._dynamo.reset()
+    shape = StackShape(layers=3)
+    fn = _compiled(shape, ["o_proj"], 1, {"lowering": "aot_eager", "prefetch_step": 1 if rank == 0 else 2})
+    try:
+        fn(make_input(shape))
+    except ac.RankMismatchError as e:
+        return str(e)
+    return "no error"
+
+
+def test_ranks_with_different_schedules_raise_instead_of_hanging():
+    for msg in run_ranks(_mismatch_case, 2, timeout=120):
+        assert "ranks disagree on the collective schedule of compiled graph" in msg
+        assert "rank 0 and rank(s) [1] differ" in msg
+        assert "step=1" in msg and "step=2" in msg
