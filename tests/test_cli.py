@@ -1,6 +1,8 @@
 """The command line: the demo end to end, and explain on a dump."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -34,12 +36,20 @@ def test_explain_without_dump_says_how_to_make_one(tmp_path, capsys):
 
 
 def test_demo_runs_and_checks_itself(tmp_path):
+    trace = tmp_path / "trace"
     proc = subprocess.run(
         [sys.executable, "-m", "ascend_compile.cli", "demo", "--layers", "4", "--lowering", "aot_eager",
          "--dump-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, TORCH_TRACE=str(trace)),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "result: OK - sharded model matches the unsharded model" in proc.stdout
     assert "50.0%" in proc.stdout  # half of the series bytes freed on each of 2 ranks
     assert (tmp_path / "rank_1" / "schedule.json").exists()
+    # the same dumps reach torch's structured trace (what tlparse reads), from every rank
+    logs = list(trace.iterdir())
+    assert len(logs) >= 2
+    for log in logs:
+        text = log.read_text()
+        assert re.search(r'"name": "ascend_compile_graph_\d+_\d+_02_prefetch\.after"', text)
+        assert re.search(r'"name": "ascend_compile_graph_\d+_\d+_schedule", "encoding": "json"', text)

@@ -30,7 +30,7 @@ class SharedWeightMatch:
                 f"{self.node.name}: {a.series}[{a.index}] is shared over group {a.group_name!r} but this "
                 f"compile plan is for group {plan.group_name!r}; shard all series over one group"
             )
-        val = self.node.meta.get("val")
+        val = self.node.meta.get("val", self.node.meta.get("example_value"))
         nbytes = val.numel() * val.element_size() if val is not None else None
         info = {"series": a.series, "index": a.index, "owner": a.owner, "bytes": nbytes}
         with graph.inserting_before(self.node):
