@@ -43,10 +43,10 @@ def test_compiled_matches_unsharded(lowering, world, k, tmp_path):
     n = 5  # uneven for both 2 and 3 ranks
     results = run_ranks(_numerics_case, world, lowering, k, n, str(tmp_path))
     for rank, r in enumerate(results):
-        if lowering == "inductor":
-            assert r["diff"] <= 1e-5, f"rank {rank}: max |diff| {r['diff']}"
-        else:  # same aten ops on the same values: bitwise
-            assert r["bitwise"], f"rank {rank}: max |diff| {r['diff']}"
+        # inductor: vs the unsharded model compiled by Inductor; the matmuls are the same extern
+        # kernels on the same values, so bitwise (the issue asks 1e-5 at least); others vs eager
+        assert r["diff"] <= 1e-5, f"rank {rank}: max |diff| {r['diff']}"
+        assert r["bitwise"], f"rank {rank}: max |diff| {r['diff']}"
         s = r["schedule"]
         assert (s["rank"], s["world_size"], s["prefetch_step"]) == (rank, world, k)
         rows = s["collectives"]
