@@ -8,6 +8,7 @@ unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Optional
 
@@ -31,10 +32,22 @@ def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePl
         raise ValueError(f"one compiled graph shares weights over several process groups {sorted(groups)}; use one group")
     (name,) = groups
     pg = comm.group_from_name(name)
+    step = options.prefetch_step
     return CompilePlan(
         rank=comm.group_rank(pg), world_size=comm.group_size(pg), group_name=name,
-        prefetch_step=options.prefetch_step, pin_order=options.pin_order,
+        prefetch_step=None if step == "auto" else step, pin_order=options.pin_order,
     )
+
+
+def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOptions) -> tuple:
+    """``(plan with a fixed step, explanation)``: runs the cost model when the step is "auto"."""
+    from .runtime import autotune
+
+    if options.prefetch_step != "auto" and (plan.prefetch_step is not None or not autotune.wants_auto(gm)):
+        return plan, None
+    choice = autotune.choose(gm, comm.group_from_name(plan.group_name), options.cost_model)
+    log.info("ascend_compile: prefetch_step=auto chose %s", choice.explanation)
+    return dataclasses.replace(plan, prefetch_step=choice.k), choice.explanation
 
 
 def planned_schedule(gm: fx.GraphModule, plan: CompilePlan) -> list:
@@ -96,13 +109,17 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
         return _lower(lowering, gm, example_inputs, None, opts, mode)
 
     plan = CompilePlan(**{**plan.key(), "pin_order": opts.pin_order and lowering.PINS_ORDER})
+    plan, explanation = resolve_auto_step(gm, plan, opts)
     dumper = GraphDumper(opts.dump_dir, plan.rank)
     planned = planned_schedule(gm, plan)
     pipeline = PassPipeline(plan, default_passes(plan.pin_order), observer=dumper.graph)
     compiled = _lower(lowering, gm, example_inputs, pipeline, opts, mode)
     # The table holds positions in the last graph we controlled; on an Inductor cache hit the
     # passes did not run, so fall back to the positions in our own copy of Dynamo's graph.
-    dumper.schedule(schedule_table(plan, pipeline.final_schedule or planned))
+    table = schedule_table(plan, pipeline.final_schedule or planned)
+    if explanation:
+        table["explain"] = explanation
+    dumper.schedule(table)
     if not opts.check_ranks:
         return compiled
     return RankCheckedGraph(compiled, schedule_fingerprint(planned, plan), plan.group_name, dumper.graph_id)

@@ -24,10 +24,7 @@ def _close(word: str, choices: Sequence[str]) -> str:
 
 def check_prefetch_step(value: Any, where: str = "prefetch_step") -> PrefetchStep:
     if value == "auto":
-        raise ConfigError(
-            f"{where}='auto' needs the prefetch cost model, which this version does not have yet; "
-            "give a fixed step (0, 1, 2, ...)"
-        )
+        return "auto"
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(
             f"{where} must be a non-negative int or 'auto', got {value!r}. "
@@ -97,6 +94,8 @@ class CompileOptions:
     ``pin_order``: state the collective order in the graph so the lowering cannot change it.
     ``check_ranks``: at the first call of each compiled graph, compare the collective
     schedule across ranks and raise on a mismatch instead of deadlocking.
+    ``cost_model``: inputs of the ``prefetch_step="auto"`` cost model that replace its
+    measurements (``bandwidth`` B/s, ``latency_s``, ``compute_s`` per layer, ``memory_budget`` B).
     ``inductor``: extra ``torch._inductor.config`` patches. ``torchair``: torchair settings.
     """
 
@@ -105,6 +104,7 @@ class CompileOptions:
     prefetch_step: Optional[PrefetchStep] = None
     pin_order: bool = True
     check_ranks: bool = True
+    cost_model: dict = dataclasses.field(default_factory=dict)
     inductor: dict = dataclasses.field(default_factory=dict)
     torchair: dict = dataclasses.field(default_factory=dict)
 
@@ -119,7 +119,7 @@ class CompileOptions:
             self.dump_dir = os.environ.get(DUMP_ENV) or None
         if self.prefetch_step is not None:
             self.prefetch_step = check_prefetch_step(self.prefetch_step, "options['prefetch_step']")
-        for name in ("inductor", "torchair"):
+        for name in ("cost_model", "inductor", "torchair"):
             if not isinstance(getattr(self, name), dict):
                 raise ConfigError(f"options[{name!r}] must be a dict, got {getattr(self, name)!r}")
 

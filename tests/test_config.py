@@ -21,11 +21,16 @@ def test_bad_layers(layers, match):
     (-1, "prefetch_step must be >= 0, got -1"),
     (True, "must be a non-negative int"),
     (1.5, "must be a non-negative int"),
-    ("auto", "needs the prefetch cost model"),
+    ("automatic", "must be a non-negative int or 'auto'"),
 ])
 def test_bad_prefetch_step(step, match):
     with pytest.raises(ConfigError, match=match):
         SharedWeightConfig(layers=["o_proj"], prefetch_step=step)
+
+
+def test_auto_step_is_accepted():
+    assert SharedWeightConfig(layers=["o_proj"], prefetch_step="auto").prefetch_step == "auto"
+    assert CompileOptions(prefetch_step="auto", cost_model={"bandwidth": 1e9}).prefetch_step == "auto"
 
 
 def test_single_layer_name_string_is_accepted():

@@ -1,0 +1,72 @@
+"""The prefetch cost model: simulated times, the choice of k, and its agreement across ranks."""
+
+import json
+import os
+import tempfile
+
+import pytest
+import torch
+
+import ascend_compile as ac
+from ascend_compile.models import StackShape, build_stack, make_input
+from ascend_compile.passes.cost_model import CostInputs, choose_prefetch_step, simulate
+from ranks import run_ranks
+
+
+def inputs(t_comm, t_compute=1e-3, layers=8, budget=None, latency=0.0):
+    return CostInputs(layers=layers, layer_bytes=int(t_comm * 1e9), window_bytes=100, bandwidth=1e9,
+                      compute_s=t_compute, latency_s=latency, memory_budget=budget)
+
+
+def test_simulation_matches_hand_computed_times():
+    # k=0: every layer waits for its own transfer: N * (comm + compute)
+    assert simulate(inputs(0.5e-3), 0) == pytest.approx(8 * 1.5e-3)
+    # k=1, compute-bound: only the first transfer is exposed
+    assert simulate(inputs(0.5e-3), 1) == pytest.approx(0.5e-3 + 8 * 1e-3)
+    # comm-bound: the link is the bottleneck whatever k is
+    assert simulate(inputs(2e-3), 1) == pytest.approx(8 * 2e-3 + 1e-3)
+    assert simulate(inputs(2e-3), 3) == pytest.approx(simulate(inputs(2e-3), 1))
+
+
+def test_choice_is_the_smallest_k_near_the_best():
+    c = choose_prefetch_step(inputs(0.5e-3))
+    assert c.k == 1 and "compute-bound" in c.explanation
+    assert c.times[0] == pytest.approx(8 * 1.5e-3)
+    # a negligible transfer: nothing to hide, fetch at use
+    assert choose_prefetch_step(inputs(1e-9)).k == 0
+    c = choose_prefetch_step(inputs(3e-3))
+    assert c.k == 1 and "comm-bound" in c.explanation
+
+
+def test_memory_budget_caps_k():
+    c = choose_prefetch_step(inputs(0.5e-3, budget=150))  # one window costs 100 B
+    assert c.k == 0 and "memory budget allows k <= 0" in c.explanation
+
+
+def _auto_case(rank, world, overrides):
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step="auto"))
+    ref = build_stack(shape)(make_input(shape))
+    d = tempfile.mkdtemp()
+    out = torch.compile(model, backend="ascend_compile",
+                        options={"lowering": "aot_eager", "dump_dir": d, "cost_model": overrides})(make_input(shape))
+    table = json.load(open(os.path.join(d, f"rank_{rank}", "schedule.json")))
+    return torch.equal(out, ref), table["prefetch_step"], table.get("explain", "")
+
+
+def test_auto_step_is_measured_and_agreed_across_ranks():
+    results = run_ranks(_auto_case, 2, {})
+    assert all(equal for equal, _, _ in results)
+    steps = {k for _, k, _ in results}
+    assert len(steps) == 1 and 0 <= steps.pop() <= 3
+    assert all("simulated forward" in why for _, _, why in results)
+
+
+def test_auto_step_follows_given_costs():
+    # o_proj is 64 x 96 fp32 = 24576 B: at this bandwidth a transfer takes half a layer's compute
+    given = {"bandwidth": 24576 / 0.5e-3, "latency_s": 0.0, "compute_s": 1e-3}
+    assert [k for _, k, _ in run_ranks(_auto_case, 2, given)] == [1, 1]
+    assert [k for _, k, _ in run_ranks(_auto_case, 2, dict(given, bandwidth=1e15))] == [0, 0]
+    assert [k for _, k, _ in run_ranks(_auto_case, 2, dict(given, memory_budget=24576))] == [0, 0]
