@@ -108,7 +108,8 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
         log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)
         return _lower(lowering, gm, example_inputs, None, opts, mode)
 
-    plan = CompilePlan(**{**plan.key(), "pin_order": opts.pin_order and lowering.PINS_ORDER})
+    plan = dataclasses.replace(plan, pin_order=opts.pin_order and lowering.PINS_ORDER,
+                               inplace=lowering.INPLACE_BROADCAST)
     plan, explanation = resolve_auto_step(gm, plan, opts)
     dumper = GraphDumper(opts.dump_dir, plan.rank)
     planned = planned_schedule(gm, plan)

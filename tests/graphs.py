@@ -16,8 +16,8 @@ GROUP = "test_group"
 IN, OUT = 8, 8
 
 
-def plan(k=None, rank=0, world=2, pin=False) -> CompilePlan:
-    return CompilePlan(rank=rank, world_size=world, group_name=GROUP, prefetch_step=k, pin_order=pin)
+def plan(k=None, rank=0, world=2, pin=False, inplace=False) -> CompilePlan:
+    return CompilePlan(rank=rank, world_size=world, group_name=GROUP, prefetch_step=k, pin_order=pin, inplace=inplace)
 
 
 def stack_graph(n: int = 4, series=("o_proj",), k: int = 1, world: int = 2, reuse_first_at_end: bool = False):

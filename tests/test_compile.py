@@ -85,8 +85,10 @@ def test_dumps_show_the_rewrite_and_no_graph_breaks(tmp_path):
         calls = lambda text, op: len(re.findall(rf"= torch\.ops\.{op}\b", text))  # noqa: E731 (code, not comments)
         assert calls(before, "ascend_compile.shared_weight") == 6
         assert calls(after, "ascend_compile.shared_weight") == 0
-        assert calls(after, "_c10d_functional.broadcast.default") == 6
+        # in place: the owner sends its parameter, the others receive into a fresh buffer
+        assert calls(after, "_c10d_functional.broadcast_.default") == 6
         assert calls(after, "_c10d_functional.wait_tensor.default") == 6
+        assert calls(after, "aten.empty.memory_format") == (2 if rank == 0 else 4)  # layers it does not own
         assert (rank_dir / "timeline.svg").read_text().startswith("<svg")
         assert json.loads((rank_dir / "schedule.json").read_text())["rank"] == rank
 

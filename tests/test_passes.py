@@ -15,8 +15,8 @@ from graphs import GROUP, count, plan, stack_graph
 C10D = torch.ops._c10d_functional
 
 
-def scheduled(n, series, k, world=2):
-    p = plan()
+def scheduled(n, series, k, world=2, inplace=False):
+    p = plan(inplace=inplace)
     gm = stack_graph(n, series, k, world)
     return schedule_prefetch(rewrite_shared_weights(gm, p), p)
 
@@ -38,6 +38,20 @@ def test_rewrite_makes_one_broadcast_and_one_wait_per_layer():
             assert wait.target is C10D.wait_tensor.default
 
 
+def test_inplace_rewrite_copies_no_layer():
+    gm = rewrite_shared_weights(stack_graph(4, ("o_proj",), k=1), plan(rank=1, inplace=True))
+    assert count(gm, *BROADCAST_TARGETS) == 4 and count(gm, C10D.broadcast.default) == 0
+    empties = [n for n in gm.graph.nodes if n.target is torch.ops.aten.empty.memory_format]
+    assert len(empties) == 2  # rank 1 receives layers 0 and 2 into fresh buffers
+    for node in gm.graph.nodes:
+        if node.target is C10D.broadcast_.default:
+            src = node.args[0]
+            owner = node.meta["ascend_compile"]["owner"]
+            # the owner sends its own parameter; nobody reads a stand-in
+            assert (src.op == "placeholder") == (owner == 1)
+            assert src.op == "placeholder" or src in empties
+
+
 def test_rewrite_fetches_a_parameter_read_twice_once():
     gm = rewrite_shared_weights(stack_graph(3, k=1, reuse_first_at_end=True), plan())
     assert count(gm, *BROADCAST_TARGETS) == 3 and count(gm, *WAIT_TARGETS) == 3
@@ -49,11 +63,12 @@ def test_rewrite_refuses_a_marker_of_another_group():
         rewrite_shared_weights(gm, plan().__class__(0, 2, "other"))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("k", [0, 1, 2, 5])
 @pytest.mark.parametrize("series", [("o_proj",), ("o_proj", "q_b_proj")])
-def test_schedule_places_issue_after_wait_of_layer_i_minus_k(k, series):
+def test_schedule_places_issue_after_wait_of_layer_i_minus_k(k, series, inplace):
     n = 6
-    gm = scheduled(n, series, k)
+    gm = scheduled(n, series, k, inplace=inplace)
     nodes = list(gm.graph.nodes)
     rows = collective_schedule(gm.graph)
     assert len(rows) == n * len(series)

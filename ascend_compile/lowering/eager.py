@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+INPLACE_BROADCAST = True  # broadcast_ into fresh buffers: no layer copies
 PINS_ORDER = False  # the FX interpreter runs nodes exactly in graph order
 
 

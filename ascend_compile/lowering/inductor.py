@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+INPLACE_BROADCAST = True  # broadcast_ into fresh buffers: no layer copies
 PINS_ORDER = True
 
 

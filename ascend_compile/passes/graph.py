@@ -1,7 +1,7 @@
 """Predicates and small helpers shared by the passes (kept here once, imported everywhere).
 
 Nodes this project creates carry ``node.meta["ascend_compile"]`` =
-``{"role": "issue" | "wait", "series", "index", "owner", "bytes"}`` so later passes, the
+``{"role": "issue" | "wait" | "buffer", "series", "index", "owner", "bytes"}`` so later passes, the
 verifier and the dumps can find them even after a lowering wrapped them (``control_deps``).
 """
 
@@ -16,10 +16,10 @@ from torch import fx
 from ..runtime.ops import shared_weight_targets
 
 TAG = "ascend_compile"
-ISSUE, WAIT = "issue", "wait"
+ISSUE, WAIT, BUFFER = "issue", "wait", "buffer"
 
 _c10d = torch.ops._c10d_functional
-BROADCAST_TARGETS = (_c10d.broadcast, _c10d.broadcast.default)
+BROADCAST_TARGETS = (_c10d.broadcast, _c10d.broadcast.default, _c10d.broadcast_, _c10d.broadcast_.default)
 WAIT_TARGETS = (_c10d.wait_tensor, _c10d.wait_tensor.default)
 
 # Ops that only re-view their input: a weight's window is alive while any of these is used.
@@ -128,7 +128,7 @@ def collective_pairs(graph: fx.Graph) -> dict:
     pairs: dict = {}
     for n in graph.nodes:
         t = tag(n)
-        if t:
+        if t and t["role"] in (ISSUE, WAIT):
             pairs.setdefault((t["series"], t["index"]), {})[t["role"]] = n
     return pairs
 

@@ -18,12 +18,13 @@ from typing import Optional
 from torch import fx
 from torch.utils._ordered_set import OrderedSet
 
-from .graph import ISSUE, VIEW_TARGETS, inner_target, is_ours, role
+from .graph import BUFFER, ISSUE, VIEW_TARGETS, WAIT, inner_target, is_ours, role
 from .plan import CompilePlan
 
 
 def _does_work(n: fx.Node) -> bool:
-    return n.op == "call_function" and inner_target(n) not in VIEW_TARGETS and not n.target.__name__ == "getitem"
+    return (n.op == "call_function" and inner_target(n) not in VIEW_TARGETS
+            and n.target.__name__ != "getitem" and role(n) != BUFFER)
 
 
 def _neighbour(node: fx.Node, forward: bool, include_ours: bool) -> Optional[fx.Node]:
@@ -45,7 +46,7 @@ def ordering_edges(graph: fx.Graph) -> dict:
 
     last_issue = None
     for n in list(graph.nodes):
-        if not is_ours(n):
+        if role(n) not in (ISSUE, WAIT):
             continue
         add(n, _neighbour(n, forward=False, include_ours=True))
         if role(n) == ISSUE:

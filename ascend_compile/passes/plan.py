@@ -17,6 +17,7 @@ class CompilePlan:
     group_name: str
     prefetch_step: Optional[int] = None  # overrides the step carried by the markers
     pin_order: bool = True
+    inplace: bool = False  # broadcast_ into a fresh buffer / from the owner's parameter (no copies)
 
     def step_for(self, marker_step: int, series: str) -> int:
         step = self.prefetch_step if self.prefetch_step is not None else marker_step

@@ -19,7 +19,9 @@ from typing import Optional
 
 from torch import fx
 
-from .graph import ISSUE, WAIT, collective_pairs, entry_point, first_user, positions, tag, value_users
+from .graph import (
+    BUFFER, ISSUE, WAIT, collective_pairs, entry_point, first_user, positions, role, tag, value_users,
+)
 from .plan import CompilePlan
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,25 @@ def find_series_layers(graph: fx.Graph, plan: CompilePlan) -> dict:
 
 
 def _latest_input(node: fx.Node, pos: dict) -> Optional[fx.Node]:
-    inputs = [a for a in node.all_input_nodes]
+    inputs = [a for a in node.all_input_nodes if role(a) != BUFFER]
     return max(inputs, key=pos.__getitem__) if inputs else None
+
+
+def _with_buffer(issue: fx.Node) -> list:
+    """The issue and the receive buffer made for it: they move together."""
+    return [a for a in issue.all_input_nodes if role(a) == BUFFER] + [issue]
+
+
+def _place_after(anchor: fx.Node, issue: fx.Node) -> fx.Node:
+    for n in _with_buffer(issue):
+        anchor.append(n)
+        anchor = n
+    return anchor
+
+
+def _place_before(node: fx.Node, issue: fx.Node) -> None:
+    for n in _with_buffer(issue):
+        node.prepend(n)
 
 
 def schedule_prefetch(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
@@ -87,16 +106,15 @@ def schedule_prefetch(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
                 f"cannot prefetch {layer.series}[{layer.index}] at graph entry: its weight is computed by "
                 f"{src.name!r} inside the graph"
             )
-        anchor.append(layer.issue)
-        anchor = layer.issue
+        anchor = _place_after(anchor, layer.issue)
 
     for layers in series.values():
         for j, layer in enumerate(layers):
             k = layer.step
             if k == 0:
-                layer.wait.prepend(layer.issue)
+                _place_before(layer.wait, layer.issue)
             elif j >= k:
-                layers[j - k].wait.append(layer.issue)
+                _place_after(layers[j - k].wait, layer.issue)
 
     graph.lint()
     gm.recompile()

@@ -1,8 +1,14 @@
-"""Rewrite each ``shared_weight`` marker into functional ``broadcast`` + ``wait_tensor``.
+"""Rewrite each ``shared_weight`` marker into ``broadcast`` + ``wait_tensor``.
 
-After this pass the graph holds, per shared parameter, one ``_c10d_functional.broadcast``
-(``src`` = the owner's group rank) and one ``_c10d_functional.wait_tensor`` whose result
-replaces the marker's. Both sit where the marker was; ``prefetch.py`` moves them.
+After this pass the graph holds, per shared parameter, one ``_c10d_functional`` broadcast
+(``src`` = the owner's group rank) and one ``wait_tensor`` whose result replaces the
+marker's. Both sit where the marker was; ``prefetch.py`` moves them.
+
+With ``plan.inplace`` (lowerings that accept mutation after functionalization: Inductor,
+aot_eager, eager) the broadcast is ``broadcast_``: the owner sends from its parameter and
+every other rank receives into a fresh ``empty`` buffer, so no rank copies a layer. Without
+it (torchair, whose converters take the functional op) the functional ``broadcast`` clones
+its input first, a layer-sized copy on every rank.
 """
 
 from __future__ import annotations
@@ -10,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import torch
 from torch import fx
 
-from .graph import ISSUE, TAG, WAIT, MarkerArgs, _c10d, is_marker, marker_args
+from .graph import BUFFER, ISSUE, TAG, WAIT, MarkerArgs, _c10d, is_marker, marker_args
 from .plan import CompilePlan
 
 log = logging.getLogger(__name__)
@@ -33,10 +40,24 @@ class SharedWeightMatch:
         val = self.node.meta.get("val", self.node.meta.get("example_value"))
         nbytes = val.numel() * val.element_size() if val is not None else None
         info = {"series": a.series, "index": a.index, "owner": a.owner, "bytes": nbytes}
+        new = []
         with graph.inserting_before(self.node):
-            issue = graph.call_function(_c10d.broadcast.default, (a.weight, a.owner, a.group_name))
+            if plan.inplace and val is not None:
+                # No copy: the owner sends its own parameter (a broadcast leaves the source as it
+                # is); the others receive into a fresh buffer, never reading their stand-in.
+                if a.owner == plan.rank:
+                    buf = a.weight
+                else:
+                    buf = graph.call_function(
+                        torch.ops.aten.empty.memory_format, (list(val.shape),),
+                        {"dtype": val.dtype, "device": val.device},
+                    )
+                    new.append((buf, BUFFER))
+                issue = graph.call_function(_c10d.broadcast_.default, (buf, a.owner, a.group_name))
+            else:
+                issue = graph.call_function(_c10d.broadcast.default, (a.weight, a.owner, a.group_name))
             wait = graph.call_function(_c10d.wait_tensor.default, (issue,))
-        for n, role in ((issue, ISSUE), (wait, WAIT)):
+        for n, role in new + [(issue, ISSUE), (wait, WAIT)]:
             if val is not None:
                 n.meta["val"] = val
             n.meta[TAG] = dict(info, role=role, prefetch_step=plan.step_for(a.prefetch_step, a.series))
