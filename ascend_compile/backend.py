@@ -120,6 +120,7 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     table = schedule_table(plan, pipeline.final_schedule or planned)
     if explanation:
         table["explain"] = explanation
+    table["pass_seconds"] = dict(pipeline.seconds)
     dumper.schedule(table)
     if not opts.check_ranks:
         return compiled

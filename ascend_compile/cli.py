@@ -1,4 +1,4 @@
-"""``ascend-compile``: run the demo, explain a dump."""
+"""``ascend-compile``: run the demo, explain a dump, plan at NPU scale."""
 
 from __future__ import annotations
 
@@ -40,6 +40,51 @@ def _explain(ns) -> int:
     return 0
 
 
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
+
+
+def _plan(ns) -> int:
+    """Memory saved per device and the prefetch step the cost model would pick, at NPU scale."""
+    from .passes.cost_model import CostInputs, choose_prefetch_step
+
+    series = {}
+    for spec in ns.series:
+        try:
+            name, dims = spec.split("=")
+            rows, cols = (int(v) for v in dims.lower().split("x"))
+        except ValueError:
+            print(f"bad --series {spec!r}: use NAME=INxOUT, e.g. o_proj=16384x7168", file=sys.stderr)
+            return 2
+        nbytes = rows * cols * DTYPE_BYTES[ns.dtype]
+        if ns.dtype == "int8":
+            nbytes += cols * 4  # one fp32 scale per output channel
+        series[name] = nbytes
+    layer_bytes = sum(series.values())
+    k_ranks = ns.ranks
+    gib = 1 / 2**30
+    print(f"{ns.layers} layers, {k_ranks} devices sharing, {ns.dtype}")
+    for name, b in series.items():
+        total = b * ns.layers
+        print(f"  {name:<10} {b / 2**20:8.1f} MiB/layer  {total * gib:7.2f} GiB replicated  "
+              f"saved per device {total * (k_ranks - 1) / k_ranks * gib:7.2f} GiB")
+    total = layer_bytes * ns.layers
+    print(f"  all series {layer_bytes / 2**20:8.1f} MiB/layer  {total * gib:7.2f} GiB replicated  "
+          f"saved per device {total * (k_ranks - 1) / k_ranks * gib:7.2f} GiB "
+          f"(owned per device: {total / k_ranks * gib:.2f} GiB)")
+    compute_s = ns.compute_us * 1e-6 if ns.compute_us else 2 * ns.tokens * ns.params_per_layer / (ns.tflops * 1e12)
+    choice = choose_prefetch_step(CostInputs(
+        layers=ns.layers, layer_bytes=layer_bytes, window_bytes=layer_bytes, bandwidth=ns.bandwidth_gbps * 1e9,
+        compute_s=compute_s, latency_s=ns.latency_us * 1e-6,
+        memory_budget=int(ns.memory_budget_gib * 2**30) if ns.memory_budget_gib else None,
+    ))
+    print(f"compute per layer: {compute_s * 1e6:.0f} us"
+          + ("" if ns.compute_us else f" (2 x {ns.tokens} tokens x {ns.params_per_layer:.3g} params / {ns.tflops} TFLOPS)"))
+    print(f"prefetch_step: {choice.explanation}")
+    print(f"windows alive: {(choice.k + 1) * layer_bytes / 2**20:.1f} MiB per device "
+          f"(net saving {(total * (k_ranks - 1) / k_ranks - (choice.k + 1) * layer_bytes) * gib:.2f} GiB)")
+    return 0
+
+
 def main(argv=None) -> int:
     from .config import LOWERINGS
     from .demo import DTYPES
@@ -62,6 +107,21 @@ def main(argv=None) -> int:
     e.add_argument("dump_dir")
     e.add_argument("--all-graphs", action="store_true", help="every compiled graph, not only the latest")
     e.set_defaults(fn=_explain)
+
+    p = sub.add_parser("plan", help="memory saved and the prefetch step the cost model picks, at NPU scale")
+    p.add_argument("--layers", type=int, default=61)
+    p.add_argument("--series", nargs="+", default=["o_proj=16384x7168", "q_b_proj=1536x24576"],
+                   help="NAME=INxOUT per series (default: DeepSeek-V3)")
+    p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
+    p.add_argument("--ranks", type=int, default=8, help="devices in the sharing group (K)")
+    p.add_argument("--bandwidth-gbps", type=float, default=56.0, help="broadcast bandwidth, GB/s (HCCS)")
+    p.add_argument("--latency-us", type=float, default=20.0)
+    p.add_argument("--compute-us", type=float, default=None, help="compute per decoder layer; else estimated")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per step, for the compute estimate")
+    p.add_argument("--params-per-layer", type=float, default=37e9 / 61, help="active params per layer")
+    p.add_argument("--tflops", type=float, default=120.0, help="achieved TFLOPS, for the compute estimate")
+    p.add_argument("--memory-budget-gib", type=float, default=None, help="memory allowed for windows")
+    p.set_defaults(fn=_plan)
 
     ns = parser.parse_args(argv)
     return ns.fn(ns)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from typing import Callable, Optional
 
 from torch import fx
@@ -28,12 +29,15 @@ class PassPipeline:
     passes: list  # [(name, Pass)]
     observer: Optional[Callable[[int, str, str, fx.GraphModule], None]] = None
     final_schedule: Optional[list] = None  # collective_schedule of the last graph run
+    seconds: dict = dataclasses.field(default_factory=dict)  # pass name -> wall time of its last run
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         for i, (name, fn) in enumerate(self.passes, start=1):
             if self.observer:
                 self.observer(i, name, "before", gm)
+            start = time.perf_counter()
             gm = fn(gm, self.plan)
+            self.seconds[name] = time.perf_counter() - start
             if self.observer:
                 self.observer(i, name, "after", gm)
         self.final_schedule = collective_schedule(gm.graph)

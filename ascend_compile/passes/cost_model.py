@@ -70,10 +70,10 @@ def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01) -> Choice:
     regime = "compute-bound" if t_comm <= inputs.compute_s else "comm-bound"
     budget = "" if inputs.memory_budget is None else f", memory budget allows k <= {max(fits)}"
     explanation = (
-        f"k={k}: broadcast of one layer {t_comm * 1e6:.0f} us ({inputs.layer_bytes} B at "
+        f"k={k}: broadcast of one layer {t_comm * 1e6:.0f} us ({inputs.layer_bytes / 2**20:.2f} MiB at "
         f"{inputs.bandwidth / 1e9:.2f} GB/s + {inputs.latency_s * 1e6:.0f} us) vs compute {inputs.compute_s * 1e6:.0f} us "
         f"per layer ({regime}); simulated forward {times[k] * 1e3:.3f} ms vs replicated "
         f"{inputs.layers * inputs.compute_s * 1e3:.3f} ms; smallest k within {tolerance:.0%} of the best "
-        f"({best * 1e3:.3f} ms){budget}; windows {(k + 1) * inputs.window_bytes} B"
+        f"({best * 1e3:.3f} ms){budget}; windows {(k + 1) * inputs.window_bytes / 2**20:.2f} MiB"
     )
     return Choice(k, times, explanation)
