@@ -16,6 +16,7 @@ At compile time of a graph whose markers ask for ``auto``:
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Optional
 
@@ -82,20 +83,23 @@ def measure_flops_per_s(shape: tuple, repeats: int = 5) -> float:
     return 2 * m * k * n * repeats / max(time.perf_counter() - start, 1e-9)
 
 
-def measure_link(pg, nbytes: int, repeats: int = 3) -> tuple:
-    """``(bandwidth B/s, latency s)`` of a broadcast over ``pg`` (a collective)."""
+def measure_link(pg, nbytes: int, repeats: int = 5) -> tuple:
+    """``(bandwidth B/s, latency s)`` of a broadcast over ``pg`` (a collective): medians of
+    single broadcasts, each started together after a barrier."""
     def timed(numel: int) -> float:
         buf = torch.empty(max(numel, 1), dtype=torch.uint8)
         dist.broadcast(buf, group_src=0, group=pg)  # warm-up
-        dist.barrier(group=pg)
-        start = time.perf_counter()
+        times = []
         for _ in range(repeats):
+            dist.barrier(group=pg)
+            start = time.perf_counter()
             dist.broadcast(buf, group_src=0, group=pg)
-        dist.barrier(group=pg)
-        return (time.perf_counter() - start) / repeats
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
 
     small, big = timed(1), timed(nbytes)
-    return nbytes / max(big - small, 1e-9), small
+    latency = min(small, big)
+    return nbytes / max(big - latency, 0.05 * big, 1e-9), latency
 
 
 def choose(gm: fx.GraphModule, pg, overrides: Optional[dict] = None) -> Choice:
