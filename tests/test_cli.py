@@ -53,3 +53,17 @@ def test_demo_runs_and_checks_itself(tmp_path):
         text = log.read_text()
         assert re.search(r'"name": "ascend_compile_graph_\d+_\d+_02_prefetch\.after"', text)
         assert re.search(r'"name": "ascend_compile_graph_\d+_\d+_schedule", "encoding": "json"', text)
+
+
+def test_plan_at_deepseek_v3_scale(capsys):
+    assert cli.main(["plan", "--ranks", "8", "--dtype", "bf16", "--compute-us", "10000"]) == 0
+    out = capsys.readouterr().out
+    # o_proj: 16384 x 7168 bf16 = 224 MiB per layer, 61 layers, 7/8 of it saved per device
+    assert "o_proj        224.0 MiB/layer    13.34 GiB replicated  saved per device   11.68 GiB" in out
+    assert "q_b_proj       72.0 MiB/layer" in out
+    assert "prefetch_step: k=1" in out and "compute-bound" in out  # 10 ms of compute hides a 5.6 ms transfer
+
+
+def test_plan_rejects_a_bad_series(capsys):
+    assert cli.main(["plan", "--series", "o_proj=16384"]) == 2
+    assert "use NAME=INxOUT" in capsys.readouterr().err
