@@ -113,7 +113,8 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     plan, explanation = resolve_auto_step(gm, plan, opts)
     dumper = GraphDumper(opts.dump_dir, plan.rank)
     planned = planned_schedule(gm, plan)
-    pipeline = PassPipeline(plan, default_passes(plan.pin_order), observer=dumper.graph)
+    pipeline = PassPipeline(plan, default_passes(plan.pin_order, getattr(lowering, "STREAMS", False)),
+                            observer=dumper.graph)
     compiled = _lower(lowering, gm, example_inputs, pipeline, opts, mode)
     # The table holds positions in the last graph we controlled; on an Inductor cache hit the
     # passes did not run, so fall back to the positions in our own copy of Dynamo's graph.

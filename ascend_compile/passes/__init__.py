@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 from torch import fx
 
+from .npu_streams import assign_broadcast_stream
 from .pin_order import pin_collective_order
 from .plan import CompilePlan
 from .prefetch import collective_schedule, schedule_prefetch
@@ -53,10 +54,13 @@ class PassPipeline:
         return get_hash_for_files(files, extra).hex()
 
 
-def default_passes(pin: bool) -> list:
+def default_passes(pin: bool, streams: bool = False) -> list:
+    """rewrite -> schedule -> state the order (control_deps for Inductor, streams for torchair) -> verify."""
     passes = [("shared_weight", rewrite_shared_weights), ("prefetch", schedule_prefetch)]
     if pin:
         passes.append(("pin_order", pin_collective_order))
+    if streams:
+        passes.append(("npu_streams", assign_broadcast_stream))
     passes.append(("verify", verify_schedule))
     return passes
 

@@ -1,0 +1,129 @@
+"""torchair: Ascend NPU graph execution (GE ``max-autotune`` or ``reduce-overhead``/npugraph_ex).
+
+NOT VERIFIED ON HARDWARE: this machine has no NPU; the adapter is tested against a fake
+torchair that records what it is given (tests/fake_torchair.py). docs/npu_runbook.md says
+how to check it on an Atlas A2/A3.
+
+``torchair.get_npu_backend(compiler_config=...)`` is itself a Dynamo backend that runs
+AOTAutograd, so Dynamo's graph goes to it unchanged and our passes run inside it as its
+``post_grad_custom_post_pass`` (signature ``(gm, example_inputs, config)``), on the aten
+graph, after torchair's own FX passes, exactly where they run for Inductor. The broadcasts
+stay functional (torchair converts ``_c10d_functional.broadcast`` to HcomBroadcast and
+``wait_tensor`` to an identity) and go on a stream of their own, ordered with events
+(passes/npu_streams.py). Nothing here imports ``torch_npu`` until this lowering is used.
+"""
+
+from __future__ import annotations
+
+from ..config import ConfigError
+
+INPLACE_BROADCAST = False  # torchair converts the functional broadcast
+PINS_ORDER = False  # ordering is stated with streams and events instead of control_deps
+STREAMS = True
+
+# options["torchair"] keys -> where they go on torchair.CompilerConfig
+CONFIG_KEYS = {
+    "mode": "mode",  # "max-autotune" (GE graph) or "reduce-overhead" (npugraph_ex / aclgraph)
+    "graph_dump_type": "debug.graph_dump.type",  # "txt", "pbtxt", "py"
+    "graph_dump_path": "debug.graph_dump.path",
+    "frozen_parameter": "experimental_config.frozen_parameter",  # weights as constants of the graph
+    "keep_inference_input_mutations": "experimental_config.keep_inference_input_mutations",
+    "tiling_schedule_optimize": "experimental_config.tiling_schedule_optimize",
+    "static_model_ops_lower_limit": "experimental_config.static_model_ops_lower_limit",
+    "clone_input": "debug.aclgraph.clone_input",
+}
+MODES = ("max-autotune", "reduce-overhead")
+
+
+def import_torchair():
+    """``torchair``, or a clear error saying what is missing and what to do instead."""
+    try:
+        import torch_npu  # noqa: F401  (registers the NPU device and HCCL)
+    except Exception as e:
+        raise RuntimeError(
+            f"lowering='torchair' needs torch_npu with CANN on an Ascend NPU machine; importing torch_npu "
+            f"failed: {type(e).__name__}: {e}. Off NPU use options={{'lowering': 'inductor'}}."
+        ) from e
+    try:
+        import torchair
+    except ImportError:
+        try:
+            from torch_npu.dynamo import torchair
+        except ImportError as e:
+            raise RuntimeError(
+                "lowering='torchair' needs torchair (shipped with torch_npu); it is not importable: "
+                f"{e}. Install the torch_npu that matches your CANN."
+            ) from e
+    return torchair
+
+
+def compiler_config(torchair, settings: dict, pipeline=None):
+    """A ``torchair.CompilerConfig`` from ``options["torchair"]``, our passes registered on it."""
+    unknown = sorted(set(settings) - set(CONFIG_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown options['torchair'] key(s) {unknown}; known: {sorted(CONFIG_KEYS)}")
+    mode = settings.get("mode", "max-autotune")
+    if mode not in MODES:
+        raise ConfigError(f"options['torchair']['mode'] must be one of {list(MODES)}, got {mode!r}")
+    config = torchair.CompilerConfig()
+    for key, value in dict(settings, mode=mode).items():
+        *path, leaf = CONFIG_KEYS[key].split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+    if pipeline is not None:
+        user_pass = getattr(config, "post_grad_custom_post_pass", None)
+
+        def ascend_compile_pass(gm, example_inputs, cfg):
+            if user_pass is not None:
+                user_pass(gm, example_inputs, cfg)
+            pipeline(gm)
+
+        config.post_grad_custom_post_pass = ascend_compile_pass
+    return config
+
+
+def compile(gm, example_inputs, pipeline, options):
+    torchair = import_torchair()
+    register_converters(torchair)
+    backend = torchair.get_npu_backend(compiler_config=compiler_config(torchair, options.torchair, pipeline))
+    return backend(gm, example_inputs)
+
+
+def register_converters(torchair) -> None:
+    """A GE converter for the marker op, for graphs compiled by torchair without our backend.
+
+    Our backend never lets the marker reach GE (it is rewritten first); a sharded model
+    compiled with ``backend=torchair.get_npu_backend(...)`` directly would, and GE fails on
+    ops without a converter. The marker converts like the functional broadcast it stands
+    for (HcomBroadcast from the owner), through torchair's own converter for that op.
+    """
+    import torch
+
+    from ..runtime.ops import shared_weight_targets
+
+    try:
+        from torchair._ge_concrete_graph import fx2ge_converter
+    except ImportError:
+        return  # a torchair without the converter registry: the backend path still works
+    marker = shared_weight_targets()[1]
+    if marker in getattr(fx2ge_converter, "_CONVERTERS", {}):
+        return
+    broadcast = torch.ops._c10d_functional.broadcast.default
+
+    @torchair.register_fx_node_ge_converter(marker)
+    def convert_shared_weight(w, series, index, owner, group_name, prefetch_step, meta_outputs=None):
+        converter = _broadcast_converter(fx2ge_converter, broadcast)
+        return converter(w, owner, group_name, meta_outputs=meta_outputs)
+
+
+def _broadcast_converter(fx2ge_converter, op):
+    registry = getattr(fx2ge_converter, "_CONVERTERS", {})
+    found = registry.get(op)
+    if found is None:
+        raise RuntimeError(
+            "this torchair has no converter for _c10d_functional.broadcast, so the shared_weight marker "
+            "cannot be lowered directly; compile with backend='ascend_compile' (options={'lowering': 'torchair'})"
+        )
+    return getattr(found, "_converter", found)

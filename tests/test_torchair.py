@@ -1,0 +1,108 @@
+"""The torchair lowering against a fake torchair: config, the graph handed over, errors, lazy imports."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ascend_compile as ac
+import fake_torchair
+from ascend_compile.config import ConfigError
+from ascend_compile.lowering import torchair as lowering
+from ascend_compile.models import StackShape, build_stack, make_input
+from ranks import run_ranks
+
+
+def test_importing_the_project_never_touches_the_npu_stack():
+    code = ("import sys, torch, ascend_compile, ascend_compile.backend, ascend_compile.lowering.torchair; "
+            "assert 'torch_npu' not in sys.modules and 'torchair' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_compiler_config_carries_the_options():
+    air = fake_torchair.install()
+    try:
+        cfg = lowering.compiler_config(air, {"mode": "reduce-overhead", "graph_dump_type": "pbtxt",
+                                             "graph_dump_path": "/tmp/ge", "frozen_parameter": True})
+        assert cfg.mode == "reduce-overhead"
+        assert (cfg.debug.graph_dump.type, cfg.debug.graph_dump.path) == ("pbtxt", "/tmp/ge")
+        assert cfg.experimental_config.frozen_parameter is True
+        assert cfg.post_grad_custom_post_pass is None  # nothing to run without shared weights
+        assert lowering.compiler_config(air, {}).mode == "max-autotune"
+        with pytest.raises(ConfigError, match=r"unknown options\['torchair'\] key\(s\) \['frozen'\]"):
+            lowering.compiler_config(air, {"frozen": True})
+        with pytest.raises(ConfigError, match="must be one of \\['max-autotune', 'reduce-overhead'\\]"):
+            lowering.compiler_config(air, {"mode": "fast"})
+    finally:
+        fake_torchair.uninstall()
+
+
+def test_missing_npu_stack_is_a_clear_error():
+    torch._dynamo.reset()
+    model, x = build_stack(StackShape(layers=1)), make_input(StackShape(layers=1))
+    with pytest.raises(Exception, match=r"lowering='torchair' needs torch_npu with CANN.*use options=\{'lowering': 'inductor'\}"):
+        torch.compile(model, backend="ascend_compile", options={"lowering": "torchair"})(x)
+
+
+def test_marker_converter_delegates_to_the_broadcast_converter():
+    air = fake_torchair.install()
+    try:
+        calls = []
+        registry = sys.modules["torchair._ge_concrete_graph.fx2ge_converter"]._CONVERTERS
+        registry[torch.ops._c10d_functional.broadcast.default] = lambda *a, **k: calls.append((a, k)) or "ge_tensor"
+        lowering.register_converters(air)
+        convert = registry[torch.ops.ascend_compile.shared_weight.default]
+        assert convert("w", "o_proj.weight", 3, 1, "grp", 1, meta_outputs="m") == "ge_tensor"
+        assert calls == [(("w", 1, "grp"), {"meta_outputs": "m"})]  # HcomBroadcast from the owner's group rank
+    finally:
+        fake_torchair.uninstall()
+
+
+def _torchair_case(rank, world, k):
+    air = fake_torchair.install()
+    try:
+        torch._dynamo.reset()
+        shape = StackShape(layers=4)
+        x = make_input(shape)
+        ref = build_stack(shape)(x)
+        model = build_stack(shape)
+        ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj", "q_b_proj"], prefetch_step=k))
+        out = torch.compile(model, backend="ascend_compile", fullgraph=True,
+                            options={"lowering": "torchair", "torchair": {"mode": "max-autotune", "frozen_parameter": True}})(x)
+        (rec,) = fake_torchair.RECORDED
+        ops = []
+        for n in rec["graph"].graph.nodes:
+            if n.op == "call_function":
+                name = str(n.target)
+                if n.target is torch.ops.air.scope_enter.default:
+                    name += ":" + n.args[1][0]
+                ops.append(name)
+        return {"equal": torch.equal(out, ref), "ops": ops, "frozen": rec["config"].experimental_config.frozen_parameter}
+    finally:
+        fake_torchair.uninstall()
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_graph_handed_to_torchair(k):
+    results = run_ranks(_torchair_case, 2, k)
+    for r in results:
+        assert r["equal"]  # the fake runs the handed-over graph on CPU: same numbers as unsharded
+        assert r["frozen"] is True
+        ops = r["ops"]
+        assert not any("ascend_compile.shared_weight" in o for o in ops)
+        assert not any(o.startswith("aten.set_") for o in ops)
+        assert ops.count("_c10d_functional.broadcast.default") == 8  # functional: torchair converts it
+        assert ops.count("_c10d_functional.broadcast_.default") == 0
+        # every broadcast inside a scope on our stream, a record after it, waited for before its wait
+        for i, o in enumerate(ops):
+            if o == "_c10d_functional.broadcast.default":
+                before = [p for p in ops[:i] if p.startswith("air.scope")][-1]
+                assert before == "air.scope_enter.default:ascend_compile_bcast"
+                assert ops[i + 1:i + 3] == ["air.record.default", "air.scope_exit.default"]
+            if o == "_c10d_functional.wait_tensor.default":
+                assert ops[i - 1] == "air.wait.default"
+        assert ops.count("air.scope_enter.default:ascend_compile_bcast") == ops.count("air.scope_exit.default") == 8
+    # functional broadcasts: owners and receivers run the same ops, so the same collectives and
+    # events in the same order on every rank
+    assert results[0]["ops"] == results[1]["ops"]
