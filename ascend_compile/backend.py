@@ -101,6 +101,10 @@ def schedule_table(plan: CompilePlan, rows: list) -> dict:
 
 
 def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: Any = None, mode: Optional[str] = None):
+    if options is None:  # inside vLLM: additional_config["ascend_compile"]["compile"] and debug_dump_path
+        from .integrations.vllm import compile_options
+
+        options = compile_options()
     opts = CompileOptions.from_dict(options)
     lowering = get_lowering(opts.lowering)
     plan = make_plan(gm, opts)

@@ -1,0 +1,158 @@
+"""vLLM integration: the ``vllm.general_plugins`` entry point, config keys, sharding at load.
+
+Turn it on from vLLM's own configuration::
+
+    LLM(...,
+        compilation_config={"mode": 2, "backend": "ascend_compile"},           # or mode 1
+        additional_config={"ascend_compile": {
+            "shared_weight": {"layers": ["o_proj"], "prefetch_step": 1},     # SharedWeightConfig keys
+            "compile": {"lowering": "torchair"},                             # backend options (optional)
+        }})
+
+``register()`` (run by vLLM in every process that loads plugins; ``VLLM_PLUGINS`` filters it
+like any plugin, by the name ``ascend_compile``) wraps the model loader so the model is
+sharded right after its weights are loaded and processed (``process_weights_after_loading``
+runs first, so quantized layers and layout changes keep working and what is shared is what
+the kernels read). The backend reads the compile options and vLLM's ``debug_dump_path`` from
+the current vLLM config.
+
+Modes: 1 (STOCK_TORCH_COMPILE) and 2 (DYNAMO_TRACE_ONCE) hand the whole model graph to the
+backend named in ``compilation_config["backend"]``: use ``"ascend_compile"``. Mode 3
+(VLLM_COMPILE) compiles pieces split at attention with vLLM's own backend and never calls
+ours: the shared weights stay correct (each marker broadcasts synchronously inside the
+piece) but nothing is prefetched; ``check_config`` refuses that combination so nobody gets
+the slow path by accident. ``VLLM_USE_AOT_COMPILE``: our compiled graphs hold a process
+group and a first-call cross-rank check and cannot be serialised, so when shared weights are
+configured the loader sets ``VLLM_USE_AOT_COMPILE=0`` unless the user set it (with 1, torch
+fails when it tries to serialise the compiled graph).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import os
+import sys
+from typing import Optional
+
+from ..config import ConfigError, SharedWeightConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "ascend_compile"
+KEYS = ("shared_weight", "compile", "group")
+GROUPS = ("world", "tp", "dp")
+BACKEND_NAMES = ("ascend_compile", "ascend_compile.backend.ascend_compile_backend")
+_LOADER_PATCHED = "_ascend_compile_wrapped"
+
+
+def settings(vllm_config) -> dict:
+    """The validated ``additional_config["ascend_compile"]`` ({} when absent)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    ours = extra.get(CONFIG_KEY) or {}
+    if not isinstance(ours, dict):
+        raise ConfigError(f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(ours).__name__}")
+    for key in ours:
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown additional_config[{CONFIG_KEY!r}] key {key!r}; known: {list(KEYS)}.{hint}")
+    if "group" in ours and ours["group"] not in GROUPS:
+        raise ConfigError(f"additional_config[{CONFIG_KEY!r}]['group'] must be one of {list(GROUPS)}, got {ours['group']!r}")
+    return ours
+
+
+def shared_weight_config(vllm_config) -> Optional[SharedWeightConfig]:
+    ours = settings(vllm_config)
+    if "shared_weight" not in ours:
+        return None
+    return SharedWeightConfig.from_dict(dict(ours["shared_weight"], group=_group(ours.get("group", "world"))))
+
+
+def _group(name: str):
+    if name == "world":
+        return None
+    from vllm.distributed import parallel_state as ps
+
+    return (ps.get_tp_group() if name == "tp" else ps.get_dp_group()).device_group
+
+
+def check_config(vllm_config) -> None:
+    """Refuse mode/backend combinations that cannot prefetch shared weights, saying what works."""
+    if shared_weight_config(vllm_config) is None:
+        return
+    cc = vllm_config.compilation_config
+    mode = int(cc.mode) if cc.mode is not None else 0
+    if mode == 3:
+        raise ConfigError(
+            "ascend_compile shared weights need compilation_config mode 1 or 2 with backend='ascend_compile': "
+            "mode 3 (VLLM_COMPILE) splits the graph at attention and compiles it with vLLM's own backend, so "
+            "the broadcasts could not be prefetched. Use compilation_config={'mode': 2, 'backend': 'ascend_compile'}."
+        )
+    if mode in (1, 2) and cc.backend not in BACKEND_NAMES:
+        raise ConfigError(
+            f"compilation_config backend {cc.backend!r} would run the shared weights without prefetching; "
+            "set compilation_config={'mode': %d, 'backend': 'ascend_compile'}" % mode
+        )
+
+
+def compile_options() -> Optional[dict]:
+    """Backend options from the current vLLM config, or None outside vLLM (never imports vLLM)."""
+    if "vllm.config" not in sys.modules:
+        return None
+    from vllm.config import get_current_vllm_config
+
+    try:
+        vllm_config = get_current_vllm_config()
+    except Exception:
+        return None
+    ours = settings(vllm_config)
+    options = dict(ours.get("compile") or {})
+    dump = getattr(vllm_config.compilation_config, "debug_dump_path", None)
+    if dump and "dump_dir" not in options:
+        options["dump_dir"] = os.path.join(str(dump), "ascend_compile")
+    return options
+
+
+def shard_loaded_model(model, vllm_config):
+    """Shard ``model`` as ``additional_config`` asks, after its weights are loaded and processed."""
+    cfg = shared_weight_config(vllm_config)
+    if cfg is None:
+        return model
+    from ..runtime.sharding import shard_model
+
+    plan = shard_model(model, cfg)
+    log.info("ascend_compile: shared %s over %d ranks; this rank saves %.1f MiB",
+             sorted(plan.layer_series), plan.world_size, plan.saved_bytes() / 2**20)
+    return model
+
+
+def prepare(vllm_config) -> None:
+    """Before the model is built: check the config, switch AOT compile off unless the user chose."""
+    if shared_weight_config(vllm_config) is None:
+        return
+    check_config(vllm_config)
+    if os.environ.get("VLLM_USE_AOT_COMPILE") is None:
+        os.environ["VLLM_USE_AOT_COMPILE"] = "0"
+        log.info("ascend_compile: VLLM_USE_AOT_COMPILE=0 (compiled graphs with shared weights hold a process "
+                 "group and cannot be serialised)")
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point. Safe to call more than once; changes nothing
+    for a model whose config does not ask for shared weights."""
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    original = BaseModelLoader.load_model
+    if getattr(original, _LOADER_PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def load_model(self, vllm_config, model_config, prefix: str = ""):
+        prepare(vllm_config)
+        model = original(self, vllm_config, model_config, prefix)
+        return shard_loaded_model(model, vllm_config)
+
+    setattr(load_model, _LOADER_PATCHED, True)
+    BaseModelLoader.load_model = load_model

@@ -1,0 +1,100 @@
+"""vLLM integration on CPU gloo ranks: real LinearBase layers, config keys, the plugin."""
+
+import pytest
+import torch
+
+import ascend_compile as ac
+from ascend_compile.config import ConfigError
+from ranks import run_ranks
+
+pytest.importorskip("vllm", reason="install the project with the [vllm] extra")
+
+SERIES = ["q_b_proj", "o_proj", "qkv_proj", "gate_up_proj", "down_proj", "q_a_proj"]
+
+
+def _vllm_layers_case(rank, world, lowering):
+    import vllm_model
+
+    cfg, ctx = vllm_model.setup_vllm(rank, world)
+    try:
+        torch._dynamo.reset()
+        positions, x = vllm_model.inputs()
+        ref_model = vllm_model.build()
+        ref = ref_model(positions, x)
+        ref_compiled = torch.compile(ref_model, backend="inductor")(positions, x) if lowering == "inductor" else ref
+        model = vllm_model.build()
+        before = ac.parameter_storage_bytes(model)
+        plan = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
+        saved = before - ac.parameter_storage_bytes(model)
+        eager = model(positions, x)
+        explain = torch._dynamo.explain(model)(positions, x)
+        out = torch.compile(model, backend="ascend_compile", fullgraph=True, options={"lowering": lowering})(positions, x)
+        kinds = sorted({type(m).__name__.replace("Parametrized", "") for n, m in model.named_modules()
+                        if n.endswith(tuple(SERIES))})
+        return {"eager": torch.equal(eager, ref), "diff": float((out - ref_compiled).abs().max()),
+                "bitwise": torch.equal(out, ref_compiled), "breaks": explain.graph_break_count,
+                "saved": saved, "planned": plan.saved_bytes(), "kinds": kinds}
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("lowering", ["aot_eager", "inductor"])
+def test_real_vllm_layers(lowering):
+    for r in run_ranks(_vllm_layers_case, 2, lowering):
+        assert r["kinds"] == ["ColumnParallelLinear", "MergedColumnParallelLinear", "QKVParallelLinear",
+                              "ReplicatedLinear", "RowParallelLinear"]
+        assert r["eager"], "sharded vLLM model differs from the unsharded one eagerly"
+        assert r["breaks"] == 0
+        assert r["diff"] <= 1e-5, r["diff"]
+        if lowering == "aot_eager":
+            assert r["bitwise"]
+        assert abs(r["saved"] - r["planned"]) < 0.01 * r["planned"]
+
+
+class _Cfg:
+    def __init__(self, additional, mode=2, backend="ascend_compile"):
+        from types import SimpleNamespace
+
+        self.additional_config = additional
+        self.compilation_config = SimpleNamespace(mode=mode, backend=backend, debug_dump_path=None)
+
+
+def test_config_errors_name_the_key_and_the_fix():
+    from ascend_compile.integrations import vllm as integ
+
+    with pytest.raises(ConfigError, match=r"unknown additional_config\['ascend_compile'\] key 'shared_weights'.*Did you mean 'shared_weight'"):
+        integ.settings(_Cfg({"ascend_compile": {"shared_weights": {}}}))
+    with pytest.raises(ConfigError, match=r"unknown shared_weight option 'layer'"):
+        integ.shared_weight_config(_Cfg({"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "layer": 1}}}))
+    with pytest.raises(ConfigError, match=r"\['group'\] must be one of \['world', 'tp', 'dp'\]"):
+        integ.settings(_Cfg({"ascend_compile": {"group": "pp"}}))
+    sw = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}
+    with pytest.raises(ConfigError, match=r"mode 3 \(VLLM_COMPILE\) splits the graph at attention.*'mode': 2"):
+        integ.check_config(_Cfg(sw, mode=3))
+    with pytest.raises(ConfigError, match=r"backend 'inductor' would run the shared weights without prefetching"):
+        integ.check_config(_Cfg(sw, mode=2, backend="inductor"))
+    integ.check_config(_Cfg(sw, mode=2))
+    integ.check_config(_Cfg(sw, mode=1))
+    integ.check_config(_Cfg({}, mode=3))  # nothing shared: nothing to refuse
+
+
+def test_plugin_is_an_entry_point_and_wraps_the_loader(monkeypatch):
+    from importlib.metadata import entry_points
+
+    from ascend_compile.integrations import vllm as integ
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert eps["ascend_compile"] == "ascend_compile.integrations.vllm:register"
+    monkeypatch.setattr(BaseModelLoader, "load_model", BaseModelLoader.load_model)
+    integ.register()
+    integ.register()  # twice is harmless
+    assert getattr(BaseModelLoader.load_model, "_ascend_compile_wrapped", False)
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    integ.prepare(_Cfg({"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}))
+    import os
+
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    integ.prepare(_Cfg({"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}))
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"  # the user's choice stands

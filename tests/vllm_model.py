@@ -1,0 +1,98 @@
+"""A DeepSeek-shaped decoder stack built from vLLM's own layers, for tests on CPU gloo ranks.
+
+MLA-style projections (``q_a_proj`` ReplicatedLinear -> vLLM RMSNorm -> ``q_b_proj``
+ColumnParallelLinear; ``kv_a_proj_with_mqa`` ReplicatedLinear -> ``kv_b_proj``), rotary
+embedding from ``get_rope`` on the rope part, ``o_proj`` RowParallelLinear, a gated MLP with
+``gate_up_proj`` MergedColumnParallelLinear and ``down_proj`` RowParallelLinear, and a
+``qkv_proj`` QKVParallelLinear so every LinearBase flavour is in a series. Tensor parallel
+size is 1: the ranks share weights, they do not split them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+HIDDEN, Q_LORA, KV_LORA, HEADS, HEAD_DIM, ROPE, INTER = 64, 32, 16, 4, 16, 8, 96
+
+
+def setup_vllm(rank: int, world: int):
+    """vLLM's config and model-parallel state on the process group the test pool made."""
+    from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+
+    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"))
+    ctx = set_current_vllm_config(cfg)
+    ctx.__enter__()
+    if not ps.model_parallel_is_initialized():
+        ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
+                                        distributed_init_method=None, backend="gloo")
+        ps.initialize_model_parallel(1, 1)
+    return cfg, ctx
+
+
+class Layer(nn.Module):
+    def __init__(self, i: int):
+        super().__init__()
+        from vllm.model_executor.layers.layernorm import RMSNorm
+        from vllm.model_executor.layers.linear import (
+            ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear,
+        )
+        from vllm.model_executor.layers.rotary_embedding import get_rope
+
+        p = f"layers.{i}"
+        self.input_layernorm = RMSNorm(HIDDEN)
+        self.q_a_proj = ReplicatedLinear(HIDDEN, Q_LORA, bias=False, prefix=f"{p}.q_a_proj")
+        self.q_a_layernorm = RMSNorm(Q_LORA)
+        self.q_b_proj = ColumnParallelLinear(Q_LORA, HEADS * HEAD_DIM, bias=False, prefix=f"{p}.q_b_proj")
+        self.kv_a_proj_with_mqa = ReplicatedLinear(HIDDEN, KV_LORA + ROPE, bias=False, prefix=f"{p}.kv_a")
+        self.kv_b_proj = ColumnParallelLinear(KV_LORA, HEADS * HEAD_DIM, bias=False, prefix=f"{p}.kv_b_proj")
+        self.rotary_emb = get_rope(ROPE, max_position=64, is_neox_style=False)
+        self.qkv_proj = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, bias=True, prefix=f"{p}.qkv_proj")
+        self.o_proj = RowParallelLinear(HEADS * HEAD_DIM, HIDDEN, bias=False, prefix=f"{p}.o_proj")
+        self.post_attention_layernorm = RMSNorm(HIDDEN)
+        self.gate_up_proj = MergedColumnParallelLinear(HIDDEN, [INTER, INTER], bias=False, prefix=f"{p}.gate_up_proj")
+        self.down_proj = RowParallelLinear(INTER, HIDDEN, bias=False, prefix=f"{p}.down_proj")
+
+    def forward(self, positions, h):
+        x = self.input_layernorm(h)
+        q, _ = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)[0]))
+        kv_a, _ = self.kv_a_proj_with_mqa(x)
+        kv, k_pe = kv_a.split([KV_LORA, ROPE], dim=-1)
+        k_pe, _ = self.rotary_emb(positions, k_pe.contiguous(), k_pe.contiguous())
+        kv, _ = self.kv_b_proj(kv.contiguous())
+        qkv, _ = self.qkv_proj(x)
+        mix = q * torch.sigmoid(kv) + qkv[:, : HEADS * HEAD_DIM] * k_pe.sum(-1, keepdim=True)
+        o, _ = self.o_proj(mix)
+        h = h + o
+        gate_up, _ = self.gate_up_proj(self.post_attention_layernorm(h))
+        gate, up = gate_up.chunk(2, dim=-1)
+        d, _ = self.down_proj(torch.nn.functional.silu(gate) * up)
+        return h + d
+
+
+class VllmStack(nn.Module):
+    def __init__(self, layers: int = 4):
+        super().__init__()
+        self.layers = nn.ModuleList(Layer(i) for i in range(layers))
+
+    def forward(self, positions, h):
+        for layer in self.layers:
+            h = layer(positions, h)
+        return h
+
+
+def build(layers: int = 4, seed: int = 0) -> VllmStack:
+    torch.manual_seed(seed)
+    model = VllmStack(layers)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.1 * noise if p.dim() == 1 else noise / p.shape[-1] ** 0.5)
+    return model.eval().requires_grad_(False)
+
+
+def inputs(tokens: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return torch.arange(tokens), torch.randn(tokens, HIDDEN, generator=g)
