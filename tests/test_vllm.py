@@ -98,3 +98,28 @@ def test_plugin_is_an_entry_point_and_wraps_the_loader(monkeypatch):
     monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
     integ.prepare(_Cfg({"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}))
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"  # the user's choice stands
+
+
+def _quant_case(rank, world):
+    import vllm_model
+
+    cfg, ctx = vllm_model.setup_vllm(rank, world)
+    try:
+        torch._dynamo.reset()
+        _, x = vllm_model.inputs()
+        ref = vllm_model.build_quant()(x)
+        model = vllm_model.build_quant()
+        plan = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+        eager = model(x)
+        out = torch.compile(model, backend="ascend_compile", fullgraph=True, options={"lowering": "aot_eager"})(x)
+        return {"eager": torch.equal(eager, ref), "compiled": torch.equal(out, ref),
+                "params": sorted({(p.param, p.dtype, p.shape) for p in plan.params})}
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_quantized_layer_shares_every_parameter_as_processed():
+    for r in run_ranks(_quant_case, 2):
+        assert r["eager"] and r["compiled"]
+        # the weight (int8, as process_weights_after_loading left it) and its scale are both shared
+        assert r["params"] == [("weight", "int8", (64, 64)), ("weight_scale", "float32", (64,))]

@@ -96,3 +96,81 @@ def build(layers: int = 4, seed: int = 0) -> VllmStack:
 def inputs(tokens: int = 8):
     g = torch.Generator().manual_seed(1)
     return torch.arange(tokens), torch.randn(tokens, HIDDEN, generator=g)
+
+
+def int8_config():
+    """A minimal weight-only int8 ``QuantizationConfig``: weight (int8) + per-channel scale (fp32).
+
+    ``process_weights_after_loading`` changes the layout (the weight is stored transposed for
+    the kernel), as real quantization methods do, so sharding must see the processed params.
+    """
+    from torch.nn import Parameter
+    from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase
+    from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+    class Int8WeightOnly(LinearMethodBase):
+        def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                           output_size, params_dtype, **extra):
+            out = sum(output_partition_sizes)
+            layer.register_parameter("weight", Parameter(
+                torch.randint(-127, 127, (out, input_size_per_partition), dtype=torch.int8), requires_grad=False))
+            layer.register_parameter("weight_scale", Parameter(torch.rand(out) / 64 + 1e-3, requires_grad=False))
+
+        def process_weights_after_loading(self, layer):
+            layer.weight = Parameter(layer.weight.data.t().contiguous(), requires_grad=False)  # [in, out]
+
+        def apply(self, layer, x, bias=None):
+            out = torch.mm(x, layer.weight.float()) * layer.weight_scale
+            return out if bias is None else out + bias
+
+    class Int8Config(QuantizationConfig):
+        def get_name(self):
+            return "test_int8"
+
+        def get_supported_act_dtypes(self):
+            return [torch.float32]
+
+        @classmethod
+        def get_min_capability(cls):
+            return 0
+
+        @staticmethod
+        def get_config_filenames():
+            return []
+
+        @classmethod
+        def from_config(cls, config):
+            return cls()
+
+        def get_quant_method(self, layer, prefix):
+            return Int8WeightOnly() if isinstance(layer, LinearBase) else None
+
+    return Int8Config()
+
+
+class QuantStack(nn.Module):
+    """``o_proj`` quantized (weight + scale) in every layer."""
+
+    def __init__(self, layers: int = 3):
+        super().__init__()
+        from vllm.model_executor.layers.linear import RowParallelLinear
+
+        q = int8_config()
+        self.layers = nn.ModuleList(
+            nn.ModuleDict({"o_proj": RowParallelLinear(HIDDEN, HIDDEN, bias=False, quant_config=q, prefix=f"layers.{i}.o_proj")})
+            for i in range(layers)
+        )
+
+    def forward(self, h):
+        for layer in self.layers:
+            o, _ = layer["o_proj"](h)
+            h = torch.tanh(o)
+        return h
+
+
+def build_quant(layers: int = 3, seed: int = 0) -> QuantStack:
+    torch.manual_seed(seed)
+    model = QuantStack(layers)
+    for layer in model.layers:  # what vLLM's loader does after loading
+        layer["o_proj"].quant_method.process_weights_after_loading(layer["o_proj"])
+    return model.eval()
