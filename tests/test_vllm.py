@@ -123,3 +123,104 @@ def test_quantized_layer_shares_every_parameter_as_processed():
         assert r["eager"] and r["compiled"]
         # the weight (int8, as process_weights_after_loading left it) and its scale are both shared
         assert r["params"] == [("weight", "int8", (64, 64)), ("weight_scale", "float32", (64,))]
+
+
+def _status(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+
+def _load_case(rank, world, quantized, share):
+    """Load through vLLM's own BaseModelLoader.load_model (wrapped by our plugin)."""
+    import gc
+    from types import SimpleNamespace
+
+    import vllm_model
+    from vllm.config import CompilationConfig, DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    from ascend_compile.integrations import vllm as integ
+
+    extra = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "prefetch_step": 1}}} if share else {}
+    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config=extra,
+                     compilation_config=CompilationConfig(mode=2, backend="ascend_compile"))
+    with set_current_vllm_config(cfg):
+        if not ps.model_parallel_is_initialized():
+            ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
+                                            distributed_init_method=None, backend="gloo")
+            ps.initialize_model_parallel(1, 1)
+        integ.register()
+        layers, dim = 8, 2048
+        reference = vllm_model.build_quant(3) if quantized else None
+
+        class DictLoader(BaseModelLoader):
+            read = []
+
+            def download_model(self, model_config):
+                pass
+
+            def create_model(self, vllm_config, model_config, prefix=""):
+                if quantized:
+                    return vllm_model.QuantStack(3)
+                from vllm.model_executor.layers.linear import RowParallelLinear
+
+                return torch.nn.Sequential(*[torch.nn.ModuleDict({"o_proj": RowParallelLinear(
+                    dim, dim, bias=False, prefix=f"{i}.o_proj")}) for i in range(layers)])
+
+            def load_weights(self, model, model_config):
+                source = reference.state_dict() if quantized else None
+                for name, p in model.named_parameters():
+                    if quantized:  # the checkpoint holds the unprocessed layout: [out, in]
+                        t = source[name].t().contiguous() if name.endswith("weight") else source[name]
+                    else:
+                        t = torch.full(tuple(p.shape), float(len(self.read) + 1))
+                    self.read.append(name)
+                    loader = getattr(p, "weight_loader", default_weight_loader)
+                    loader(p, t)
+                    del t
+
+        model_config = SimpleNamespace(dtype=torch.float32, hf_config=None, word_embeddings_untied_by_checkpoint=False,
+                                       quantization=None)
+        if not quantized:  # warm up: the first load imports and builds a lot that is not weights
+            warm = VllmConfig(device_config=DeviceConfig(device="cpu"))
+            DictLoader(LoadConfig()).load_model(warm, model_config)
+            DictLoader.read = []
+        gc.collect()
+        base = _status("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        model = DictLoader(LoadConfig()).load_model(cfg, model_config)
+        peak = _status("VmHWM") - base
+        result = {"peak": peak, "layer": dim * dim * 4, "plan": ac.get_plan(model) is not None}
+        if quantized:
+            _, x = vllm_model.inputs()
+            result["equal"] = torch.equal(model(x), vllm_model.build_quant(3)(x))
+        else:
+            result["values"] = [float(m["o_proj"].weight.sum()) for m in model]  # through the marker
+        return result
+
+
+def test_load_time_sharding_never_materialises_non_owned_layers():
+    from ranks import run_fresh
+
+    shared = run_fresh(_load_case, 2, False, True)
+    replicated = run_fresh(_load_case, 2, False, False)
+    for s, r in zip(shared, replicated):
+        assert s["plan"] and not r["plan"]
+        layer = s["layer"]
+        # each rank owns 4 of 8 layers and never writes the other 4: its loading peak is the 4,
+        # one checkpoint tensor in flight, and one more layer that vLLM's CPU platform holds
+        # while it repacks a weight in process_weights_after_loading (replicated: 8 + 1)
+        assert s["peak"] <= 6 * layer + 4 * 2**20, (s["peak"] / layer, r["peak"] / layer)
+        assert r["peak"] >= 8 * layer
+        assert r["peak"] - s["peak"] >= 2.5 * layer  # the 4 non-owned layers never materialised
+        assert s["values"] == r["values"]  # every rank reads every layer's loaded value
+
+
+def test_load_time_sharding_of_a_quantized_layer():
+    for r in run_ranks(_load_case, 2, True, True):
+        assert r["plan"] and r["equal"]

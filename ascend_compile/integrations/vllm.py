@@ -10,10 +10,13 @@ Turn it on from vLLM's own configuration::
         }})
 
 ``register()`` (run by vLLM in every process that loads plugins; ``VLLM_PLUGINS`` filters it
-like any plugin, by the name ``ascend_compile``) wraps the model loader so the model is
-sharded right after its weights are loaded and processed (``process_weights_after_loading``
-runs first, so quantized layers and layout changes keep working and what is shared is what
-the kernels read). The backend reads the compile options and vLLM's ``debug_dump_path`` from
+like any plugin, by the name ``ascend_compile``) wraps the model loader. Between building the
+model and reading the checkpoint, the layers this rank does not own become stand-ins whose
+weight loader drops the checkpoint tensor and whose ``process_weights_after_loading`` is
+skipped, so a non-owner never materialises, loads or processes them. Owners load and process
+as usual (quantized layers and layout changes keep working); afterwards the owners'
+processed parameter shapes and dtypes are exchanged, the non-owners' stand-ins take them, and
+the model is sharded: what is shared is what the kernels read. The backend reads the compile options and vLLM's ``debug_dump_path`` from
 the current vLLM config.
 
 Modes: 1 (STOCK_TORCH_COMPILE) and 2 (DYNAMO_TRACE_ONCE) hand the whole model graph to the
@@ -34,6 +37,8 @@ import functools
 import logging
 import os
 import sys
+
+import torch
 from typing import Optional
 
 from ..config import ConfigError, SharedWeightConfig
@@ -115,6 +120,78 @@ def compile_options() -> Optional[dict]:
     return options
 
 
+def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
+    """Before loading: this rank will not load or process the layers it does not own.
+
+    Their parameters become stand-ins (one element of storage) whose ``weight_loader`` drops
+    what the checkpoint gives, and their quant method skips ``process_weights_after_loading``.
+    Returns ``[(module, original quant method)]`` for ``finish_non_owned``.
+    """
+    import copy
+
+    from ..runtime import comm
+    from ..runtime.sharding import _layer_params, _standin, find_series
+
+    pg = comm.resolve_group(cfg.group)
+    rank, world = comm.group_rank(pg), comm.group_size(pg)
+    modules = dict(model.named_modules())
+    skipped = []
+    for members in find_series(model, cfg.layers).values():
+        for index, name in enumerate(members):
+            if index % world == rank:
+                continue
+            module = modules[name]
+            for pname, p in _layer_params(module, name, cfg.params).items():
+                p.data = _standin(p).data  # frees the (never written) allocation
+                try:
+                    p.weight_loader = _drop_weight
+                except AttributeError:  # vLLM parameters keep it behind a read-only property
+                    p._weight_loader = _drop_weight
+            qm = getattr(module, "quant_method", None)
+            if qm is not None:
+                skip = copy.copy(qm)
+                skip.process_weights_after_loading = lambda layer: None
+                module.quant_method = skip
+            skipped.append((name, module, qm))
+    return skipped
+
+
+def _drop_weight(param, loaded_weight, *args, **kwargs) -> None:
+    """The weight loader of a layer this rank does not own: the checkpoint tensor is dropped."""
+
+
+def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
+    """After loading: give every non-owned layer stand-ins shaped like the owner's processed params."""
+    import torch.distributed as dist
+
+    from ..runtime import comm
+    from ..runtime.sharding import _standin, find_series
+
+    pg = comm.resolve_group(cfg.group)
+    skipped_names = {name for name, _, _ in skipped}
+    modules = dict(model.named_modules())
+    mine = {}
+    for members in find_series(model, cfg.layers).values():
+        for name in members:
+            if name not in skipped_names:
+                params = dict(modules[name].named_parameters(recurse=False))
+                mine[name] = {k: (tuple(p.shape), p.dtype) for k, p in params.items()
+                              if cfg.params is None or k in cfg.params}
+    gathered: list = [None] * comm.group_size(pg)
+    dist.all_gather_object(gathered, mine, group=pg)
+    processed = {k: v for g in gathered for k, v in g.items()}
+    for name, module, qm in skipped:
+        if qm is not None:
+            module.quant_method = qm
+        meta = processed[name]
+        for pname, p in list(module._parameters.items()):
+            if p is not None and pname not in meta and (cfg.params is None or pname in cfg.params):
+                del module._parameters[pname]  # processing on the owner dropped it
+        for pname, (shape, dtype) in meta.items():
+            like = torch.empty((), dtype=dtype)
+            module._parameters[pname] = _standin(like.expand(shape))
+
+
 def shard_loaded_model(model, vllm_config):
     """Shard ``model`` as ``additional_config`` asks, after its weights are loaded and processed."""
     cfg = shared_weight_config(vllm_config)
@@ -150,8 +227,23 @@ def register() -> None:
 
     @functools.wraps(original)
     def load_model(self, vllm_config, model_config, prefix: str = ""):
+        cfg = shared_weight_config(vllm_config)
+        if cfg is None:
+            return original(self, vllm_config, model_config, prefix)
         prepare(vllm_config)
-        model = original(self, vllm_config, model_config, prefix)
+        loader_load_weights = self.load_weights
+        skipped: list = []
+
+        def load_weights(model, model_config):
+            skipped.extend(skip_non_owned(model, cfg))  # after create_model, before any weight is read
+            return loader_load_weights(model, model_config)
+
+        self.load_weights = load_weights
+        try:
+            model = original(self, vllm_config, model_config, prefix)
+        finally:
+            del self.load_weights
+        finish_non_owned(model, cfg, skipped)
         return shard_loaded_model(model, vllm_config)
 
     setattr(load_model, _LOADER_PATCHED, True)
