@@ -60,7 +60,7 @@ def test_marker_converter_delegates_to_the_broadcast_converter():
 
 
 def _torchair_case(rank, world, k):
-    air = fake_torchair.install()
+    fake_torchair.install()
     try:
         torch._dynamo.reset()
         shape = StackShape(layers=4)
