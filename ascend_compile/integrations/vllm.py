@@ -130,19 +130,17 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
     import copy
 
     from ..runtime import comm
-    from ..runtime.sharding import _layer_params, _standin, find_series
+    from ..runtime.sharding import series_members, standin_like
 
     pg = comm.resolve_group(cfg.group)
     rank, world = comm.group_rank(pg), comm.group_size(pg)
-    modules = dict(model.named_modules())
     skipped = []
-    for members in find_series(model, cfg.layers).values():
-        for index, name in enumerate(members):
+    for members in series_members(model, cfg).values():
+        for index, (name, module, params) in enumerate(members):
             if index % world == rank:
                 continue
-            module = modules[name]
-            for pname, p in _layer_params(module, name, cfg.params).items():
-                p.data = _standin(p).data  # frees the (never written) allocation
+            for pname, p in params.items():
+                p.data = standin_like(p).data  # frees the (never written) allocation
                 try:
                     p.weight_loader = _drop_weight
                 except AttributeError:  # vLLM parameters keep it behind a read-only property
@@ -165,13 +163,13 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
     import torch.distributed as dist
 
     from ..runtime import comm
-    from ..runtime.sharding import _standin, find_series
+    from ..runtime.sharding import find_series, standin_like
 
     pg = comm.resolve_group(cfg.group)
     skipped_names = {name for name, _, _ in skipped}
     modules = dict(model.named_modules())
     mine = {}
-    for members in find_series(model, cfg.layers).values():
+    for members in find_series(model, cfg.layers).values():  # processing may have changed the params
         for name in members:
             if name not in skipped_names:
                 params = dict(modules[name].named_parameters(recurse=False))
@@ -189,7 +187,7 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
                 del module._parameters[pname]  # processing on the owner dropped it
         for pname, (shape, dtype) in meta.items():
             like = torch.empty((), dtype=dtype)
-            module._parameters[pname] = _standin(like.expand(shape))
+            module._parameters[pname] = standin_like(like.expand(shape))
 
 
 def shard_loaded_model(model, vllm_config):

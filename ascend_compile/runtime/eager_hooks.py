@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ..config import SharedWeightConfig
 from . import comm
-from .sharding import _check_series, _layer_params, _standin, find_series
+from .sharding import series_members, standin_like
 
 
 class EagerHookSharing:
@@ -26,26 +26,22 @@ class EagerHookSharing:
         self.pg = comm.resolve_group(config.group)
         self.rank, self.world = comm.group_rank(self.pg), comm.group_size(self.pg)
         self.k = config.prefetch_step
-        modules = dict(model.named_modules())
         self.series: dict = {}
         self.handles = []
-        for name, members in find_series(model, config.layers).items():
-            params = {m: _layer_params(modules[m], m, config.params) for m in members}
-            _check_series(name, params)
+        for name, members in series_members(model, config).items():
             layers = []
-            for index, m in enumerate(members):
+            for index, (_, module, params) in enumerate(members):
                 owner = index % self.world
-                module = modules[m]
                 real = {}
-                for pname, p in params[m].items():
+                for pname, p in params.items():
                     p.requires_grad_(False)
                     if owner == self.rank:
                         real[pname] = p
                     else:
-                        module._parameters[pname] = _standin(p)
-                layers.append({"module": module, "owner": owner, "real": real, "names": list(params[m])})
+                        module._parameters[pname] = standin_like(p)
+                layers.append({"module": module, "owner": owner, "real": real, "names": list(params)})
                 self.handles.append(module.register_forward_pre_hook(self._hook(name, index)))
-            ref = next(iter(params.values()))
+            ref = members[0][2]
             windows = [{p: t.new_empty(t.shape) for p, t in ref.items()} for _ in range(self.k + 1)]
             self.series[name] = {"layers": layers, "windows": windows, "inflight": {}}
 

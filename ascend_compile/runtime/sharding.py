@@ -124,7 +124,7 @@ def find_series(model: nn.Module, layers: list) -> dict:
     return found
 
 
-def _layer_params(module: nn.Module, module_name: str, wanted: Optional[list]) -> dict:
+def layer_params(module: nn.Module, module_name: str, wanted: Optional[list]) -> dict:
     params = dict(module.named_parameters(recurse=False))
     if wanted is not None:
         missing = [p for p in wanted if p not in params]
@@ -139,7 +139,7 @@ def _layer_params(module: nn.Module, module_name: str, wanted: Optional[list]) -
     return params
 
 
-def _check_series(layer: str, modules: dict) -> None:
+def check_series(layer: str, modules: dict) -> None:
     """All members of a series must be the same layer repeated: same params, shapes, dtypes."""
     ref_name, ref = next(iter(modules.items()))
     ref_sig = {k: (tuple(p.shape), p.dtype) for k, p in ref.items()}
@@ -156,7 +156,19 @@ def _check_series(layer: str, modules: dict) -> None:
             )
 
 
-def _standin(p: torch.Tensor) -> nn.Parameter:
+def series_members(model: nn.Module, config: SharedWeightConfig) -> dict:
+    """``{layer series: [(module name, module, {param name: param})]}`` in index order, checked:
+    names exist, each module is in one series, members of a series are the same layer."""
+    modules = dict(model.named_modules())
+    out = {}
+    for layer, members in find_series(model, config.layers).items():
+        params = {m: layer_params(modules[m], m, config.params) for m in members}
+        check_series(layer, params)
+        out[layer] = [(m, modules[m], params[m]) for m in members]
+    return out
+
+
+def standin_like(p: torch.Tensor) -> nn.Parameter:
     """Same shape, dtype and device as ``p`` with one element of storage."""
     return nn.Parameter(torch.empty((), dtype=p.dtype, device=p.device).expand(p.shape), requires_grad=False)
 
@@ -191,21 +203,17 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     step = config.prefetch_step
     step_value = AUTO_STEP if step == "auto" else step
 
-    found = find_series(model, config.layers)
-    modules = dict(model.named_modules())
-    per_layer: dict = {}
-    for layer, members in found.items():
+    per_layer = series_members(model, config)
+    for layer, members in per_layer.items():
         if step != "auto" and step > len(members) - 1:
             raise ConfigError(
                 f"prefetch_step={step} is out of range for series {layer!r}, which has {len(members)} "
                 f"layer(s): use 0..{len(members) - 1}"
             )
-        per_layer[layer] = {m: _layer_params(modules[m], m, config.params) for m in members}
-        _check_series(layer, per_layer[layer])
 
     shared = []
     for layer, members in per_layer.items():
-        for index, (mname, params) in enumerate(members.items()):
+        for index, (mname, _, params) in enumerate(members):
             owner = index % world
             for pname, p in params.items():
                 shared.append(
@@ -215,18 +223,19 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
                         nbytes=p.numel() * p.element_size(),
                     )
                 )
-    plan = ShardPlan(gname, rank, world, step_value, {k: list(v) for k, v in found.items()}, shared)
+    plan = ShardPlan(gname, rank, world, step_value, {k: [m for m, _, _ in v] for k, v in per_layer.items()}, shared)
     comm.check_same_across_ranks(
         {k: v for k, v in plan.to_json().items() if k != "rank"}, pg, "sharding plan (model structure and config)"
     )
 
+    modules = dict(model.named_modules())
     for sp in shared:
         module = modules[sp.module]
         p = module._parameters[sp.param]
         if sp.owner == rank:
             p.requires_grad_(False)
         else:
-            module._parameters[sp.param] = _standin(p)  # drops this rank's reference to the real storage
+            module._parameters[sp.param] = standin_like(p)  # drops this rank's reference to the real storage
         del p
         parametrize.register_parametrization(
             module, sp.param, SharedWeight(sp.series, sp.index, sp.owner, gname, step_value), unsafe=True
@@ -253,5 +262,5 @@ def parameter_storage_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "SharedParam", "ShardPlan", "SharedWeight", "shard_model", "get_plan", "parameter_storage_bytes",
-    "find_series", "is_standin",
+    "find_series", "is_standin", "series_members", "layer_params", "check_series", "standin_like",
 ]
