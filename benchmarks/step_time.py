@@ -5,6 +5,7 @@ interleaved round by round (the machines are noisy; only ratios within one run a
 
 - ``replicated``          unsharded model, Inductor (the baseline, 1.00)
 - ``shared k=0/1/2/auto`` ``backend="ascend_compile"`` (Inductor lowering)
+- ``shared k=1 unpinned``  the same without the control_deps that pin the order (what pinning costs)
 - ``replicated eager``    unsharded model, eager (baseline of the eager rows)
 - ``eager hooks k=1``     the reference design: forward pre-hooks, async broadcasts 1 ahead
 - ``FSDP2 prefetch``      ``fully_shard`` on every series layer (+ the root, which FSDP2 needs),
@@ -72,6 +73,9 @@ def _rank(rank, world, regime, rounds, steps):
         with open(os.path.join(d, f"rank_{rank}", "schedule.json")) as f:
             table = json.load(f)
         explain[f"shared k={k}"] = {"prefetch_step": table["prefetch_step"], "explain": table.get("explain")}
+    m = build_stack(shape)
+    ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
+    configs["shared k=1 unpinned"] = torch.compile(m, backend="ascend_compile", options={"pin_order": False})
     configs["replicated eager"] = build_stack(shape)
     m = build_stack(shape)
     EagerHookSharing(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
