@@ -234,3 +234,26 @@ def test_load_time_sharding_never_materialises_non_owned_layers(monkeypatch):
 def test_load_time_sharding_of_a_quantized_layer():
     for r in run_ranks(_load_case, 2, True, True):
         assert r["plan"] and r["equal"]
+
+
+def test_vllm_plugins_selects_us_by_name(monkeypatch):
+    from vllm.plugins import DEFAULT_PLUGINS_GROUP, load_plugins_by_group
+
+    from ascend_compile.integrations.vllm import register
+
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    assert load_plugins_by_group(DEFAULT_PLUGINS_GROUP)["ascend_compile"] is register
+    monkeypatch.setenv("VLLM_PLUGINS", "ascend_compile")
+    assert list(load_plugins_by_group(DEFAULT_PLUGINS_GROUP)) == ["ascend_compile"]
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    assert "ascend_compile" not in load_plugins_by_group(DEFAULT_PLUGINS_GROUP)
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_vllm_resolves_our_backend_name_in_modes_1_and_2(mode):
+    from vllm.config import CompilationConfig, DeviceConfig, VllmConfig
+
+    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"),
+                     compilation_config=CompilationConfig(mode=mode, backend="ascend_compile"))
+    # vLLM hands this name to torch.compile, which finds it through our entry point
+    assert cfg.compilation_config.init_backend(cfg) == "ascend_compile"
