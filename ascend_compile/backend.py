@@ -14,10 +14,11 @@ from typing import Any, Optional
 
 from torch import fx
 
-from .config import CompileOptions
+from .config import CompileOptions, ConfigError
 from .debug.dump import GraphDumper
 from .lowering import get_lowering
 from .passes import CompilePlan, PassPipeline, collective_schedule, default_passes, rewrite_shared_weights, schedule_prefetch
+from .passes.graph import is_marker, marker_args
 from .passes.plan import marker_groups
 from .runtime import comm
 
@@ -31,12 +32,29 @@ def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePl
     if len(groups) > 1:
         raise ValueError(f"one compiled graph shares weights over several process groups {sorted(groups)}; use one group")
     (name,) = groups
-    pg = comm.group_from_name(name)
     step = options.prefetch_step
+    if isinstance(step, int):
+        check_step_in_range(gm.graph, step)
+    pg = comm.group_from_name(name)
     return CompilePlan(
         rank=comm.group_rank(pg), world_size=comm.group_size(pg), group_name=name,
         prefetch_step=None if step == "auto" else step, pin_order=options.pin_order,
     )
+
+
+def check_step_in_range(graph: fx.Graph, step: int) -> None:
+    """``options["prefetch_step"]`` must leave every series of the graph something to fetch ahead of."""
+    layers: dict = {}
+    for n in graph.nodes:
+        if is_marker(n):
+            a = marker_args(n)
+            layers.setdefault(a.series, set()).add(a.index)
+    for series, indices in sorted(layers.items()):
+        if step > len(indices) - 1:
+            raise ConfigError(
+                f"options['prefetch_step']={step} is out of range for series {series!r}, which has "
+                f"{len(indices)} layer(s) in this graph: use 0..{len(indices) - 1}, or 'auto'"
+            )
 
 
 def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOptions) -> tuple:

@@ -199,3 +199,13 @@ def test_cache_key_covers_rank_world_step_and_group():
     }
     assert len(uuids) == 5
     assert PassPipeline(plan(k=1), passes).uuid() == PassPipeline(plan(k=1), passes).uuid()
+
+
+def test_prefetch_step_option_out_of_range_names_the_series():
+    from ascend_compile.backend import make_plan
+    from ascend_compile.config import CompileOptions, ConfigError
+
+    gm = stack_graph(3, ("o_proj", "q_b_proj"), k=1)
+    with pytest.raises(ConfigError, match=r"options\['prefetch_step'\]=3 is out of range for series 'o_proj.weight', "
+                                          r"which has 3 layer\(s\) in this graph: use 0..2"):
+        make_plan(gm, CompileOptions(prefetch_step=3))
