@@ -24,15 +24,16 @@ def _define_air_ops() -> None:
     if _LIB is not None:
         return
     _LIB = torch.library.Library("air", "DEF")
-    _LIB.define("scope_enter(str[] keys, str[] values, bool need_excute=False) -> ()")
-    _LIB.define("scope_exit() -> ()")
-    _LIB.define("record() -> Tensor")
-    _LIB.define("wait(Tensor[] events) -> ()")
+    # the schemas of torchair's scope/_scope.py and ops/_record_wait.py
+    _LIB.define("scope_enter(str[] keys, str[] values, bool need_execute=False) -> ()")
+    _LIB.define("scope_exit(bool need_execute=False) -> ()")
+    _LIB.define("record(*, Device? device=None) -> Tensor")
+    _LIB.define("wait(Tensor[] x) -> ()")
     for name, fn in {
-        "scope_enter": lambda keys, values, need_excute=False: None,
-        "scope_exit": lambda: None,
-        "record": lambda: torch.empty(0),
-        "wait": lambda events: None,
+        "scope_enter": lambda keys, values, need_execute=False: None,
+        "scope_exit": lambda need_execute=False: None,
+        "record": lambda device=None: torch.empty(0),
+        "wait": lambda x: None,
     }.items():
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
     for name in ("scope_enter", "scope_exit", "wait"):
@@ -40,7 +41,7 @@ def _define_air_ops() -> None:
     torch.fx.node.has_side_effect(torch.ops.air.record.default)
 
     @torch.library.register_fake("air::record", lib=_LIB)
-    def _(*args):
+    def _(device=None):
         return torch.empty(0)
 
 

@@ -56,7 +56,8 @@ class _Cfg:
         from types import SimpleNamespace
 
         self.additional_config = additional
-        self.compilation_config = SimpleNamespace(mode=mode, backend=backend, debug_dump_path=None)
+        self.compilation_config = SimpleNamespace(mode=mode, backend=backend, debug_dump_path=None,
+                                                  cudagraph_mode=None)
 
 
 def test_config_errors_name_the_key_and_the_fix():
@@ -76,6 +77,65 @@ def test_config_errors_name_the_key_and_the_fix():
     integ.check_config(_Cfg(sw, mode=2))
     integ.check_config(_Cfg(sw, mode=1))
     integ.check_config(_Cfg({}, mode=3))  # nothing shared: nothing to refuse
+
+
+class _NPULikePlatform:
+    """What vLLM-Ascend's NPUPlatform does with the compile mode (vllm_ascend/platform.py,
+    ``_update_compilation_modes``): modes other than NONE and VLLM_COMPILE become NONE."""
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config):
+        from vllm.config import CompilationMode, CUDAGraphMode
+
+        cc = vllm_config.compilation_config
+        if cc.mode not in (CompilationMode.NONE, CompilationMode.VLLM_COMPILE):
+            cc.mode = CompilationMode.NONE
+        cc.cudagraph_mode = CUDAGraphMode.FULL_DECODE_ONLY
+
+
+def test_whole_graph_mode_survives_a_platform_that_drops_it(monkeypatch):
+    from vllm.config import CUDAGraphMode
+
+    from ascend_compile.integrations import vllm as integ
+
+    platform = type("NPULike", (_NPULikePlatform,), {})
+    integ.keep_whole_graph_mode(platform)
+    integ.keep_whole_graph_mode(platform)  # twice is harmless
+    sw = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}
+    for mode in (1, 2):
+        cfg = _Cfg(sw, mode=mode)
+        platform.check_and_update_config(cfg)
+        assert (cfg.compilation_config.mode, cfg.compilation_config.backend) == (mode, "ascend_compile")
+        assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.NONE  # capture belongs to the lowering
+    for cfg in (_Cfg({}, mode=2), _Cfg(sw, mode=2, backend="inductor")):  # not ours to keep
+        platform.check_and_update_config(cfg)
+        assert cfg.compilation_config.mode == 0
+        assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_DECODE_ONLY
+    cfg = _Cfg(sw, mode=3)
+    platform.check_and_update_config(cfg)
+    assert cfg.compilation_config.mode == 3
+
+
+def test_vllm_config_keeps_mode_2_through_the_platform_hook(monkeypatch):
+    """Through vLLM's own VllmConfig.__post_init__, with a platform that drops mode 2."""
+    from vllm.config import CompilationConfig, DeviceConfig, VllmConfig
+    from vllm.platforms import current_platform
+
+    from ascend_compile.integrations import vllm as integ
+
+    monkeypatch.setattr(type(current_platform), "check_and_update_config",
+                        classmethod(_NPULikePlatform.check_and_update_config.__func__))
+    extra = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}
+
+    def config(additional):
+        return VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config=additional,
+                          compilation_config=CompilationConfig(mode=2, backend="ascend_compile"))
+
+    assert int(config(extra).compilation_config.mode) == 0  # what vLLM-Ascend does without us
+    integ.register()
+    cc = config(extra).compilation_config
+    assert (int(cc.mode), cc.backend) == (2, "ascend_compile")
+    assert int(config({}).compilation_config.mode) == 0  # nothing shared: the platform decides
 
 
 def test_plugin_is_an_entry_point_and_wraps_the_loader(monkeypatch):

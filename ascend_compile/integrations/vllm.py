@@ -50,6 +50,7 @@ KEYS = ("shared_weight", "compile", "group")
 GROUPS = ("world", "tp", "dp")
 BACKEND_NAMES = ("ascend_compile", "ascend_compile.backend.ascend_compile_backend")
 _LOADER_PATCHED = "_ascend_compile_wrapped"
+_PLATFORM_PATCHED = "_ascend_compile_keeps_mode"
 
 
 def settings(vllm_config) -> dict:
@@ -214,10 +215,56 @@ def prepare(vllm_config) -> None:
                  "group and cannot be serialised)")
 
 
+def _wants_whole_graph(vllm_config) -> Optional[tuple]:
+    """``(mode, backend)`` when the config shares weights and hands the whole graph to us."""
+    cc = getattr(vllm_config, "compilation_config", None)
+    if cc is None or shared_weight_config(vllm_config) is None:
+        return None
+    mode = int(cc.mode) if cc.mode is not None else 0
+    return (cc.mode, cc.backend) if mode in (1, 2) and cc.backend in BACKEND_NAMES else None
+
+
+def keep_whole_graph_mode(platform_cls) -> None:
+    """Let ``{"mode": 1 or 2, "backend": "ascend_compile"}`` survive the platform's config check.
+
+    vLLM-Ascend's ``NPUPlatform.check_and_update_config`` turns modes 1 and 2 into NONE ("NPU
+    does not support compilation mode"): vLLM's stock path would run Inductor, which cannot
+    target the NPU. Our backend lowers to torchair itself, so when shared weights are configured
+    the user's mode and backend are put back after the platform's check, and the model runner's
+    own graph capture (``cudagraph_mode``) is switched off: capture belongs to the lowering
+    (``options["torchair"]["mode"] = "reduce-overhead"``). Other configs are left exactly as the
+    platform made them. Safe to call more than once.
+    """
+    original = platform_cls.check_and_update_config  # a bound classmethod
+    if getattr(original, _PLATFORM_PATCHED, False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        wanted = _wants_whole_graph(vllm_config)
+        func = getattr(original, "__func__", None)
+        func(cls, vllm_config) if func is not None else original(vllm_config)
+        cc = vllm_config.compilation_config
+        if wanted is None or (cc.mode, cc.backend) == wanted:
+            return
+        from vllm.config import CUDAGraphMode
+
+        log.warning("ascend_compile: %s changed compilation mode %s (backend %r) to %s (backend %r); keeping mode "
+                    "%s with backend %r for shared weights, cudagraph_mode NONE", cls.__name__, int(wanted[0]),
+                    wanted[1], cc.mode, cc.backend, int(wanted[0]), wanted[1])
+        cc.mode, cc.backend = wanted
+        cc.cudagraph_mode = CUDAGraphMode.NONE
+
+    setattr(check_and_update_config, _PLATFORM_PATCHED, True)
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point. Safe to call more than once; changes nothing
     for a model whose config does not ask for shared weights."""
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.platforms import current_platform
+
+    keep_whole_graph_mode(type(current_platform))
 
     original = BaseModelLoader.load_model
     if getattr(original, _LOADER_PATCHED, False):
