@@ -24,7 +24,8 @@ backend named in ``compilation_config["backend"]``: use ``"ascend_compile"``. Mo
 (VLLM_COMPILE) compiles pieces split at attention with vLLM's own backend and never calls
 ours: the shared weights stay correct (each marker broadcasts synchronously inside the
 piece) but nothing is prefetched; ``check_config`` refuses that combination so nobody gets
-the slow path by accident. ``VLLM_USE_AOT_COMPILE``: our compiled graphs hold a process
+the slow path by accident. Platforms that turn modes 1/2 into NONE (vLLM-Ascend's ``NPUPlatform``) get the user's mode
+back when shared weights are configured (``keep_whole_graph_mode``). ``VLLM_USE_AOT_COMPILE``: our compiled graphs hold a process
 group and a first-call cross-rank check and cannot be serialised, so when shared weights are
 configured the loader sets ``VLLM_USE_AOT_COMPILE=0`` unless the user set it (with 1, torch
 fails when it tries to serialise the compiled graph).
