@@ -317,3 +317,78 @@ def test_vllm_resolves_our_backend_name_in_modes_1_and_2(mode):
                      compilation_config=CompilationConfig(mode=mode, backend="ascend_compile"))
     # vLLM hands this name to torch.compile, which finds it through our entry point
     assert cfg.compilation_config.init_backend(cfg) == "ascend_compile"
+
+
+def _deepseek_case(rank, world, root, path, lowering):
+    """vLLM's DeepseekV2ForCausalLM, loaded by vLLM from a safetensors checkpoint, our plugin
+    found through its entry point, compiled by vLLM itself (mode 2) with our backend."""
+    import glob
+    import json
+    import os
+
+    import vllm_deepseek as ds
+    from vllm.plugins import load_general_plugins
+
+    ds.init_parallel(rank, world, ds.vllm_config(path))
+    load_general_plugins()  # what every vLLM worker does first
+    dump = os.path.join(root, f"dump_{lowering}")
+    shared = {"ascend_compile": {"shared_weight": {"layers": ["o_proj", "q_b_proj"], "prefetch_step": 1},
+                                 "compile": {"lowering": lowering, "dump_dir": dump}}}
+    x = ds.input_ids()
+    torch._dynamo.reset()
+    ref = ds.Prefill(ds.vllm_config(path))(x)
+    ref_compiled = ds.Prefill(ds.vllm_config(path, mode=2, backend="inductor"))(x) if lowering == "inductor" else ref
+
+    eager = ds.Prefill(ds.vllm_config(path, shared))
+    plan = ac.get_plan(eager.model)
+    kinds = {type(m).__name__.replace("Parametrized", "") for n, m in eager.model.named_modules()
+             if n.endswith(("o_proj", "q_b_proj"))}
+    out_eager = eager(x)
+    del eager
+    torch._dynamo.reset()
+    compiled = ds.Prefill(ds.vllm_config(path, shared, mode=2, backend="ascend_compile"))
+    out = [compiled(x) for _ in range(2)]
+    dummy = {}
+    if lowering == "aot_eager":  # load_format="dummy" writes parameters without a weight loader
+        torch._dynamo.reset()
+        dummy_ref = ds.Prefill(ds.vllm_config(path, load_format="dummy"))(x)
+        dummy_shared = ds.Prefill(ds.vllm_config(path, shared, load_format="dummy"))
+        dummy = {"plan": ac.get_plan(dummy_shared.model) is not None, "equal": torch.equal(dummy_shared(x), dummy_ref)}
+    (schedule,) = glob.glob(os.path.join(dump, f"rank_{rank}", "graph_*", "schedule.json"))
+    with open(schedule) as f:
+        table = json.load(f)
+    return {
+        "model": type(compiled.model).__name__, "kinds": sorted(kinds),
+        "series": sorted(plan.layer_series.items()), "saved": plan.saved_bytes(), "total": plan.series_bytes(),
+        "eager": torch.equal(out_eager, ref), "finite": bool(torch.isfinite(ref).all()),
+        "bitwise": all(torch.equal(o, ref_compiled) for o in out),
+        "diff": max(float((o - ref_compiled).abs().max()) for o in out),
+        "collectives": [(c["series"], c["index"], c["owner"]) for c in table["collectives"]],
+        "aot": os.environ.get("VLLM_USE_AOT_COMPILE"), "dummy": dummy,
+    }
+
+
+@pytest.mark.parametrize("lowering", ["aot_eager", "inductor"])
+def test_real_deepseek_v2_model_class(lowering, tmp_path, monkeypatch):
+    import vllm_deepseek as ds
+    from ranks import run_fresh
+
+    path = ds.write_checkpoint(str(tmp_path / "checkpoint"))  # here: no process group to confuse transformers
+    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")  # vLLM's CPU platform (see tests/vllm_deepseek.py)
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
+    results = run_fresh(_deepseek_case, 2, str(tmp_path), path, lowering, timeout=900)
+    for rank, r in enumerate(results):
+        assert r["model"] == "DeepseekV2ForCausalLM"
+        assert r["kinds"] == ["ColumnParallelLinear", "RowParallelLinear"]
+        assert r["series"] == [(s, [f"model.layers.{i}.self_attn.{s}" for i in range(4)]) for s in ("o_proj", "q_b_proj")]
+        assert r["saved"] == r["total"] // 2  # 4 layers each: 2 owned per rank
+        assert r["finite"] and r["eager"], "sharded vLLM model differs from the unsharded one eagerly"
+        assert r["diff"] <= 1e-5, r["diff"]
+        if lowering == "aot_eager":
+            assert r["bitwise"]
+        # vLLM compiled the model with our backend: one broadcast per series layer, owner i % 2
+        assert sorted(r["collectives"]) == sorted((f"{s}.weight", i, i % 2) for s in ("o_proj", "q_b_proj")
+                                                  for i in range(4))
+        assert r["aot"] == "0"  # the plugin switched vLLM's AOT compile off
+        if lowering == "aot_eager":
+            assert r["dummy"] == {"plan": True, "equal": True}

@@ -126,7 +126,8 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
     """Before loading: this rank will not load or process the layers it does not own.
 
     Their parameters become stand-ins (one element of storage) whose ``weight_loader`` drops
-    what the checkpoint gives, and their quant method skips ``process_weights_after_loading``.
+    what the checkpoint gives, and their quant method runs ``process_weights_after_loading`` on
+    meta tensors (``_process_without_values``).
     Returns ``[(module, original quant method)]`` for ``finish_non_owned``.
     """
     import copy
@@ -147,13 +148,38 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
                     p.weight_loader = _drop_weight
                 except AttributeError:  # vLLM parameters keep it behind a read-only property
                     p._weight_loader = _drop_weight
+                # load_format="dummy" writes parameters directly, without a weight loader: with
+                # this it fills the one element of the stand-in (random values cannot be
+                # written into an expanded tensor)
+                p.dummy_weight_value = 0.0
             qm = getattr(module, "quant_method", None)
             if qm is not None:
                 skip = copy.copy(qm)
-                skip.process_weights_after_loading = lambda layer: None
+                skip.process_weights_after_loading = functools.partial(_process_without_values, qm, name, list(params))
                 module.quant_method = skip
             skipped.append((name, module, qm))
     return skipped
+
+
+def _process_without_values(quant_method, name: str, shared: list, layer) -> None:
+    """``process_weights_after_loading`` of a layer this rank does not own, on meta tensors.
+
+    The processing also sets what is not a parameter (on vLLM's CPU platform, the GEMM the
+    layer calls: ``layer.cpu_linear``; with meta weights it picks the plain
+    ``F.linear(x, weight)``, vLLM's choice for layers without values), and that must exist on
+    every rank. On meta tensors it writes and allocates nothing. Processing that cannot run
+    without values is skipped: the stand-ins take the owner's processed shapes afterwards.
+    """
+    for pname in shared:
+        p = layer._parameters[pname]
+        meta = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+        meta.__dict__.update(p.__dict__)  # vLLM's weight attributes (output_dim, weight_loader, ...)
+        layer._parameters[pname] = meta
+    try:
+        quant_method.process_weights_after_loading(layer)
+    except Exception as e:  # noqa: BLE001 - any failure means "needs values"; the owner's shapes decide
+        log.debug("ascend_compile: %s: process_weights_after_loading needs values (%s: %s); skipped on this "
+                  "rank, which does not own the layer", name, type(e).__name__, e)
 
 
 def _drop_weight(param, loaded_weight, *args, **kwargs) -> None:
@@ -165,6 +191,7 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
     import torch.distributed as dist
 
     from ..runtime import comm
+    from ..runtime.comm import ShardingError
     from ..runtime.sharding import find_series, standin_like
 
     pg = comm.resolve_group(cfg.group)
@@ -180,6 +207,15 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
     gathered: list = [None] * comm.group_size(pg)
     dist.all_gather_object(gathered, mine, group=pg)
     processed = {k: v for g in gathered for k, v in g.items()}
+    for name, meta in sorted(processed.items()):
+        emptied = [p for p, (shape, _) in meta.items() if 0 in shape]
+        if emptied:  # the same on every rank: every rank raises, none hangs
+            raise ShardingError(
+                f"{name}: process_weights_after_loading left {emptied} with no elements: the platform moved "
+                "the weight into a kernel handle (e.g. vLLM CPU's oneDNN / SGL packed GEMM), so the layer's "
+                "forward no longer reads the parameter and it cannot be shared. Leave this series out, or "
+                "use a platform whose linear layers read their weights."
+            )
     for name, module, qm in skipped:
         if qm is not None:
             module.quant_method = qm
