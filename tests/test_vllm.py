@@ -185,6 +185,34 @@ def test_quantized_layer_shares_every_parameter_as_processed():
         assert r["params"] == [("weight", "int8", (64, 64)), ("weight_scale", "float32", (64,))]
 
 
+def _packed_case(rank, world):
+    import vllm_model
+
+    from ascend_compile.integrations import vllm as integ
+
+    cfg, ctx = vllm_model.setup_vllm(rank, world)
+    try:
+        model = vllm_model.QuantStack(3, vllm_model.packing_config())
+        shared = ac.SharedWeightConfig(layers=["o_proj"])
+        skipped = integ.skip_non_owned(model, shared)
+        for m in model.modules():  # what vLLM's loader does after reading the checkpoint
+            if getattr(m, "quant_method", None) is not None:
+                m.quant_method.process_weights_after_loading(m)
+        try:
+            integ.finish_non_owned(model, shared, skipped)
+        except ac.ShardingError as e:
+            return str(e)
+        return "no error"
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def test_a_weight_packed_into_a_kernel_handle_is_refused_on_every_rank():
+    for msg in run_ranks(_packed_case, 2):
+        assert msg.startswith("layers.0.o_proj: process_weights_after_loading left ['weight'] with no elements")
+        assert "cannot be shared. Leave this series out" in msg
+
+
 def _status(field):
     with open("/proc/self/status") as f:
         for line in f:

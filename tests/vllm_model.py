@@ -98,34 +98,14 @@ def inputs(tokens: int = 8):
     return torch.arange(tokens), torch.randn(tokens, HIDDEN, generator=g)
 
 
-def int8_config():
-    """A minimal weight-only int8 ``QuantizationConfig``: weight (int8) + per-channel scale (fp32).
-
-    ``process_weights_after_loading`` changes the layout (the weight is stored transposed for
-    the kernel), as real quantization methods do, so sharding must see the processed params.
-    """
-    from torch.nn import Parameter
-    from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase
+def _quant_config(method):
+    """A ``QuantizationConfig`` whose linear layers use ``method`` (a LinearMethodBase instance)."""
+    from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-    class Int8WeightOnly(LinearMethodBase):
-        def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
-                           output_size, params_dtype, **extra):
-            out = sum(output_partition_sizes)
-            layer.register_parameter("weight", Parameter(
-                torch.randint(-127, 127, (out, input_size_per_partition), dtype=torch.int8), requires_grad=False))
-            layer.register_parameter("weight_scale", Parameter(torch.rand(out) / 64 + 1e-3, requires_grad=False))
-
-        def process_weights_after_loading(self, layer):
-            layer.weight = Parameter(layer.weight.data.t().contiguous(), requires_grad=False)  # [in, out]
-
-        def apply(self, layer, x, bias=None):
-            out = torch.mm(x, layer.weight.float()) * layer.weight_scale
-            return out if bias is None else out + bias
-
-    class Int8Config(QuantizationConfig):
+    class Config(QuantizationConfig):
         def get_name(self):
-            return "test_int8"
+            return f"test_{type(method).__name__}"
 
         def get_supported_act_dtypes(self):
             return [torch.float32]
@@ -143,19 +123,64 @@ def int8_config():
             return cls()
 
         def get_quant_method(self, layer, prefix):
-            return Int8WeightOnly() if isinstance(layer, LinearBase) else None
+            return method if isinstance(layer, LinearBase) else None
 
-    return Int8Config()
+    return Config()
+
+
+def int8_config():
+    """A minimal weight-only int8 ``QuantizationConfig``: weight (int8) + per-channel scale (fp32).
+
+    ``process_weights_after_loading`` changes the layout (the weight is stored transposed for
+    the kernel), as real quantization methods do, so sharding must see the processed params.
+    """
+    from torch.nn import Parameter
+    from vllm.model_executor.layers.linear import LinearMethodBase
+
+    class Int8WeightOnly(LinearMethodBase):
+        def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                           output_size, params_dtype, **extra):
+            out = sum(output_partition_sizes)
+            layer.register_parameter("weight", Parameter(
+                torch.randint(-127, 127, (out, input_size_per_partition), dtype=torch.int8), requires_grad=False))
+            layer.register_parameter("weight_scale", Parameter(torch.rand(out) / 64 + 1e-3, requires_grad=False))
+
+        def process_weights_after_loading(self, layer):
+            layer.weight = Parameter(layer.weight.data.t().contiguous(), requires_grad=False)  # [in, out]
+
+        def apply(self, layer, x, bias=None):
+            out = torch.mm(x, layer.weight.float()) * layer.weight_scale
+            return out if bias is None else out + bias
+
+    return _quant_config(Int8WeightOnly())
+
+
+def packing_config():
+    """Processing that moves the weight into a kernel handle and leaves an empty parameter, as
+    vLLM's CPU oneDNN / SGL GEMM dispatch does (``dispatch_cpu_unquantized_gemm(remove_weight=True)``)."""
+    from torch.nn import Parameter
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    class Packing(UnquantizedLinearMethod):
+        def process_weights_after_loading(self, layer):
+            packed = layer.weight.data.clone()
+            layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, packed, bias)
+            layer.weight = Parameter(torch.empty(0), requires_grad=False)
+
+        def apply(self, layer, x, bias=None):
+            return layer.cpu_linear(x, layer.weight, bias)
+
+    return _quant_config(Packing())
 
 
 class QuantStack(nn.Module):
     """``o_proj`` quantized (weight + scale) in every layer."""
 
-    def __init__(self, layers: int = 3):
+    def __init__(self, layers: int = 3, quant_config=None):
         super().__init__()
         from vllm.model_executor.layers.linear import RowParallelLinear
 
-        q = int8_config()
+        q = quant_config or int8_config()
         self.layers = nn.ModuleList(
             nn.ModuleDict({"o_proj": RowParallelLinear(HIDDEN, HIDDEN, bias=False, quant_config=q, prefix=f"layers.{i}.o_proj")})
             for i in range(layers)
