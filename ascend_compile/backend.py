@@ -133,7 +133,10 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     plan = dataclasses.replace(plan, pin_order=opts.pin_order and lowering.PINS_ORDER,
                                inplace=lowering.INPLACE_BROADCAST)
     plan, explanation = resolve_auto_step(gm, plan, opts)
-    dumper = GraphDumper(opts.dump_dir, plan.rank)
+    # Directories by global rank: with several sharing groups (one per data-parallel replica,
+    # say) group ranks repeat across processes and would overwrite each other's dumps.
+    global_rank = comm.global_rank()
+    dumper = GraphDumper(opts.dump_dir, global_rank)
     planned = planned_schedule(gm, plan)
     pipeline = PassPipeline(plan, default_passes(plan.pin_order, getattr(lowering, "STREAMS", False)),
                             observer=dumper.graph)
@@ -143,6 +146,7 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     table = schedule_table(plan, pipeline.final_schedule or planned)
     if explanation:
         table["explain"] = explanation
+    table["global_rank"] = global_rank
     table["pass_seconds"] = dict(pipeline.seconds)
     dumper.schedule(table)
     if not opts.check_ranks:

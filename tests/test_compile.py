@@ -147,3 +147,32 @@ def test_ranks_with_different_schedules_raise_instead_of_hanging():
         assert "ranks disagree on the collective schedule of compiled graph" in msg
         assert "rank 0 and rank(s) [1] differ" in msg
         assert "step=1" in msg and "step=2" in msg
+
+
+def _subgroup_case(rank, world, dump):
+    import torch.distributed as dist
+
+    torch._dynamo.reset()
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # two replicas, each sharing over 2 ranks
+    mine = groups[rank // 2]
+    shape = StackShape(layers=5)
+    x = make_input(shape)
+    ref = build_stack(shape)(x)
+    model = build_stack(shape)
+    plan = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1, group=mine))
+    out = torch.compile(model, backend="ascend_compile", fullgraph=True,
+                        options={"lowering": "aot_eager", "dump_dir": dump})(x)
+    with open(os.path.join(dump, f"rank_{rank}", "schedule.json")) as f:
+        table = json.load(f)
+    return {"equal": torch.equal(out, ref), "plan": (plan.rank, plan.world_size), "table": table}
+
+
+def test_sharing_over_a_subgroup_with_dumps_per_process(tmp_path):
+    results = run_ranks(_subgroup_case, 4, str(tmp_path))
+    for rank, r in enumerate(results):
+        assert r["equal"], f"rank {rank}"
+        assert r["plan"] == (rank % 2, 2)  # owner i % K is a rank of the sharing group
+        t = r["table"]
+        assert (t["rank"], t["global_rank"], t["world_size"]) == (rank % 2, rank, 2)
+        assert {c["owner"] for c in t["collectives"]} == {0, 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_0", "rank_1", "rank_2", "rank_3"]

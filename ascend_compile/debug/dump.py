@@ -5,6 +5,9 @@ Layout under ``dump_dir``::
     rank_<r>/graph_<id>/NN_<pass>.before.py, NN_<pass>.after.py, schedule.json, timeline.svg
     rank_<r>/schedule.json, rank_<r>/timeline.svg   (the latest graph with shared weights)
 
+``<r>`` is the global rank (unique per process); ``schedule.json`` also gives the rank in
+the sharing group (``"rank"``).
+
 Everything is also emitted as torch structured-trace artifacts (``TORCH_TRACE``), so
 ``tlparse`` shows it next to the compiler's own output.
 """

@@ -59,6 +59,10 @@ def group_name(pg: dist.ProcessGroup) -> str:
     return pg.group_name
 
 
+def global_rank() -> int:
+    return dist.get_rank()
+
+
 def group_rank(pg: dist.ProcessGroup) -> int:
     return dist.get_rank(pg)
 
