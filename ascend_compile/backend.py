@@ -30,7 +30,10 @@ def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePl
     if not groups:
         return None
     if len(groups) > 1:
-        raise ValueError(f"one compiled graph shares weights over several process groups {sorted(groups)}; use one group")
+        raise ConfigError(
+            f"one compiled graph shares weights over several process groups {sorted(groups)}; "
+            "share every series over one group (SharedWeightConfig(group=...) once for all layers)"
+        )
     (name,) = groups
     step = options.prefetch_step
     if isinstance(step, int):

@@ -359,9 +359,9 @@ def _deepseek_case(rank, world, root, path, lowering):
 
     ds.init_parallel(rank, world, ds.vllm_config(path))
     load_general_plugins()  # what every vLLM worker does first
-    dump = os.path.join(root, f"dump_{lowering}")
+    dump = os.path.join(root, f"dump_{lowering}")  # vLLM's debug_dump_path: our dumps go below it
     shared = {"ascend_compile": {"shared_weight": {"layers": ["o_proj", "q_b_proj"], "prefetch_step": 1},
-                                 "compile": {"lowering": lowering, "dump_dir": dump}}}
+                                 "compile": {"lowering": lowering}}}
     x = ds.input_ids()
     torch._dynamo.reset()
     ref = ds.Prefill(ds.vllm_config(path))(x)
@@ -374,7 +374,7 @@ def _deepseek_case(rank, world, root, path, lowering):
     out_eager = eager(x)
     del eager
     torch._dynamo.reset()
-    compiled = ds.Prefill(ds.vllm_config(path, shared, mode=2, backend="ascend_compile"))
+    compiled = ds.Prefill(ds.vllm_config(path, shared, mode=2, backend="ascend_compile", debug_dump_path=dump))
     out = [compiled(x) for _ in range(2)]
     dummy = {}
     if lowering == "aot_eager":  # load_format="dummy" writes parameters without a weight loader
@@ -382,7 +382,7 @@ def _deepseek_case(rank, world, root, path, lowering):
         dummy_ref = ds.Prefill(ds.vllm_config(path, load_format="dummy"))(x)
         dummy_shared = ds.Prefill(ds.vllm_config(path, shared, load_format="dummy"))
         dummy = {"plan": ac.get_plan(dummy_shared.model) is not None, "equal": torch.equal(dummy_shared(x), dummy_ref)}
-    (schedule,) = glob.glob(os.path.join(dump, f"rank_{rank}", "graph_*", "schedule.json"))
+    (schedule,) = glob.glob(os.path.join(dump, "ascend_compile", f"rank_{rank}", "graph_*", "schedule.json"))
     with open(schedule) as f:
         table = json.load(f)
     return {

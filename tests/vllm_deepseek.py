@@ -47,7 +47,8 @@ def write_checkpoint(path: str, seed: int = 0) -> str:
     return path
 
 
-def vllm_config(path: str, additional=None, mode: int = 0, backend: str = "", load_format: str = "safetensors"):
+def vllm_config(path: str, additional=None, mode: int = 0, backend: str = "", load_format: str = "safetensors",
+                debug_dump_path=None):
     from vllm.config import CacheConfig, CompilationConfig, DeviceConfig, LoadConfig, ModelConfig, VllmConfig
 
     return VllmConfig(
@@ -55,7 +56,8 @@ def vllm_config(path: str, additional=None, mode: int = 0, backend: str = "", lo
         device_config=DeviceConfig(device="cpu"),
         load_config=LoadConfig(load_format=load_format),
         cache_config=CacheConfig(block_size=16),
-        compilation_config=CompilationConfig(mode=mode, backend=backend, custom_ops=["none"]),
+        compilation_config=CompilationConfig(mode=mode, backend=backend, custom_ops=["none"],
+                                             debug_dump_path=debug_dump_path),
         additional_config=additional or {},
     )
 
