@@ -12,20 +12,22 @@ Turn it on from vLLM's own configuration::
 ``register()`` (run by vLLM in every process that loads plugins; ``VLLM_PLUGINS`` filters it
 like any plugin, by the name ``ascend_compile``) wraps the model loader. Between building the
 model and reading the checkpoint, the layers this rank does not own become stand-ins whose
-weight loader drops the checkpoint tensor and whose ``process_weights_after_loading`` is
-skipped, so a non-owner never materialises, loads or processes them. Owners load and process
-as usual (quantized layers and layout changes keep working); afterwards the owners'
-processed parameter shapes and dtypes are exchanged, the non-owners' stand-ins take them, and
-the model is sharded: what is shared is what the kernels read. The backend reads the compile options and vLLM's ``debug_dump_path`` from
-the current vLLM config.
+weight loader drops the checkpoint tensor and whose ``process_weights_after_loading`` runs
+on meta tensors, so a non-owner never materialises, loads or processes their values, yet
+has whatever else processing sets (the kernel a layer calls). Owners load and process as
+usual (quantized layers and layout changes keep working); afterwards the owners' processed
+parameter shapes and dtypes are exchanged, the non-owners' stand-ins take them, and the
+model is sharded: what is shared is what the kernels read. The backend reads the compile
+options and vLLM's ``debug_dump_path`` from the current vLLM config.
 
 Modes: 1 (STOCK_TORCH_COMPILE) and 2 (DYNAMO_TRACE_ONCE) hand the whole model graph to the
 backend named in ``compilation_config["backend"]``: use ``"ascend_compile"``. Mode 3
 (VLLM_COMPILE) compiles pieces split at attention with vLLM's own backend and never calls
 ours: the shared weights stay correct (each marker broadcasts synchronously inside the
 piece) but nothing is prefetched; ``check_config`` refuses that combination so nobody gets
-the slow path by accident. Platforms that turn modes 1/2 into NONE (vLLM-Ascend's ``NPUPlatform``) get the user's mode
-back when shared weights are configured (``keep_whole_graph_mode``). ``VLLM_USE_AOT_COMPILE``: our compiled graphs hold a process
+the slow path by accident. Platforms that turn modes 1/2 into NONE (vLLM-Ascend's
+``NPUPlatform``) get the user's mode back when shared weights are configured
+(``keep_whole_graph_mode``). ``VLLM_USE_AOT_COMPILE``: our compiled graphs hold a process
 group and a first-call cross-rank check and cannot be serialised, so when shared weights are
 configured the loader sets ``VLLM_USE_AOT_COMPILE=0`` unless the user set it (with 1, torch
 fails when it tries to serialise the compiled graph).
@@ -123,7 +125,7 @@ def compile_options() -> Optional[dict]:
 
 
 def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
-    """Before loading: this rank will not load or process the layers it does not own.
+    """Before loading: this rank will not load or process the values of the layers it does not own.
 
     Their parameters become stand-ins (one element of storage) whose ``weight_loader`` drops
     what the checkpoint gives, and their quant method runs ``process_weights_after_loading`` on
@@ -154,9 +156,9 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
                 p.dummy_weight_value = 0.0
             qm = getattr(module, "quant_method", None)
             if qm is not None:
-                skip = copy.copy(qm)
-                skip.process_weights_after_loading = functools.partial(_process_without_values, qm, name, list(params))
-                module.quant_method = skip
+                on_meta = copy.copy(qm)
+                on_meta.process_weights_after_loading = functools.partial(_process_without_values, qm, name, list(params))
+                module.quant_method = on_meta
             skipped.append((name, module, qm))
     return skipped
 
