@@ -176,3 +176,19 @@ def test_sharing_over_a_subgroup_with_dumps_per_process(tmp_path):
         assert (t["rank"], t["global_rank"], t["world_size"]) == (rank % 2, rank, 2)
         assert {c["owner"] for c in t["collectives"]} == {0, 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_0", "rank_1", "rank_2", "rank_3"]
+
+
+def _inference_mode_case(rank, world):
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    with torch.inference_mode():  # how serving engines (vLLM) run the model
+        model = build_stack(shape)
+        ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
+        fn = torch.compile(model, backend="ascend_compile", dynamic=True, options={"lowering": "aot_eager"})
+        reference = build_stack(shape)
+        return [torch.equal(fn(make_input(shape, tokens)), reference(make_input(shape, tokens))) for tokens in (3, 5, 9)]
+
+
+def test_inference_mode_and_dynamic_token_counts():
+    for equal in run_ranks(_inference_mode_case, 2):
+        assert equal == [True, True, True]
