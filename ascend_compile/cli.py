@@ -13,7 +13,7 @@ def _demo(ns) -> int:
     from . import demo
 
     args = demo.DemoArgs(
-        ranks=ns.ranks, layers=ns.layers, series=tuple(ns.series), prefetch_step=ns.prefetch_step,
+        ranks=ns.ranks, layers=ns.layers, hidden=ns.hidden, series=tuple(ns.series), prefetch_step=ns.prefetch_step,
         lowering=ns.lowering, dtype=ns.dtype, tokens=ns.tokens, dump_dir=ns.dump_dir or "",
     )
     text, ok = demo.report(*demo.run(args))
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="shard + compile a DeepSeek-shaped stack on CPU ranks and check it")
     d.add_argument("--ranks", type=int, default=2)
     d.add_argument("--layers", type=int, default=8)
+    d.add_argument("--hidden", type=int, default=512, help="model width (DeepSeek proportions; multiple of 8)")
     d.add_argument("--series", nargs="+", default=["o_proj", "q_b_proj"])
     d.add_argument("--prefetch-step", type=int, default=1)
     d.add_argument("--lowering", choices=[x for x in LOWERINGS if x != "torchair"], default="inductor")

@@ -20,6 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 class DemoArgs:
     ranks: int = 2
     layers: int = 8
+    hidden: int = 512
     series: tuple = ("o_proj", "q_b_proj")
     prefetch_step: int = 1
     lowering: str = "inductor"
@@ -35,7 +36,7 @@ def _rank_main(rank: int, world_size: int, args: DemoArgs) -> dict:
     from ascend_compile.models import StackShape, build_stack, make_input
 
     dtype = getattr(torch, args.dtype)
-    shape = StackShape(layers=args.layers)
+    shape = StackShape.scaled(args.layers, args.hidden)
     x = make_input(shape, args.tokens, dtype=dtype)
     reference = build_stack(shape, dtype=dtype)
     with torch.no_grad():
@@ -89,7 +90,7 @@ def report(args: DemoArgs, results: list) -> tuple:
     mib = 1 / 2**20
     ok = True
     lines = [
-        f"ascend_compile demo: {args.layers}-layer DeepSeek-shaped stack, series {list(args.series)}, "
+        f"ascend_compile demo: {args.layers}-layer DeepSeek-shaped stack (hidden {args.hidden}), series {list(args.series)}, "
         f"{args.ranks} ranks (gloo, CPU), lowering={args.lowering}, prefetch_step={args.prefetch_step}, {args.dtype}",
         "",
         f"{'rank':>4}  {'params before':>14}  {'params after':>13}  {'saved':>10}  {'of series':>9}  "

@@ -26,6 +26,12 @@ class StackShape:
     intermediate: int = 128
     bias: bool = False
 
+    @classmethod
+    def scaled(cls, layers: int, hidden: int) -> "StackShape":
+        """DeepSeek's proportions at width ``hidden``: q_lora = hidden/2, 8 heads of hidden/4."""
+        return cls(layers=layers, hidden=hidden, q_lora_rank=hidden // 2, heads=8, head_dim=hidden // 4,
+                   kv_lora_rank=hidden // 4, intermediate=2 * hidden)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):

@@ -44,9 +44,7 @@ SERIES = ["o_proj", "q_b_proj"]
 def _shape(r):
     from ascend_compile.models import StackShape
 
-    h = r["hidden"]
-    return StackShape(layers=r["layers"], hidden=h, q_lora_rank=h // 2, heads=8, head_dim=h // 4,
-                      kv_lora_rank=h // 4, intermediate=2 * h)
+    return StackShape.scaled(r["layers"], r["hidden"])
 
 
 def _rank(rank, world, regime, rounds, steps):
