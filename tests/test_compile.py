@@ -37,7 +37,7 @@ def _numerics_case(rank, world, lowering, k, layers, dump_root):
 
 @pytest.mark.parametrize("lowering, world, k", [
     ("eager", 2, 1), ("aot_eager", 2, 0), ("aot_eager", 2, 2), ("aot_eager", 3, 1), ("aot_eager", 2, 4),
-    ("inductor", 2, 1),
+    ("inductor", 2, 1), ("inductor", 3, 2),
 ])
 def test_compiled_matches_unsharded(lowering, world, k, tmp_path):
     n = 5  # uneven for both 2 and 3 ranks
