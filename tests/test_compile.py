@@ -116,7 +116,7 @@ def _events(code):
     return events
 
 
-@pytest.mark.parametrize("k", [0, 2])
+@pytest.mark.parametrize("k", [0, 1, 2])
 def test_inductor_runs_the_scheduled_order(k):
     for code in run_ranks(_inductor_code_case, 2, k):
         ev = "".join(_events(code))
@@ -124,9 +124,9 @@ def test_inductor_runs_the_scheduled_order(k):
         if k == 0:  # fetch at use: each broadcast directly followed by its wait, no compute between
             assert collectives == "BW" * 4
             assert ev.count("BW") == 4
-        else:  # two ahead: B0 B1 at entry, then W_i B_{i+2} pairs, then the last two waits
-            assert collectives == "BB" + "WB" * 2 + "WW"
-            assert ev.startswith("BB")
+        else:  # k ahead: B_0..B_k-1 at entry, then W_i B_i+k pairs, then the last k waits
+            assert collectives == "B" * k + "WB" * (4 - k) + "W" * k
+            assert ev.startswith("B" * k)
             # compute between every wait and the next broadcast's wait: the transfer overlaps it
             assert all("c" in chunk for chunk in ev.split("W")[1:-1])
 
