@@ -87,12 +87,17 @@ def _group(name: str):
     return (ps.get_tp_group() if name == "tp" else ps.get_dp_group()).device_group
 
 
+def _mode(compilation_config) -> int:
+    """The compilation mode as an int (None, vLLM's default before its config check, is 0)."""
+    return int(compilation_config.mode) if compilation_config.mode is not None else 0
+
+
 def check_config(vllm_config) -> None:
     """Refuse mode/backend combinations that cannot prefetch shared weights, saying what works."""
     if shared_weight_config(vllm_config) is None:
         return
     cc = vllm_config.compilation_config
-    mode = int(cc.mode) if cc.mode is not None else 0
+    mode = _mode(cc)
     if mode == 3:
         raise ConfigError(
             "ascend_compile shared weights need compilation_config mode 1 or 2 with backend='ascend_compile': "
@@ -259,8 +264,7 @@ def _wants_whole_graph(vllm_config) -> Optional[tuple]:
     cc = getattr(vllm_config, "compilation_config", None)
     if cc is None or shared_weight_config(vllm_config) is None:
         return None
-    mode = int(cc.mode) if cc.mode is not None else 0
-    return (cc.mode, cc.backend) if mode in (1, 2) and cc.backend in BACKEND_NAMES else None
+    return (cc.mode, cc.backend) if _mode(cc) in (1, 2) and cc.backend in BACKEND_NAMES else None
 
 
 def keep_whole_graph_mode(platform_cls) -> None:
@@ -280,8 +284,11 @@ def keep_whole_graph_mode(platform_cls) -> None:
 
     def check_and_update_config(cls, vllm_config) -> None:
         wanted = _wants_whole_graph(vllm_config)
-        func = getattr(original, "__func__", None)
-        func(cls, vllm_config) if func is not None else original(vllm_config)
+        func = getattr(original, "__func__", None)  # None: the platform's hook is a staticmethod
+        if func is not None:
+            func(cls, vllm_config)
+        else:
+            original(vllm_config)
         cc = vllm_config.compilation_config
         if wanted is None or (cc.mode, cc.backend) == wanted:
             return
