@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import subprocess
 import sys
 
 from ascend_compile import cli
@@ -11,6 +10,7 @@ from ascend_compile.debug.dump import GraphDumper
 from ascend_compile.passes import PassPipeline, default_passes
 from ascend_compile.backend import schedule_table
 from graphs import plan, stack_graph
+from ranks import run_command
 
 
 def test_explain_prints_the_schedule_of_every_rank(tmp_path, capsys):
@@ -37,14 +37,14 @@ def test_explain_without_dump_says_how_to_make_one(tmp_path, capsys):
 
 def test_demo_runs_and_checks_itself(tmp_path):
     trace = tmp_path / "trace"
-    proc = subprocess.run(
+    returncode, stdout, stderr = run_command(
         [sys.executable, "-m", "ascend_compile.cli", "demo", "--layers", "4", "--lowering", "aot_eager",
          "--dump-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=600, env=dict(os.environ, TORCH_TRACE=str(trace)),
+        timeout=500, env=dict(os.environ, TORCH_TRACE=str(trace)),
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "result: OK - sharded model matches the unsharded model" in proc.stdout
-    assert "50.0%" in proc.stdout  # half of the series bytes freed on each of 2 ranks
+    assert returncode == 0, stdout + stderr
+    assert "result: OK - sharded model matches the unsharded model" in stdout
+    assert "50.0%" in stdout  # half of the series bytes freed on each of 2 ranks
     assert (tmp_path / "rank_1" / "schedule.json").exists()
     # the same dumps reach torch's structured trace (what tlparse reads), from every rank
     logs = list(trace.iterdir())
