@@ -151,6 +151,8 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
         table["explain"] = explanation
     table["global_rank"] = global_rank
     table["pass_seconds"] = dict(pipeline.seconds)
+    if pipeline.ordering_report is not None:
+        table["ordering_edges"] = pipeline.ordering_report
     dumper.schedule(table)
     if not opts.check_ranks:
         return compiled

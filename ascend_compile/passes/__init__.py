@@ -13,7 +13,7 @@ from typing import Callable, Optional
 from torch import fx
 
 from .npu_streams import assign_broadcast_stream
-from .pin_order import pin_collective_order
+from .pin_order import EDGES_META, pin_collective_order
 from .plan import CompilePlan
 from .prefetch import collective_schedule, schedule_prefetch
 from .shared_weight import rewrite_shared_weights
@@ -31,6 +31,8 @@ class PassPipeline:
     observer: Optional[Callable[[int, str, str, fx.GraphModule], None]] = None
     final_schedule: Optional[list] = None  # collective_schedule of the last graph run
     seconds: dict = dataclasses.field(default_factory=dict)  # pass name -> wall time of its last run
+    ordering_edges: Optional[list] = None  # [(before, after)] node names pin_order asked for
+    ordering_report: Optional[dict] = None  # what of them reached the lowering's scheduler
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         for i, (name, fn) in enumerate(self.passes, start=1):
@@ -42,6 +44,7 @@ class PassPipeline:
             if self.observer:
                 self.observer(i, name, "after", gm)
         self.final_schedule = collective_schedule(gm.graph)
+        self.ordering_edges = gm.meta.get(EDGES_META)
         return gm
 
     def uuid(self) -> str:

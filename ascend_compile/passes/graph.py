@@ -59,6 +59,19 @@ def inner_target(node: fx.Node):
     return node.target if node.op == "call_function" else None
 
 
+def is_view(node: fx.Node) -> bool:
+    """The node only re-views its input (``t``, ``view``, ``unsqueeze``, ``slice``, ...): it reads
+    the same memory and runs no kernel of its own. Known views, plus any aten op whose schema
+    says its output aliases an input without writing it."""
+    target = inner_target(node)
+    if target in VIEW_TARGETS:
+        return True
+    if isinstance(target, torch._ops.OpOverload):
+        returns = target._schema.returns
+        return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+    return False
+
+
 def is_marker(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in shared_weight_targets()
 
@@ -113,7 +126,7 @@ def value_users(node: fx.Node) -> list:
     while todo:
         u = todo.pop()
         out.append(u)
-        if inner_target(u) in VIEW_TARGETS:
+        if is_view(u):
             todo.extend(u.users)
     return out
 

@@ -5,32 +5,84 @@ wait we add ordering-only edges with ``control_deps`` (``preserve_node_ordering`
 
 - it runs after the nearest earlier node that does real work (so a wait cannot move earlier
   and block, and a broadcast cannot be issued before its anchor);
-- the nearest later node that does real work runs after a broadcast (so it cannot sink
-  towards its wait and lose the overlap);
+- the nearest later kernel that is not ours runs after a broadcast (so the broadcast cannot
+  sink towards its wait and lose the overlap);
 - every broadcast runs after the previous one: one total order of collectives, the same
-  on every rank.
+  on every rank (Inductor also orders collectives as the graph lists them).
+
+An edge only holds if Inductor's lowering of ``control_deps`` can carry it, on every torch we
+support (2.10-2.15), so the ends of an edge are chosen with that in mind:
+
+- the node that must wait ("after") is one of our collectives or a node Inductor lowers to a
+  kernel of its own (matmul-like extern kernels, custom ops): the lowering attaches the edge
+  to the operations the wrapped node creates, and a view, or a pointwise op Inductor inlines
+  into its reader, creates none (the edge would be dropped without a word);
+- its tensor inputs are top-level arguments: torch 2.10's ``preserve_node_ordering`` passes
+  only those to the wrapped op (``aten.cat([w, x])`` fails there with ``KeyError``);
+- the node waited for ("before") returns one tensor: the lowering skips dependencies that
+  lower to a list (``split`` and other multi-output ops);
+- both return a tensor: the lowering asserts the wrapped op has an output.
+
+``ordering_edges`` records the edges it asked for in ``gm.meta[EDGES_META]`` (node names), so
+a lowering can check which of them reached its scheduler (``lowering/inductor.py``).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
+import torch
 from torch import fx
 from torch.utils._ordered_set import OrderedSet
 
-from .graph import BUFFER, ISSUE, VIEW_TARGETS, WAIT, inner_target, is_ours, role
+from .graph import BUFFER, ISSUE, WAIT, inner_target, is_ours, is_view, role
 from .plan import CompilePlan
+
+EDGES_META = "ascend_compile_ordering_edges"
+
+_aten = torch.ops.aten
+# aten ops Inductor always lowers to an extern kernel of their own (never fused away)
+KERNEL_PACKETS = {
+    _aten.mm, _aten.addmm, _aten.bmm, _aten.baddbmm, _aten._int_mm, _aten._scaled_mm,
+    _aten._weight_int8pack_mm, _aten.convolution,
+}
 
 
 def _does_work(n: fx.Node) -> bool:
-    return (n.op == "call_function" and inner_target(n) not in VIEW_TARGETS
-            and n.target.__name__ != "getitem" and role(n) != BUFFER)
+    return (n.op == "call_function" and not is_view(n) and n.target.__name__ != "getitem"
+            and role(n) != BUFFER)
 
 
-def _neighbour(node: fx.Node, forward: bool, include_ours: bool) -> Optional[fx.Node]:
+def _one_tensor(n: fx.Node) -> bool:
+    return isinstance(n.meta.get("val"), torch.Tensor)
+
+
+def _top_level_inputs(n: fx.Node) -> bool:
+    top = {a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node)}
+    return set(n.all_input_nodes) <= top
+
+
+def can_wait(n: fx.Node) -> bool:
+    """``n`` can be made to run after another node, on every supported torch."""
+    if not (_does_work(n) and _one_tensor(n) and _top_level_inputs(n)):
+        return False
+    if is_ours(n):
+        return True
+    target = inner_target(n)
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return target.namespace not in ("aten", "prims") or target.overloadpacket in KERNEL_PACKETS
+
+
+def can_be_waited_for(n: fx.Node) -> bool:
+    """Another node can be made to run after ``n``, on every supported torch."""
+    return _does_work(n) and _one_tensor(n)
+
+
+def _nearest(node: fx.Node, forward: bool, ok: Callable[[fx.Node], bool]) -> Optional[fx.Node]:
     n = node.next if forward else node.prev
     while n.op != "root":
-        if _does_work(n) and (include_ours or not is_ours(n)):
+        if ok(n):
             return n
         n = n.next if forward else n.prev
     return None
@@ -48,11 +100,11 @@ def ordering_edges(graph: fx.Graph) -> dict:
     for n in list(graph.nodes):
         if role(n) not in (ISSUE, WAIT):
             continue
-        add(n, _neighbour(n, forward=False, include_ours=True))
+        add(n, _nearest(n, forward=False, ok=can_be_waited_for))
         if role(n) == ISSUE:
             add(n, last_issue)
             last_issue = n
-            nxt = _neighbour(n, forward=True, include_ours=False)
+            nxt = _nearest(n, forward=True, ok=lambda m: can_wait(m) and not is_ours(m))
             if nxt is not None:
                 add(nxt, n)
     return deps
@@ -64,7 +116,9 @@ def pin_collective_order(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModul
     from torch._inductor.fx_passes.control_dependencies import preserve_node_ordering
 
     deps = ordering_edges(gm.graph)
-    preserve_node_ordering(gm.graph, deps)
+    requested = [(before.name, after.name) for after, befores in deps.items() for before in befores]
+    preserve_node_ordering(gm.graph, deps)  # keeps node names: the recorded edges still name them
+    gm.meta[EDGES_META] = requested
     gm.graph.lint()
     gm.recompile()
     return gm
