@@ -83,6 +83,8 @@ class VllmStack(nn.Module):
 
 
 def build(layers: int = 4, seed: int = 0) -> VllmStack:
+    """Built, filled and processed as vLLM's loader would, with the plain GEMM for every layer
+    (vLLM CPU's oneDNN handles off), so that sharded and unsharded models run the same kernels."""
     torch.manual_seed(seed)
     model = VllmStack(layers)
     g = torch.Generator().manual_seed(seed)
@@ -90,7 +92,24 @@ def build(layers: int = 4, seed: int = 0) -> VllmStack:
         for p in model.parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1.0 + 0.1 * noise if p.dim() == 1 else noise / p.shape[-1] ** 0.5)
+    process(model, onednn=False)
     return model.eval().requires_grad_(False)
+
+
+def process(model: nn.Module, onednn: bool = True) -> None:
+    """``process_weights_after_loading`` of every layer, as vLLM's loader runs it after loading.
+
+    On vLLM's CPU platform this picks each linear layer's GEMM (``layer.cpu_linear``); with
+    ``onednn=False`` the plain ``F.linear`` that reads the weight parameter."""
+    from unittest import mock
+
+    import vllm._custom_ops as ops
+
+    with mock.patch.object(ops, "_supports_onednn", ops._supports_onednn and onednn):
+        for module in model.modules():
+            qm = getattr(module, "quant_method", None)
+            if qm is not None:
+                qm.process_weights_after_loading(module)
 
 
 def inputs(tokens: int = 8):
@@ -155,14 +174,19 @@ def int8_config():
     return _quant_config(Int8WeightOnly())
 
 
-def packing_config():
+def packing_config(meta_reads_weight: bool = False):
     """Processing that moves the weight into a kernel handle and leaves an empty parameter, as
-    vLLM's CPU oneDNN / SGL GEMM dispatch does (``dispatch_cpu_unquantized_gemm(remove_weight=True)``)."""
+    vLLM's CPU oneDNN / SGL GEMM dispatch does (``dispatch_cpu_unquantized_gemm(remove_weight=True)``).
+    With ``meta_reads_weight``, processing without values picks a GEMM that reads the weight
+    parameter, as vLLM's does; without, it packs even then (a layer that cannot be shared)."""
     from torch.nn import Parameter
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
     class Packing(UnquantizedLinearMethod):
         def process_weights_after_loading(self, layer):
+            if layer.weight.is_meta and meta_reads_weight:  # vLLM CPU: a layer without values gets F.linear
+                layer.cpu_linear = torch.nn.functional.linear
+                return
             packed = layer.weight.data.clone()
             layer.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, packed, bias)
             layer.weight = Parameter(torch.empty(0), requires_grad=False)

@@ -134,8 +134,11 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
 
     Their parameters become stand-ins (one element of storage) whose ``weight_loader`` drops
     what the checkpoint gives, and their quant method runs ``process_weights_after_loading`` on
-    meta tensors (``_process_without_values``).
-    Returns ``[(module, original quant method)]`` for ``finish_non_owned``.
+    meta tensors (``_process_without_values``). The layers this rank owns process as usual,
+    except that a shared parameter the processing would move into a kernel handle stays a
+    parameter (``_process_keeping_weights``).
+    Returns ``[(name, module, original quant method, owned)]`` for ``finish_non_owned``, which
+    puts the quant methods back.
     """
     import copy
 
@@ -164,7 +167,15 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
                 on_meta = copy.copy(qm)
                 on_meta.process_weights_after_loading = functools.partial(_process_without_values, qm, name, list(params))
                 module.quant_method = on_meta
-            skipped.append((name, module, qm))
+            skipped.append((name, module, qm, False))
+    for members in series_members(model, cfg).values():  # the layers this rank owns
+        for index, (name, module, params) in enumerate(members):
+            qm = getattr(module, "quant_method", None)
+            if index % world == rank and qm is not None:
+                owned = copy.copy(qm)
+                owned.process_weights_after_loading = functools.partial(_process_keeping_weights, qm, name, list(params))
+                module.quant_method = owned
+                skipped.append((name, module, qm, True))
     return skipped
 
 
@@ -189,6 +200,38 @@ def _process_without_values(quant_method, name: str, shared: list, layer) -> Non
                   "rank, which does not own the layer", name, type(e).__name__, e)
 
 
+def _process_keeping_weights(quant_method, name: str, shared: list, layer) -> None:
+    """``process_weights_after_loading`` of a layer this rank owns, keeping what is shared readable.
+
+    Some platforms move a weight into a kernel handle and leave an empty parameter (vLLM CPU's
+    oneDNN / SGL packed GEMM: ``dispatch_cpu_unquantized_gemm(layer, remove_weight=True)``);
+    the forward then never reads the parameter and it could not be broadcast. For such a
+    layer the parameters are put back as loaded and the processing runs again without values
+    (``_process_without_values``), which is the platform's own choice for a layer whose values
+    it cannot see: on vLLM CPU, the plain ``F.linear(x, weight)`` that reads the parameter.
+    That is only right when processing does not change the values; when the value-free
+    processing changes a shape or dtype the layer is left emptied, and ``finish_non_owned``
+    refuses it on every rank.
+    """
+    loaded = {p: layer._parameters[p] for p in shared if layer._parameters.get(p) is not None}
+    quant_method.process_weights_after_loading(layer)
+    emptied = [p for p, t in loaded.items()
+               if t.numel() > 0 and (layer._parameters.get(p) is None or layer._parameters[p].numel() == 0)]
+    if not emptied:
+        return
+    processed = {p: layer._parameters.get(p) for p in loaded}
+    for p, t in loaded.items():
+        layer._parameters[p] = t
+    _process_without_values(quant_method, name, shared, layer)
+    same = all(layer._parameters.get(p) is not None and tuple(layer._parameters[p].shape) == tuple(t.shape)
+               and layer._parameters[p].dtype == t.dtype for p, t in loaded.items())
+    for p, t in (loaded if same else processed).items():
+        layer._parameters[p] = t
+    if same:
+        log.info("ascend_compile: %s: processing packed %s into a kernel handle; kept as parameters (shared layers "
+                 "read their weights), with the kernel the platform picks for a layer without values", name, emptied)
+
+
 def _drop_weight(param, loaded_weight, *args, **kwargs) -> None:
     """The weight loader of a layer this rank does not own: the checkpoint tensor is dropped."""
 
@@ -202,7 +245,7 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
     from ..runtime.sharding import find_series, standin_like
 
     pg = comm.resolve_group(cfg.group)
-    skipped_names = {name for name, _, _ in skipped}
+    skipped_names = {name for name, _, _, owned in skipped if not owned}
     modules = dict(model.named_modules())
     mine = {}
     for members in find_series(model, cfg.layers).values():  # processing may have changed the params
@@ -223,9 +266,11 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
                 "forward no longer reads the parameter and it cannot be shared. Leave this series out, or "
                 "use a platform whose linear layers read their weights."
             )
-    for name, module, qm in skipped:
+    for name, module, qm, owned in skipped:
         if qm is not None:
             module.quant_method = qm
+        if owned:
+            continue
         meta = processed[name]
         for pname, p in list(module._parameters.items()):
             if p is not None and pname not in meta and (cfg.params is None or pname in cfg.params):
@@ -248,15 +293,29 @@ def shard_loaded_model(model, vllm_config):
     return model
 
 
+def uses_our_backend(vllm_config) -> bool:
+    cc = getattr(vllm_config, "compilation_config", None)
+    return cc is not None and _mode(cc) in (1, 2) and cc.backend in BACKEND_NAMES
+
+
 def prepare(vllm_config) -> None:
-    """Before the model is built: check the config, switch AOT compile off unless the user chose."""
-    if shared_weight_config(vllm_config) is None:
-        return
+    """Before the model is built: check the config; switch vLLM's AOT compile off when our backend
+    compiles (with or without shared weights), unless the user chose.
+
+    vLLM's AOT compile (``VLLM_USE_AOT_COMPILE``, on by default with torch >= 2.10) serialises
+    what the backend returns and refuses a callable that is not torch's ``SerializableCallable``;
+    ours are not serialisable (they hold a process group and per-rank schedules).
+    """
     check_config(vllm_config)
+    if not uses_our_backend(vllm_config):
+        return
     if os.environ.get("VLLM_USE_AOT_COMPILE") is None:
         os.environ["VLLM_USE_AOT_COMPILE"] = "0"
-        log.info("ascend_compile: VLLM_USE_AOT_COMPILE=0 (compiled graphs with shared weights hold a process "
-                 "group and cannot be serialised)")
+        log.info("ascend_compile: VLLM_USE_AOT_COMPILE=0 (the ascend_compile backend's compiled graphs cannot be "
+                 "serialised)")
+    elif os.environ["VLLM_USE_AOT_COMPILE"] == "1":
+        log.warning("ascend_compile: VLLM_USE_AOT_COMPILE=1 was set by you: vLLM will fail to serialise the graphs "
+                    "our backend compiles; unset it or set it to 0")
 
 
 def _wants_whole_graph(vllm_config) -> Optional[tuple]:
@@ -318,10 +377,10 @@ def register() -> None:
 
     @functools.wraps(original)
     def load_model(self, vllm_config, model_config, prefix: str = ""):
+        prepare(vllm_config)
         cfg = shared_weight_config(vllm_config)
         if cfg is None:
             return original(self, vllm_config, model_config, prefix)
-        prepare(vllm_config)
         loader_load_weights = self.load_weights
         skipped: list = []
 

