@@ -195,11 +195,13 @@ def _packed_case(rank, world, meta_reads_weight):
 
     cfg, ctx = vllm_model.setup_vllm(rank, world)
     try:
-        torch.manual_seed(0)
-        model = vllm_model.QuantStack(3, vllm_model.packing_config(meta_reads_weight))
+        model, reference = (vllm_model.QuantStack(3, vllm_model.packing_config(meta_reads_weight)) for _ in range(2))
+        with torch.no_grad():  # the loaded values (create_weights leaves them uninitialised)
+            for i, (a, b) in enumerate(zip(model.layers, reference.layers)):
+                w = torch.randn(a["o_proj"].weight.shape, generator=torch.Generator().manual_seed(i)) / 8
+                a["o_proj"].weight.copy_(w)
+                b["o_proj"].weight.copy_(w)
         _, x = vllm_model.inputs()
-        torch.manual_seed(0)
-        reference = vllm_model.QuantStack(3, vllm_model.packing_config(meta_reads_weight))
         vllm_model.process(reference)
         shared = ac.SharedWeightConfig(layers=["o_proj"])
         skipped = integ.skip_non_owned(model, shared)

