@@ -79,7 +79,9 @@ def weight_bytes(model, parameter_bytes: int) -> int:
     for m in model.modules():
         w = getattr(m, "weight", None)
         if isinstance(m, LinearBase) and isinstance(w, torch.Tensor) and w.numel() == 0:
-            packed += m.input_size_per_partition * m.output_size_per_partition * torch.finfo(m.params_dtype).bits // 8
+            rows = getattr(m, "output_size_per_partition", m.output_size)  # ReplicatedLinear has no partitions
+            cols = getattr(m, "input_size_per_partition", m.input_size)
+            packed += rows * cols * torch.finfo(m.params_dtype).bits // 8
     return parameter_bytes + packed
 
 

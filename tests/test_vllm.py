@@ -376,76 +376,33 @@ def test_vllm_resolves_our_backend_name_in_modes_1_and_2(mode):
     assert cfg.compilation_config.init_backend(cfg) == "ascend_compile"
 
 
-def _deepseek_case(rank, world, root, path, lowering):
-    """vLLM's DeepseekV2ForCausalLM, loaded by vLLM from a safetensors checkpoint, our plugin
-    found through its entry point, compiled by vLLM itself (mode 2) with our backend."""
-    import glob
+@pytest.mark.parametrize("model, step", [("llama", "1"), ("deepseek_v2", "auto")])
+def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_path):
+    """``LLM(...).generate`` on 2 data-parallel ranks under torchrun (external launcher), each
+    rank with different requests, compiled by vLLM (mode 2) with our backend: greedy tokens
+    with shared weights equal those without, on every rank (prefill and decode)."""
     import json
+    import sys
 
-    import vllm_deepseek as ds
-    from vllm.plugins import load_general_plugins
+    from ranks import run_command
 
-    ds.init_parallel(rank, world, ds.vllm_config(path))
-    load_general_plugins()  # what every vLLM worker does first
-    dump = os.path.join(root, f"dump_{lowering}")  # vLLM's debug_dump_path: our dumps go below it
-    shared = {"ascend_compile": {"shared_weight": {"layers": ["o_proj", "q_b_proj"], "prefetch_step": 1},
-                                 "compile": {"lowering": lowering}}}
-    x = ds.input_ids()
-    torch._dynamo.reset()
-    ref = ds.Prefill(ds.vllm_config(path))(x)
-    ref_compiled = ds.Prefill(ds.vllm_config(path, mode=2, backend="inductor"))(x) if lowering == "inductor" else ref
-
-    eager = ds.Prefill(ds.vllm_config(path, shared))
-    plan = ac.get_plan(eager.model)
-    kinds = {type(m).__name__.replace("Parametrized", "") for n, m in eager.model.named_modules()
-             if n.endswith(("o_proj", "q_b_proj"))}
-    out_eager = eager(x)
-    del eager
-    torch._dynamo.reset()
-    compiled = ds.Prefill(ds.vllm_config(path, shared, mode=2, backend="ascend_compile", debug_dump_path=dump))
-    out = [compiled(x) for _ in range(2)]
-    dummy = {}
-    if lowering == "aot_eager":  # load_format="dummy" writes parameters without a weight loader
-        torch._dynamo.reset()
-        dummy_ref = ds.Prefill(ds.vllm_config(path, load_format="dummy"))(x)
-        dummy_shared = ds.Prefill(ds.vllm_config(path, shared, load_format="dummy"))
-        dummy = {"plan": ac.get_plan(dummy_shared.model) is not None, "equal": torch.equal(dummy_shared(x), dummy_ref)}
-    (schedule,) = glob.glob(os.path.join(dump, "ascend_compile", f"rank_{rank}", "graph_*", "schedule.json"))
-    with open(schedule) as f:
-        table = json.load(f)
-    return {
-        "model": type(compiled.model).__name__, "kinds": sorted(kinds),
-        "series": sorted(plan.layer_series.items()), "saved": plan.saved_bytes(), "total": plan.series_bytes(),
-        "eager": torch.equal(out_eager, ref), "finite": bool(torch.isfinite(ref).all()),
-        "bitwise": all(torch.equal(o, ref_compiled) for o in out),
-        "diff": max(float((o - ref_compiled).abs().max()) for o in out),
-        "collectives": [(c["series"], c["index"], c["owner"]) for c in table["collectives"]],
-        "aot": os.environ.get("VLLM_USE_AOT_COMPILE"), "dummy": dummy,
-    }
-
-
-@pytest.mark.parametrize("lowering", ["aot_eager", "inductor"])
-def test_real_deepseek_v2_model_class(lowering, tmp_path, monkeypatch):
-    import vllm_deepseek as ds
-    from ranks import run_fresh
-
-    path = ds.write_checkpoint(str(tmp_path / "checkpoint"))  # here: no process group to confuse transformers
-    monkeypatch.setenv("VLLM_TARGET_DEVICE", "cpu")  # vLLM's CPU platform (see tests/vllm_deepseek.py)
-    monkeypatch.setenv("VLLM_MLA_DISABLE", "1")  # vLLM 0.23 on CPU: "MLA is not supported on CPU"
-    monkeypatch.delenv("VLLM_USE_AOT_COMPILE", raising=False)
-    results = run_fresh(_deepseek_case, 2, str(tmp_path), path, lowering, timeout=900)
-    for rank, r in enumerate(results):
-        assert r["model"] == "DeepseekV2ForCausalLM"
-        assert r["kinds"] == ["ColumnParallelLinear", "RowParallelLinear"]
-        assert r["series"] == [(s, [f"model.layers.{i}.self_attn.{s}" for i in range(4)]) for s in ("o_proj", "q_b_proj")]
-        assert r["saved"] == r["total"] // 2  # 4 layers each: 2 owned per rank
-        assert r["finite"] and r["eager"], "sharded vLLM model differs from the unsharded one eagerly"
-        assert r["diff"] <= 1e-5, r["diff"]
-        if lowering == "aot_eager":
-            assert r["bitwise"]
-        # vLLM compiled the model with our backend: one broadcast per series layer, owner i % 2
-        assert sorted(r["collectives"]) == sorted((f"{s}.weight", i, i % 2) for s in ("o_proj", "q_b_proj")
-                                                  for i in range(4))
-        assert r["aot"] == "0"  # the plugin switched vLLM's AOT compile off
-        if lowering == "aot_eager":
-            assert r["dummy"] == {"plan": True, "equal": True}
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "vllm_generate.py")
+    code, out, err = run_command([sys.executable, example, "--model", model, "--prefetch-step", step,
+                                  "--dir", str(tmp_path), "--timeout", "500"], timeout=560)
+    assert code == 0, out[-3000:] + err[-3000:]
+    with open(tmp_path / "summary.json") as f:
+        results = json.load(f)
+    series = ["down_proj", "o_proj"] + (["q_b_proj"] if model == "deepseek_v2" else [])
+    lengths = []
+    for rank in range(2):
+        unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
+        assert unshared["plan"] is None
+        assert shared["plan"]["series"] == series and shared["plan"]["world_size"] == 2
+        assert shared["tokens"] == unshared["tokens"]
+        lengths.append([len(t) for t in shared["tokens"]])
+        # what this rank holds: less by what the plan says it no longer stores (stand-ins keep 1 element each)
+        saved = unshared["weight_bytes"] - shared["weight_bytes"]
+        assert abs(saved - shared["plan"]["saved_bytes"]) < 0.02 * shared["plan"]["saved_bytes"]
+        assert f"rank {rank}: equal=True" in out
+    # the ranks served different requests (counts and max_tokens), so idle ranks ran dummy forwards
+    assert lengths == [[6, 9], [10, 13, 16]]

@@ -45,10 +45,18 @@ def graph_layers(gm: fx.GraphModule) -> tuple:
     for n in gm.graph.nodes:
         if is_marker(n):
             a, v = marker_args(n), _val(n)
-            per_series.setdefault(a.series, {})[a.index] = v.numel() * v.element_size() if v is not None else 0
+            per_series.setdefault(a.series, {})[a.index] = _hint(v.numel()) * v.element_size() if v is not None else 0
     layers = max(len(v) for v in per_series.values())
     per_layer = sum(max(v.values()) for v in per_series.values())
     return layers, per_layer
+
+
+def _hint(v) -> int:
+    """A size as a plain int: a symbolic size (dynamic shapes) by the value Dynamo saw."""
+    if isinstance(v, torch.SymInt):
+        hint = v.node.hint
+        return int(hint) if hint is not None else 1
+    return int(v)
 
 
 def matmul_flops(gm: fx.GraphModule) -> tuple:
@@ -65,11 +73,11 @@ def matmul_flops(gm: fx.GraphModule) -> tuple:
             a = _val(n.args[1])
         if out is None or a is None:
             continue
-        k = a.shape[-1]
-        flops = 2 * out.numel() * k
+        k, numel, n_out = _hint(a.shape[-1]), _hint(out.numel()), _hint(out.shape[-1])
+        flops = 2 * numel * k
         total += flops
         if flops > 2 * biggest[0] * biggest[1] * biggest[2]:
-            biggest = (out.numel() // out.shape[-1], k, out.shape[-1])
+            biggest = (numel // max(n_out, 1), k, n_out)
     return total, biggest
 
 
