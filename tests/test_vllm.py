@@ -57,12 +57,39 @@ def test_real_vllm_layers(lowering):
 
 
 class _Cfg:
-    def __init__(self, additional, mode=2, backend="ascend_compile"):
+    def __init__(self, additional, mode=2, backend="ascend_compile", tp=1, pp=1, dp=2,
+                 launcher="external_launcher", moe=False):
         from types import SimpleNamespace
 
         self.additional_config = additional
         self.compilation_config = SimpleNamespace(mode=mode, backend=backend, debug_dump_path=None,
                                                   cudagraph_mode=None)
+        self.parallel_config = SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                               data_parallel_size=dp, distributed_executor_backend=launcher)
+        self.model_config = SimpleNamespace(is_moe=moe)
+
+
+def test_parallel_layouts_that_would_be_wrong_or_hang_are_refused():
+    from ascend_compile.integrations import vllm as integ
+
+    def sw(group=None):
+        cfg = {"shared_weight": {"layers": ["o_proj"]}}
+        return {"ascend_compile": dict(cfg, **({"group": group} if group else {}))}
+
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 with shared weights over group 'world'.*"
+                                          r"wrong results.*\['group'\] = 'dp'"):
+        integ.check_config(_Cfg(sw(), tp=2, dp=2))
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 .* group 'tp'"):
+        integ.check_config(_Cfg(sw("tp"), tp=2, dp=2))
+    with pytest.raises(ConfigError, match=r"pipeline_parallel_size=2 .* pipeline stages hold different layers"):
+        integ.check_config(_Cfg(sw(), pp=2, dp=2))
+    with pytest.raises(ConfigError, match=r"need 2 or more ranks in it: data_parallel_size=1, tensor_parallel_size=2"):
+        integ.check_config(_Cfg(sw("dp"), tp=2, dp=1))  # TP=2, DP=1: nothing holds the same shard
+    with pytest.raises(ConfigError, match=r"multi-process engine.*would wait forever.*external_launcher"):
+        integ.check_config(_Cfg(sw(), dp=2, launcher="mp"))
+    integ.check_config(_Cfg(sw(), dp=2, launcher="mp", moe=True))  # MoE DP ranks run in lockstep
+    integ.check_config(_Cfg(sw("dp"), tp=2, dp=2))  # same shard, different DP replicas: right
+    integ.check_config(_Cfg(sw(), dp=2))  # the external launcher
 
 
 def test_config_errors_name_the_key_and_the_fix():

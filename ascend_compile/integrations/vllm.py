@@ -93,9 +93,13 @@ def _mode(compilation_config) -> int:
 
 
 def check_config(vllm_config) -> None:
-    """Refuse mode/backend combinations that cannot prefetch shared weights, saying what works."""
-    if shared_weight_config(vllm_config) is None:
+    """Refuse mode/backend combinations that cannot prefetch shared weights, and parallel layouts
+    that would be wrong or hang (``check_parallelism``), saying what works. Runs no collective
+    and needs no process group."""
+    ours = settings(vllm_config)
+    if "shared_weight" not in ours:
         return
+    SharedWeightConfig.from_dict(dict(ours["shared_weight"]))  # its keys and values, before any group exists
     cc = vllm_config.compilation_config
     mode = _mode(cc)
     if mode == 3:
@@ -109,6 +113,52 @@ def check_config(vllm_config) -> None:
             f"compilation_config backend {cc.backend!r} would run the shared weights without prefetching; "
             "set compilation_config={'mode': %d, 'backend': 'ascend_compile'}" % mode
         )
+    check_parallelism(vllm_config)
+
+
+def check_parallelism(vllm_config) -> None:
+    """Refuse parallel layouts in which sharing would give wrong tokens or hang, saying what works.
+
+    - Tensor parallelism: each TP rank holds another shard of a Row/ColumnParallelLinear, so a
+      shard may only be shared among ranks that hold the same one: the ranks of one TP rank's
+      data-parallel group (``group: "dp"``).
+    - Pipeline parallelism: stages hold different layers; share within a stage (``"dp"``).
+    - Data parallelism in vLLM's multi-process engine (``vllm serve --data-parallel-size``):
+      only MoE models run their DP ranks in lockstep (``DPEngineCoreProc``); other models' DP
+      ranks run independently, and a rank would wait forever in a broadcast the others never
+      join. The external launcher (torchrun, ``distributed_executor_backend="external_launcher"``)
+      keeps every model's DP ranks in lockstep (idle ranks run dummy forwards).
+    """
+    pc = getattr(vllm_config, "parallel_config", None)
+    if pc is None:
+        return
+    group = settings(vllm_config).get("group", "world")
+    tp, pp, dp = (int(getattr(pc, k, 1) or 1) for k in
+                  ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"))
+    fix_dp = ("set additional_config['ascend_compile']['group'] = 'dp' to share among the data-parallel ranks "
+              "that hold the same shard (needs data_parallel_size >= 2)")
+    if tp > 1 and group != "dp":
+        raise ConfigError(
+            f"tensor_parallel_size={tp} with shared weights over group {group!r}: each tensor-parallel rank holds "
+            f"another shard of the layers, so broadcasting one rank's shard to another would give wrong results; "
+            + fix_dp)
+    if pp > 1 and group != "dp":
+        raise ConfigError(
+            f"pipeline_parallel_size={pp} with shared weights over group {group!r}: pipeline stages hold different "
+            "layers; " + fix_dp)
+    if dp < 2 and (group == "dp" or (group == "world" and tp * pp == 1)):
+        raise ConfigError(
+            f"shared weights over group {group!r} need 2 or more ranks in it: data_parallel_size={dp}, "
+            f"tensor_parallel_size={tp}. Nothing to share with: run data_parallel_size >= 2, or drop shared_weight")
+    launcher = getattr(pc, "distributed_executor_backend", None)
+    model_config = getattr(vllm_config, "model_config", None)
+    is_moe = bool(getattr(model_config, "is_moe", False))
+    if dp > 1 and launcher != "external_launcher" and not is_moe:
+        raise ConfigError(
+            f"data_parallel_size={dp} in vLLM's multi-process engine: for a model without experts its data-parallel "
+            "ranks run independently (only MoE models run in lockstep), so a rank would wait forever in a broadcast "
+            "the others never join. Start the ranks with torchrun and distributed_executor_backend="
+            "'external_launcher' (every model's ranks then run in lockstep), or serve a MoE model")
 
 
 def compile_options() -> Optional[dict]:
