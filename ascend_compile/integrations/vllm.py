@@ -146,7 +146,7 @@ def check_parallelism(vllm_config) -> None:
         raise ConfigError(
             f"pipeline_parallel_size={pp} with shared weights over group {group!r}: pipeline stages hold different "
             "layers; " + fix_dp)
-    if dp < 2 and (group == "dp" or (group == "world" and tp * pp == 1)):
+    if dp < 2 and group == "dp":
         raise ConfigError(
             f"shared weights over group {group!r} need 2 or more ranks in it: data_parallel_size={dp}, "
             f"tensor_parallel_size={tp}. Nothing to share with: run data_parallel_size >= 2, or drop shared_weight")
