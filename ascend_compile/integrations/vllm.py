@@ -113,10 +113,10 @@ def check_config(vllm_config) -> None:
             f"compilation_config backend {cc.backend!r} would run the shared weights without prefetching; "
             "set compilation_config={'mode': %d, 'backend': 'ascend_compile'}" % mode
         )
-    check_parallelism(vllm_config)
+    check_parallelism(vllm_config, ours.get("group", "world"))
 
 
-def check_parallelism(vllm_config) -> None:
+def check_parallelism(vllm_config, group: str) -> None:
     """Refuse parallel layouts in which sharing would give wrong tokens or hang, saying what works.
 
     - Tensor parallelism: each TP rank holds another shard of a Row/ColumnParallelLinear, so a
@@ -132,7 +132,6 @@ def check_parallelism(vllm_config) -> None:
     pc = getattr(vllm_config, "parallel_config", None)
     if pc is None:
         return
-    group = settings(vllm_config).get("group", "world")
     tp, pp, dp = (int(getattr(pc, k, 1) or 1) for k in
                   ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"))
     fix_dp = ("set additional_config['ascend_compile']['group'] = 'dp' to share among the data-parallel ranks "
@@ -200,32 +199,26 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
     skipped = []
     for members in series_members(model, cfg).values():
         for index, (name, module, params) in enumerate(members):
-            if index % world == rank:
-                continue
-            for pname, p in params.items():
-                p.data = standin_like(p).data  # frees the (never written) allocation
-                try:
-                    p.weight_loader = _drop_weight
-                except AttributeError:  # vLLM parameters keep it behind a read-only property
-                    p._weight_loader = _drop_weight
-                # load_format="dummy" writes parameters directly, without a weight loader: with
-                # this it fills the one element of the stand-in (random values cannot be
-                # written into an expanded tensor)
-                p.dummy_weight_value = 0.0
+            owned = index % world == rank
+            if not owned:
+                for pname, p in params.items():
+                    p.data = standin_like(p).data  # frees the (never written) allocation
+                    try:
+                        p.weight_loader = _drop_weight
+                    except AttributeError:  # vLLM parameters keep it behind a read-only property
+                        p._weight_loader = _drop_weight
+                    # load_format="dummy" writes parameters directly, without a weight loader: with
+                    # this it fills the one element of the stand-in (random values cannot be
+                    # written into an expanded tensor)
+                    p.dummy_weight_value = 0.0
             qm = getattr(module, "quant_method", None)
             if qm is not None:
-                on_meta = copy.copy(qm)
-                on_meta.process_weights_after_loading = functools.partial(_process_without_values, qm, name, list(params))
-                module.quant_method = on_meta
-            skipped.append((name, module, qm, False))
-    for members in series_members(model, cfg).values():  # the layers this rank owns
-        for index, (name, module, params) in enumerate(members):
-            qm = getattr(module, "quant_method", None)
-            if index % world == rank and qm is not None:
-                owned = copy.copy(qm)
-                owned.process_weights_after_loading = functools.partial(_process_keeping_weights, qm, name, list(params))
-                module.quant_method = owned
-                skipped.append((name, module, qm, True))
+                wrapped = copy.copy(qm)
+                process = _process_keeping_weights if owned else _process_without_values
+                wrapped.process_weights_after_loading = functools.partial(process, qm, name, list(params))
+                module.quant_method = wrapped
+            if qm is not None or not owned:
+                skipped.append((name, module, qm, owned))
     return skipped
 
 

@@ -52,11 +52,10 @@ def graph_layers(gm: fx.GraphModule) -> tuple:
 
 
 def _hint(v) -> int:
-    """A size as a plain int: a symbolic size (dynamic shapes) by the value Dynamo saw."""
-    if isinstance(v, torch.SymInt):
-        hint = v.node.hint
-        return int(hint) if hint is not None else 1
-    return int(v)
+    """A size as a plain int: a symbolic size (dynamic shapes) by the value Dynamo saw, 1 if none."""
+    from torch.fx.experimental.symbolic_shapes import hint_int
+
+    return hint_int(v, fallback=1)
 
 
 def matmul_flops(gm: fx.GraphModule) -> tuple:
