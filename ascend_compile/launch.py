@@ -11,7 +11,9 @@ import datetime
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
+import subprocess
 import time
 import traceback
 from typing import Any, Callable
@@ -83,3 +85,20 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900) -> li
     if errors:
         raise RuntimeError("".join(f"\n--- rank {r} ---\n{tb}" for r, tb in errors.items()))
     return [got[r][1] for r in range(world_size)]
+
+
+def run_command(cmd: list, timeout: float = 300, capture: bool = True, **kwargs) -> tuple:
+    """``(returncode, stdout, stderr)`` of a command that starts ranks of its own (the demo,
+    torchrun). It runs in a session of its own, so on a hang every rank it started is killed
+    with it and a ``TimeoutError`` says so. ``capture=False`` lets the output through
+    (stdout and stderr are then None)."""
+    pipe = subprocess.PIPE if capture else None
+    proc = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise TimeoutError(f"{cmd[:4]}... did not finish within {timeout:.0f}s (hung collective?); "
+                           f"killed it and its ranks\n{stdout or ''}{stderr or ''}") from None
+    return proc.returncode, stdout, stderr

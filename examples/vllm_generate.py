@@ -18,7 +18,6 @@ so the DeepSeek-V2 model runs with ``VLLM_MLA_DISABLE=1`` (plain attention over 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -69,11 +68,13 @@ def prompts(rank: int) -> tuple:
     return token_ids, max_tokens
 
 
-def weight_bytes(model, parameter_bytes: int) -> int:
+def weight_bytes(model) -> int:
     """The weight memory this rank holds. vLLM's CPU runner does not report it (its GPU runner
     logs "Model loading took ..."), and vLLM CPU packs each unshared linear weight into a oneDNN
     handle, leaving an empty parameter: those count at their unpacked size."""
     from vllm.model_executor.layers.linear import LinearBase
+
+    from ascend_compile import parameter_storage_bytes
 
     packed = 0
     for m in model.modules():
@@ -82,17 +83,17 @@ def weight_bytes(model, parameter_bytes: int) -> int:
             rows = getattr(m, "output_size_per_partition", m.output_size)  # ReplicatedLinear has no partitions
             cols = getattr(m, "input_size_per_partition", m.input_size)
             packed += rows * cols * torch.finfo(m.params_dtype).bits // 8
-    return parameter_bytes + packed
+    return parameter_storage_bytes(model) + packed
 
 
-def generate(path: str, rank: int, shared: dict | None, layers_dump: str | None) -> dict:
+def generate(path: str, rank: int, shared: dict | None, dump_dir: str | None) -> dict:
     from vllm import LLM, SamplingParams
 
     additional = {"ascend_compile": {"shared_weight": shared}} if shared else {}
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=256, max_num_seqs=8,
               kv_cache_memory_bytes=32 << 20, distributed_executor_backend="external_launcher",
               data_parallel_size=2, compilation_config={"mode": 2, "backend": "ascend_compile",
-                                                        **({"debug_dump_path": layers_dump} if layers_dump else {})},
+                                                        **({"debug_dump_path": dump_dir} if dump_dir else {})},
               additional_config=additional)
     token_ids, max_tokens = prompts(rank)
     outs = llm.generate([{"prompt_token_ids": t} for t in token_ids],
@@ -100,19 +101,13 @@ def generate(path: str, rank: int, shared: dict | None, layers_dump: str | None)
                          for m in max_tokens], use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
-    from ascend_compile import get_plan, parameter_storage_bytes
+    from ascend_compile import get_plan
 
     plan = get_plan(model)
-    result = {"tokens": tokens, "weight_bytes": weight_bytes(model, parameter_storage_bytes(model)), "plan": None}
+    result = {"tokens": tokens, "weight_bytes": weight_bytes(model), "plan": None}
     if plan is not None:
         result["plan"] = {"series": sorted(plan.layer_series), "saved_bytes": plan.saved_bytes(),
                           "series_bytes": plan.series_bytes(), "world_size": plan.world_size}
-    del llm, model
-    gc.collect()
-    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
-
-    destroy_model_parallel()  # the next LLM in this process builds its own groups
-    destroy_distributed_environment()
     return result
 
 
@@ -123,7 +118,7 @@ def worker(args) -> int:
         ["o_proj", "down_proj"] if args.model == "llama" else ["o_proj", "q_b_proj", "down_proj"])
     step = args.prefetch_step if args.prefetch_step == "auto" else int(args.prefetch_step)
     path = os.path.join(args.dir, f"{args.model}_{args.num_layers}")
-    if rank == 0:  # written once, then renamed into place: the other ranks wait for it (vLLM makes the groups)
+    if rank == 0 and not os.path.exists(path):  # written once, renamed into place; the other ranks wait for it
         tmp = f"{path}.tmp{os.getpid()}"
         write_checkpoint("llama" if args.model == "llama" else "deepseek_v2", tmp, args.num_layers)
         if not os.path.exists(path):
@@ -155,8 +150,7 @@ def main(argv=None) -> int:
 
     # The driver: one torchrun job without sharing, one with (vLLM's process groups live as long
     # as the process), then the comparison.
-    import signal
-    import subprocess
+    from ascend_compile.launch import run_command
 
     os.makedirs(args.dir, exist_ok=True)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -164,13 +158,7 @@ def main(argv=None) -> int:
     results = {}
     for share in (False, True):
         cmd = [torchrun, "--standalone", "--nproc-per-node", "2", os.path.abspath(__file__), *forwarded]
-        proc = subprocess.Popen(cmd + (["--share"] if share else []), start_new_session=True)
-        try:
-            code = proc.wait(timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            print(f"{'shared' if share else 'unshared'} run did not finish within {args.timeout:.0f} s; killed")
-            return 1
+        code, _, _ = run_command(cmd + (["--share"] if share else []), timeout=args.timeout, capture=False)
         if code != 0:
             print(f"{'shared' if share else 'unshared'} run failed with exit code {code}")
             return 1

@@ -14,11 +14,9 @@ import atexit
 import multiprocessing as mp
 import os
 import queue
-import signal
-import subprocess
 import traceback
 
-from ascend_compile.launch import free_port, init_gloo
+from ascend_compile.launch import free_port, init_gloo, run_command  # noqa: F401  (run_command: for the tests)
 
 DEFAULT_TIMEOUT = float(os.environ.get("ASCEND_COMPILE_TEST_TIMEOUT", "300"))
 
@@ -149,19 +147,3 @@ def run_fresh(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT) -> l
 def _close_all() -> None:
     for pool in _pools.values():
         pool.close()
-
-
-def run_command(cmd: list, timeout: float = 300, **kwargs) -> tuple:
-    """``(returncode, stdout, stderr)`` of a command that starts ranks of its own (the demo,
-    torchrun). It runs in a session of its own, so on a hang every rank it started is killed
-    with it and the test fails saying so."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, **kwargs)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise TimeoutError(f"{cmd[:4]}... did not finish within {timeout:.0f}s (hung collective?); "
-                           f"killed it and its ranks\n{stdout}{stderr}") from None
-    return proc.returncode, stdout, stderr
