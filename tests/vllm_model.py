@@ -220,6 +220,5 @@ class QuantStack(nn.Module):
 def build_quant(layers: int = 3, seed: int = 0) -> QuantStack:
     torch.manual_seed(seed)
     model = QuantStack(layers)
-    for layer in model.layers:  # what vLLM's loader does after loading
-        layer["o_proj"].quant_method.process_weights_after_loading(layer["o_proj"])
+    process(model)
     return model.eval()
