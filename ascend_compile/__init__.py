@@ -9,7 +9,7 @@ broadcasts it to the other ranks just in time, prefetched ``k`` layers ahead.
 """
 
 from .config import CompileOptions, ConfigError, SharedWeightConfig
-from .runtime.comm import RankMismatchError, ShardingError
+from .runtime.comm import PeerError, RankMismatchError, ShardingError
 from .runtime.sharding import ShardPlan, get_plan, parameter_storage_bytes, shard_model
 from .passes.verify import ScheduleError
 
@@ -24,6 +24,6 @@ def backend(gm, example_inputs, **kwargs):
 
 
 __all__ = [
-    "CompileOptions", "ConfigError", "RankMismatchError", "ScheduleError", "ShardPlan", "ShardingError",
+    "CompileOptions", "ConfigError", "PeerError", "RankMismatchError", "ScheduleError", "ShardPlan", "ShardingError",
     "SharedWeightConfig", "backend", "get_plan", "parameter_storage_bytes", "shard_model",
 ]

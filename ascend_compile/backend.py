@@ -61,12 +61,25 @@ def check_step_in_range(graph: fx.Graph, step: int) -> None:
 
 
 def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOptions) -> tuple:
-    """``(plan with a fixed step, explanation)``: runs the cost model when the step is "auto"."""
+    """``(plan with a fixed step, explanation)``: runs the cost model when the step is "auto".
+
+    No communication: the link and matmul rate were agreed when the model was sharded. Ranks
+    compiling different shapes may choose different steps, so a step is only taken when it
+    keeps the collective order of fetching each layer at its use (``k = 0``), a function of the
+    model alone: every graph of the model, on every rank, issues the same broadcasts in the
+    same order whatever step each chose.
+    """
     from .runtime import autotune
 
     if options.prefetch_step != "auto" and (plan.prefetch_step is not None or not autotune.wants_auto(gm)):
         return plan, None
-    choice = autotune.choose(gm, comm.group_from_name(plan.group_name), options.cost_model)
+    agreed = comm.shard_state(plan.group_name)["costs"]
+    canonical = collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=0)))
+
+    def same_order(k: int) -> bool:
+        return collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=k))) == canonical
+
+    choice = autotune.choose(gm, agreed, options.cost_model, allowed=same_order)
     log.info("ascend_compile: prefetch_step=auto chose %s", choice.explanation)
     return dataclasses.replace(plan, prefetch_step=choice.k), choice.explanation
 
@@ -80,36 +93,96 @@ def planned_schedule(gm: fx.GraphModule, plan: CompilePlan) -> list:
     return collective_schedule(copy.graph)
 
 
-def schedule_fingerprint(schedule: list, plan: CompilePlan) -> dict:
-    """What must be identical on every rank: the collectives in issue order and the step."""
-    return {
-        "world_size": plan.world_size,
-        "group": plan.group_name,
-        "collectives": [
-            f"{r['series']}[{r['index']}] owner={r['owner']} bytes={r['bytes']} step={r['prefetch_step']}"
-            for r in schedule
-        ],
-    }
+def collective_order(schedule: list) -> list:
+    """What must be identical on every rank, for every graph over the same layers: the broadcasts
+    in issue order (layer, owner, bytes). The step is not part of it: ranks may fetch further
+    ahead or not, as long as they issue the same broadcasts in the same order."""
+    return [f"{r['series']}[{r['index']}] owner={r['owner']} bytes={r['bytes']}" for r in schedule]
 
 
-class RankCheckedGraph:
-    """A compiled graph that, at its first call, checks every rank compiled the same schedule."""
+class GuardedGraph:
+    """A compiled graph with shared weights, checked against the other ranks without a collective.
 
-    def __init__(self, compiled, fingerprint: dict, group_name: str, graph_id: str):
+    - Its collective order is published to the process group's store at compile time and
+      compared with every peer's order for the same layers, at compile time and at each call
+      until every peer has published (a non-blocking store lookup): a difference raises
+      ``RankMismatchError`` before this graph issues a broadcast.
+    - A broadcast that fails (a peer died, or timed out because it stopped issuing the same
+      collectives) raises ``PeerError`` naming the graph, the group and the layer.
+    """
+
+    def __init__(self, compiled, *, order: list, key: str, plan: CompilePlan, graph_id: str,
+                 waits: dict, waits_in_order: list, timeout=None, check: bool = True):
         self.compiled = compiled
-        self.fingerprint = fingerprint
-        self.group_name = group_name
+        self.order, self.key, self.plan = order, key, plan
         self.graph_id = graph_id
-        self.checked = False
+        self.waits = waits  # names of the nodes that wait for / issue a layer -> "series[index]"
+        self.waits_in_order = waits_in_order  # "series[index]" of each wait, in graph order
+        self.timeout = timeout
+        self.verified = not check
+        self.error = None
+        if check:  # raised at the call (Dynamo would wrap it into BackendCompilerFailed here)
+            try:
+                comm.publish_order(key, plan.rank, order)
+            except comm.RankMismatchError as e:
+                self.error = e
+
+    def _verify(self) -> None:
+        if self.error is not None:
+            raise self.error
+        self.verified = comm.check_published(
+            self.key, self.plan.rank, self.plan.world_size, self.order,
+            f"compiled graph {self.graph_id} (shared layers {self.order[0].split(' ')[0]}..{self.order[-1].split(' ')[0]})",
+        )
 
     def __call__(self, *args):
-        if not self.checked:
-            comm.check_same_across_ranks(
-                self.fingerprint, comm.group_from_name(self.group_name),
-                f"collective schedule of compiled graph {self.graph_id}",
-            )
-            self.checked = True
-        return self.compiled(*args)
+        if not self.verified:
+            self._verify()
+        try:
+            return self.compiled(*args)
+        except Exception as e:
+            if not comm.is_comm_failure(e):
+                raise
+            raise comm.PeerError(self.describe_failure(e)) from e
+
+    def describe_failure(self, e: BaseException) -> str:
+        layer = failed_layer(e, self.waits, self.waits_in_order)
+        where = f"the broadcast of {layer}" if layer else f"one of its {len(self.order)} broadcasts"
+        bound = (f"SharedWeightConfig(timeout={self.timeout})" if self.timeout is not None
+                 else "the process group's own timeout (set SharedWeightConfig(timeout=...) to bound it)")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return (
+            f"compiled graph {self.graph_id} failed in {where} over process group {self.plan.group_name!r} "
+            f"(rank {self.plan.rank} of {self.plan.world_size}): {first}. A peer rank died, or it stopped issuing "
+            f"the same collectives (it skipped a forward, or ran a different model path); the wait was bounded by "
+            f"{bound}. The group is unusable after this: restart every rank."
+        )
+
+
+def failed_layer(e: BaseException, names: dict, waits_in_order: list) -> Optional[str]:
+    """The layer whose collective raised, read from the innermost traceback frame in generated code:
+    FX code names our nodes; Inductor's wrapper does not, but it keeps the waits in our order, so
+    the n-th ``wait_tensor`` call of its ``call`` is our n-th wait (when the counts agree)."""
+    import linecache
+    import re
+
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    for filename, lineno in reversed(frames):
+        line = linecache.getline(filename, lineno)
+        for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", line):
+            if word in names:
+                return names[word]
+        if "_c10d_functional.wait_tensor" in line:
+            lines = linecache.getlines(filename)
+            calls = [i for i, text in enumerate(lines, start=1) if "_c10d_functional.wait_tensor" in text]
+            if len(calls) == len(waits_in_order) and lineno in calls:
+                return waits_in_order[calls.index(lineno)]
+            return None
+    return None
 
 
 def schedule_table(plan: CompilePlan, rows: list) -> dict:
@@ -153,10 +226,16 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     table["pass_seconds"] = dict(pipeline.seconds)
     if pipeline.ordering_report is not None:
         table["ordering_edges"] = pipeline.ordering_report
+    table["order"] = order = collective_order(planned)
     dumper.schedule(table)
-    if not opts.check_ranks:
-        return compiled
-    return RankCheckedGraph(compiled, schedule_fingerprint(planned, plan), plan.group_name, dumper.graph_id)
+    state = comm.shard_state(plan.group_name)
+    return GuardedGraph(
+        compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], [o.split(" ")[0] for o in order]),
+        plan=plan, graph_id=dumper.graph_id, waits=pipeline.layer_nodes, timeout=state.get("timeout"),
+        waits_in_order=[f"{r['series']}[{r['index']}]" for r in sorted(pipeline.final_schedule or planned,
+                                                                        key=lambda r: r["wait"])],
+        check=opts.check_ranks,
+    )
 
 
 def _lower(lowering, gm, example_inputs, pipeline, opts, mode):

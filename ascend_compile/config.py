@@ -48,12 +48,16 @@ class SharedWeightConfig:
     fetch at use), or ``"auto"`` to let the cost model choose.
     ``group``: the process group to share over (default: the default group).
     ``params``: which of each layer's own parameters to share; ``None`` = all of them.
+    ``timeout``: seconds after which a broadcast that a peer does not join raises (a dead or
+    diverged rank) instead of blocking; sets the sharing group's timeout at shard time (it then
+    bounds every collective of that group). ``None`` keeps the group's own timeout.
     """
 
     layers: Sequence[str]
     prefetch_step: PrefetchStep = 1
     group: Any = None
     params: Optional[Sequence[str]] = None
+    timeout: Optional[float] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -69,6 +73,11 @@ class SharedWeightConfig:
         self.prefetch_step = check_prefetch_step(self.prefetch_step)
         if self.params is not None:
             self.params = list(self.params)
+        if self.timeout is not None and (isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float))
+                                         or self.timeout <= 0):
+            raise ConfigError(
+                f"timeout must be a number of seconds > 0 (or None for the process group's own), got {self.timeout!r}"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SharedWeightConfig":
@@ -92,8 +101,9 @@ class CompileOptions:
     ``dump_dir``: per-rank graph dumps (also ``ASCEND_COMPILE_DUMP``).
     ``prefetch_step``: overrides the step the model was sharded with.
     ``pin_order``: state the collective order in the graph so the lowering cannot change it.
-    ``check_ranks``: at the first call of each compiled graph, compare the collective
-    schedule across ranks and raise on a mismatch instead of deadlocking.
+    ``check_ranks``: compare each compiled graph's collective order with the other ranks'
+    through the process group's store (never a collective) and raise on a mismatch instead of
+    deadlocking; turn collective failures into errors that name the graph and the layer.
     ``cost_model``: inputs of the ``prefetch_step="auto"`` cost model that replace its
     measurements (``bandwidth`` B/s, ``latency_s``, ``compute_s`` per layer, ``memory_budget`` B).
     ``inductor``: extra ``torch._inductor.config`` patches. ``torchair``: torchair settings.

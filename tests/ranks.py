@@ -44,8 +44,9 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
 
 
 class RankPool:
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, allow_dead: bool = False):
         self.world_size = world_size
+        self.allow_dead = allow_dead  # a rank that exits reports ("died", exit code) instead of failing the run
         ctx = mp.get_context("spawn")
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
@@ -86,6 +87,10 @@ class RankPool:
                 rank, tid, value = self.results.get(timeout=min(left, 1.0))
             except queue.Empty:
                 dead = [r for r, p in enumerate(self.procs) if not p.is_alive() and r not in got]
+                if dead and self.allow_dead:
+                    for r in dead:
+                        got[r] = ("died", self.procs[r].exitcode)
+                    continue
                 if dead:
                     self.close()
                     raise RuntimeError(f"rank(s) {dead} died (exit codes {[self.procs[r].exitcode for r in dead]})")
@@ -103,8 +108,10 @@ class RankPool:
             q.put((task_id, fn, args))
         got = self._collect(task_id, timeout)
         errors = {r: v[1] for r, v in sorted(got.items()) if v[0] == "error"}
-        if errors:
+        if errors and not self.allow_dead:
             raise AssertionError("".join(f"\n--- rank {r} ---\n{tb}" for r, tb in errors.items()))
+        if self.allow_dead:
+            return [got[r] for r in range(self.world_size)]
         return [got[r][1] for r in range(self.world_size)]
 
     def close(self) -> None:
@@ -134,9 +141,12 @@ def run_ranks(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT) -> l
         raise
 
 
-def run_fresh(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT) -> list:
-    """Like run_ranks, in a pool of its own that is closed afterwards (for tests that break groups)."""
-    pool = RankPool(world_size)
+def run_fresh(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, allow_dead: bool = False) -> list:
+    """Like run_ranks, in a pool of its own that is closed afterwards (for tests that break groups).
+
+    ``allow_dead``: ranks may exit or raise; each rank's result is ``("ok", value)``,
+    ``("error", traceback)`` or ``("died", exit code)`` instead of failing the run."""
+    pool = RankPool(world_size, allow_dead=allow_dead)
     try:
         return pool.run(fn, *args, timeout=timeout)
     finally:

@@ -132,21 +132,41 @@ def test_inductor_runs_the_scheduled_order(k):
 
 
 def _mismatch_case(rank, world):
+    import time
+
     torch._dynamo.reset()
     shape = StackShape(layers=3)
-    fn = _compiled(shape, ["o_proj"], 1, {"lowering": "aot_eager", "prefetch_step": 1 if rank == 0 else 2})
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1, timeout=20))
+    if rank == 1:  # this rank runs the layers in another order: its broadcasts would pair wrongly
+        model.layers = torch.nn.ModuleList(list(model.layers)[::-1])
+    fn = torch.compile(model, backend="ascend_compile", fullgraph=True, options={"lowering": "aot_eager"})
+    start = time.monotonic()
     try:
         fn(make_input(shape))
-    except ac.RankMismatchError as e:
-        return str(e)
-    return "no error"
+    except (ac.RankMismatchError, ac.PeerError) as e:
+        return type(e).__name__, str(e), time.monotonic() - start
+    return "no error", "", time.monotonic() - start
 
 
-def test_ranks_with_different_schedules_raise_instead_of_hanging():
-    for msg in run_ranks(_mismatch_case, 2, timeout=120):
-        assert "ranks disagree on the collective schedule of compiled graph" in msg
-        assert "rank 0 and rank(s) [1] differ" in msg
-        assert "step=1" in msg and "step=2" in msg
+def test_ranks_with_different_collective_orders_raise_instead_of_hanging():
+    from ranks import run_fresh
+
+    results = run_fresh(_mismatch_case, 2, timeout=180)
+    kinds = [kind for kind, _, _ in results]
+    # the rank that compiles second sees the other's published order and refuses before any
+    # broadcast; the first may already wait in a broadcast, which the group's timeout ends
+    assert "RankMismatchError" in kinds, results
+    assert set(kinds) <= {"RankMismatchError", "PeerError"}, results
+    for kind, msg, seconds in results:
+        if kind == "RankMismatchError":
+            assert "ranks disagree on the collective order of compiled graph" in msg
+            assert "o_proj.weight[0] owner=0" in msg and "o_proj.weight[2] owner=0" in msg
+            assert "Every rank must run the same model code path" in msg
+        else:
+            assert "A peer rank died, or it stopped issuing the same collectives" in msg
+            assert "SharedWeightConfig(timeout=20)" in msg
+        assert seconds < 120
 
 
 def _subgroup_case(rank, world, dump):

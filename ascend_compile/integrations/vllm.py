@@ -364,7 +364,9 @@ def prepare(vllm_config) -> None:
 def _wants_whole_graph(vllm_config) -> Optional[tuple]:
     """``(mode, backend)`` when the config shares weights and hands the whole graph to us."""
     cc = getattr(vllm_config, "compilation_config", None)
-    if cc is None or shared_weight_config(vllm_config) is None:
+    # settings(), not shared_weight_config(): this runs inside VllmConfig's own check, before vLLM
+    # has made its process groups, so group "tp"/"dp" cannot be resolved yet
+    if cc is None or "shared_weight" not in settings(vllm_config):
         return None
     return (cc.mode, cc.backend) if _mode(cc) in (1, 2) and cc.backend in BACKEND_NAMES else None
 

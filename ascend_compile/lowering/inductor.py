@@ -6,7 +6,8 @@ size, group, prefetch step), so the FX graph cache (shared by local ranks) never
 rank's graph to another. Inductor reorders freely; ``pin_order`` states our order in the
 graph with ``control_deps``, and ``OrderingAudit`` (Inductor's pre-fusion hook) checks which of
 those edges reached Inductor's scheduler: the report goes to ``schedule.json`` and a dropped
-edge is logged as a warning.
+edge is logged as a warning. With ``dump_dir`` set, Inductor's caches are bypassed for graphs with
+shared weights, so the per-pass dumps are always written.
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ def config_patches(pipeline, options, mode=None) -> dict:
 
 
 def compile(gm, example_inputs, pipeline, options, mode=None):
+    import contextlib
+
+    import torch._functorch.config
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=config_patches(pipeline, options, mode))
+    patches = config_patches(pipeline, options, mode)
+    bypass = contextlib.nullcontext()
+    if options.dump_dir and pipeline is not None:
+        # A cache hit skips our passes, and with them the per-pass dumps: while dumping, compile
+        # from scratch (FX graph cache and AOTAutograd cache off for this graph only).
+        patches["fx_graph_cache"] = False
+        bypass = torch._functorch.config.patch(enable_autograd_cache=False)
+    with bypass:
+        return compile_fx(gm, example_inputs, config_patches=patches)

@@ -33,6 +33,7 @@ class PassPipeline:
     seconds: dict = dataclasses.field(default_factory=dict)  # pass name -> wall time of its last run
     ordering_edges: Optional[list] = None  # [(before, after)] node names pin_order asked for
     ordering_report: Optional[dict] = None  # what of them reached the lowering's scheduler
+    layer_nodes: dict = dataclasses.field(default_factory=dict)  # node name -> "series[index]" it issues/waits
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
         for i, (name, fn) in enumerate(self.passes, start=1):
@@ -44,6 +45,10 @@ class PassPipeline:
             if self.observer:
                 self.observer(i, name, "after", gm)
         self.final_schedule = collective_schedule(gm.graph)
+        self.layer_nodes = {
+            n.name: f"{t['series']}[{t['index']}]" for n in gm.graph.nodes
+            if (t := n.meta.get("ascend_compile")) and t["role"] in ("issue", "wait")
+        }
         self.ordering_edges = gm.meta.get(EDGES_META)
         return gm
 

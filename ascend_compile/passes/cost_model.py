@@ -57,7 +57,8 @@ def simulate(inputs: CostInputs, k: int) -> float:
     return clock
 
 
-def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01) -> Choice:
+def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01, allowed=None) -> Choice:
+    """``allowed(k)``, if given, vetoes steps (tried in order of preference; ``k = 0`` is always allowed)."""
     max_k = max(inputs.layers - 1, 0)
     fits = [k for k in range(max_k + 1)
             if inputs.memory_budget is None or (k + 1) * inputs.window_bytes <= inputs.memory_budget]
@@ -65,7 +66,13 @@ def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01) -> Choice:
         fits = [0]
     times = {k: simulate(inputs, k) for k in fits}
     best = min(times.values())
-    k = min(k for k, t in times.items() if t <= best * (1 + tolerance))
+    near = sorted(k for k, t in times.items() if t <= best * (1 + tolerance))
+    rest = sorted((k for k in times if k not in near), key=lambda k: (times[k], k))
+    vetoed = []
+    for k in near + rest:
+        if k == 0 or allowed is None or allowed(k):
+            break
+        vetoed.append(k)
     t_comm = inputs.latency_s + inputs.layer_bytes / inputs.bandwidth
     regime = "compute-bound" if t_comm <= inputs.compute_s else "comm-bound"
     budget = "" if inputs.memory_budget is None else f", memory budget allows k <= {max(fits)}"
@@ -76,4 +83,6 @@ def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01) -> Choice:
         f"{inputs.layers * inputs.compute_s * 1e3:.3f} ms; smallest k within {tolerance:.0%} of the best "
         f"({best * 1e3:.3f} ms){budget}; windows {(k + 1) * inputs.window_bytes / 2**20:.2f} MiB"
     )
+    if vetoed:
+        explanation += f"; k={vetoed} not taken: they would change the collective order"
     return Choice(k, times, explanation)

@@ -120,19 +120,31 @@ def positions(graph: fx.Graph) -> dict:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
+def reads(user: fx.Node, node: fx.Node) -> bool:
+    """``user`` reads ``node``'s value; a ``control_deps`` node that takes it only as an ordering
+    dependency (its first argument) does not."""
+    cd = _control_deps()
+    if cd is not None and user.op == "call_function" and user.target is cd:
+        inputs: list = []
+        fx.node.map_arg((user.args[2:], user.kwargs), inputs.append)
+        return node in inputs
+    return True
+
+
 def value_users(node: fx.Node) -> list:
-    """Users of ``node`` and, transitively, of views of it: everything that reads its memory."""
-    out, todo = [], list(node.users)
+    """Users of ``node`` and, transitively, of views of it: everything that reads its memory
+    (ordering-only dependencies excluded)."""
+    out, todo = [], [u for u in node.users if reads(u, node)]
     while todo:
         u = todo.pop()
         out.append(u)
         if is_view(u):
-            todo.extend(u.users)
+            todo.extend(v for v in u.users if reads(v, u))
     return out
 
 
 def first_user(node: fx.Node, pos: dict) -> Optional[fx.Node]:
-    users = list(node.users)
+    users = [u for u in node.users if reads(u, node)]
     return min(users, key=pos.__getitem__) if users else None
 
 

@@ -1,14 +1,16 @@
-"""``prefetch_step="auto"``: measure what the cost model needs, agree across ranks, choose ``k``.
+"""``prefetch_step="auto"``: measure at shard time, agree across ranks, choose ``k`` per graph.
 
-At compile time of a graph whose markers ask for ``auto``:
+Measurements that need other ranks are taken when the model is sharded (``shard_model``, the
+one point every rank reaches together), never when a graph compiles: ranks compile at
+different calls (a new shape on one rank only), and a collective there would pair with the
+other rank's broadcasts.
 
-- layer bytes and layer count come from the markers in the graph;
-- link bandwidth and latency are measured with a few broadcasts over the sharing group (a
-  collective: every rank compiles the same graph at the same point, as the schedule check
-  already requires);
-- compute per layer is estimated from the graph's matmul FLOPs and a measured local matmul;
-- every rank gathers every rank's measurements and uses the slowest link and slowest
-  compute, so all ranks choose the same ``k`` (else they would deadlock).
+- At shard time: link bandwidth and latency from a few broadcasts of one decoder layer's bytes
+  over the sharing group, and a local matmul rate on the shared layers' shape; every rank
+  gathers every rank's numbers and keeps the slowest link and the slowest matmul rate, so the
+  inputs are identical on every rank.
+- At compile time (no communication): layer bytes and layer count from the graph's markers,
+  compute per layer from the graph's matmul FLOPs at the agreed rate, then the cost model.
 
 ``options["cost_model"]`` (``bandwidth`` B/s, ``latency_s``, ``compute_s``,
 ``memory_budget`` B) replaces any measurement.
@@ -80,27 +82,36 @@ def matmul_flops(gm: fx.GraphModule) -> tuple:
     return total, biggest
 
 
-def measure_flops_per_s(shape: tuple, repeats: int = 5) -> float:
+def measure_flops_per_s(shape: tuple, repeats: int = 5, dtype=torch.float32, device="cpu") -> float:
     m, k, n = (max(int(x), 1) for x in shape)
-    a, b = torch.randn(m, k), torch.randn(k, n)
+    a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
     torch.mm(a, b)
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
+    _sync(device)
     return 2 * m * k * n * repeats / max(time.perf_counter() - start, 1e-9)
 
 
-def measure_link(pg, nbytes: int, repeats: int = 5) -> tuple:
-    """``(bandwidth B/s, latency s)`` of a broadcast over ``pg`` (a collective): medians of
-    single broadcasts, each started together after a barrier."""
+def _sync(device) -> None:
+    device = torch.device(device)
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
+
+
+def measure_link(pg, nbytes: int, repeats: int = 5, device="cpu") -> tuple:
+    """``(bandwidth B/s, latency s)`` of a broadcast over ``pg`` (a collective: shard time only):
+    medians of single broadcasts, each started together after a barrier."""
     def timed(numel: int) -> float:
-        buf = torch.empty(max(numel, 1), dtype=torch.uint8)
+        buf = torch.empty(max(numel, 1), dtype=torch.uint8, device=device)
         dist.broadcast(buf, group_src=0, group=pg)  # warm-up
         times = []
         for _ in range(repeats):
             dist.barrier(group=pg)
             start = time.perf_counter()
             dist.broadcast(buf, group_src=0, group=pg)
+            _sync(device)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
@@ -109,7 +120,29 @@ def measure_link(pg, nbytes: int, repeats: int = 5) -> tuple:
     return nbytes / max(big - latency, 0.05 * big, 1e-9), latency
 
 
-def choose(gm: fx.GraphModule, pg, overrides: Optional[dict] = None) -> Choice:
+MATMUL_TOKENS = 256  # rows of the shard-time matmul that measures the compute rate
+
+
+def measure_at_shard(pg, layer_bytes: int, weight_shape: tuple, dtype, device) -> dict:
+    """This rank's link and matmul measurements (the link part is a collective: shard time only)."""
+    bandwidth, latency = measure_link(pg, layer_bytes, device=device)
+    out_features, in_features = (weight_shape[0], weight_shape[-1]) if len(weight_shape) >= 2 else (1, 1)
+    rate = measure_flops_per_s((MATMUL_TOKENS, in_features, out_features), dtype=dtype, device=device)
+    return {"bandwidth": bandwidth, "latency_s": latency, "flops_per_s": rate}
+
+
+def agree(measured: list) -> dict:
+    """Every rank's measurements -> the slowest link and matmul rate: the same on every rank."""
+    return {
+        "bandwidth": min(m["bandwidth"] for m in measured),
+        "latency_s": max(m["latency_s"] for m in measured),
+        "flops_per_s": min(m["flops_per_s"] for m in measured),
+    }
+
+
+def choose(gm: fx.GraphModule, agreed: dict, overrides: Optional[dict] = None, allowed=None) -> Choice:
+    """The step for this graph from shard-time measurements ``agreed``; no communication.
+    ``allowed(k)`` says whether step ``k`` is acceptable (the caller keeps the collective order)."""
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(COST_KEYS)
     if unknown:
@@ -117,23 +150,14 @@ def choose(gm: fx.GraphModule, pg, overrides: Optional[dict] = None) -> Choice:
 
         raise ConfigError(f"unknown cost_model option(s) {sorted(unknown)}; known: {list(COST_KEYS)}")
     layers, layer_bytes = graph_layers(gm)
-    mine = {}
-    if "bandwidth" not in overrides or "latency_s" not in overrides:
-        mine["bandwidth"], mine["latency_s"] = measure_link(pg, layer_bytes)
-    if "compute_s" not in overrides:
-        flops, biggest = matmul_flops(gm)
-        mine["compute_s"] = flops / max(layers, 1) / measure_flops_per_s(biggest)
-    gathered: list = [None] * dist.get_world_size(pg)
-    dist.all_gather_object(gathered, mine, group=pg)
-    agreed = {}
-    if gathered[0]:
-        for key in gathered[0]:
-            values = [g[key] for g in gathered]
-            agreed[key] = min(values) if key == "bandwidth" else max(values)  # the slowest rank sets the pace
-    agreed.update(overrides)
+    compute_s = overrides.get("compute_s")
+    if compute_s is None:
+        flops, _ = matmul_flops(gm)
+        compute_s = flops / max(layers, 1) / agreed["flops_per_s"]
     inputs = CostInputs(
         layers=layers, layer_bytes=layer_bytes, window_bytes=layer_bytes,
-        bandwidth=float(agreed["bandwidth"]), compute_s=float(agreed["compute_s"]),
-        latency_s=float(agreed.get("latency_s", 0.0)), memory_budget=agreed.get("memory_budget"),
+        bandwidth=float(overrides.get("bandwidth", agreed["bandwidth"])), compute_s=float(compute_s),
+        latency_s=float(overrides.get("latency_s", agreed.get("latency_s", 0.0))),
+        memory_budget=overrides.get("memory_budget"),
     )
-    return choose_prefetch_step(inputs)
+    return choose_prefetch_step(inputs, allowed=allowed)

@@ -113,3 +113,113 @@ def check_same_across_ranks(obj: Any, pg: Optional[dist.ProcessGroup], what: str
             f"(rank 0 vs rank {r}) at {_first_difference(ref, gathered[r])}. Every rank must shard the "
             "same model with the same config and compile with the same options."
         )
+
+
+class PeerError(RuntimeError):
+    """A shared-weight broadcast failed: a peer rank died, or stopped issuing the same collectives."""
+
+
+# -- what shard time agreed on, per sharing group -----------------------------------------------
+#
+# ``shard_model`` is the one point every rank of a group reaches together (it is called on every
+# rank, in the same order, before any forward). What the graphs compiled later need to agree on
+# is settled there and kept here, by group name: nothing at compile time or at a graph's first
+# call talks to the other ranks through a collective.
+
+_SHARD_STATE: dict = {}
+
+
+def proposed_generation(group_name: str) -> int:
+    """This rank's proposal for the next sharding generation of ``group_name`` (agreed as the max)."""
+    state = _SHARD_STATE.get(group_name)
+    return state["generation"] + 1 if state else 1
+
+
+def record_shard(group_name: str, generation: int, costs: dict, timeout: Optional[float] = None) -> None:
+    _SHARD_STATE[group_name] = {"generation": generation, "costs": dict(costs), "timeout": timeout}
+
+
+def shard_state(group_name: str) -> dict:
+    state = _SHARD_STATE.get(group_name)
+    if state is None:
+        raise ShardingError(
+            f"no model was sharded over process group {group_name!r} in this process: a graph with shared "
+            "weights is compiled where shard_model(...) was not called. Call ascend_compile.shard_model on every "
+            "rank before compiling."
+        )
+    return state
+
+
+# -- the collective-order check, through the process group's store ------------------------------
+#
+# Each rank publishes, per set of shared layers a graph fetches, the order in which its graph issues
+# their broadcasts: a ``set`` on the store, which never waits for anyone. A rank compares its order
+# with every peer's published one when it compiles, and at each call of the graph until every peer
+# has published (a non-blocking ``check``); a difference raises RankMismatchError before the graph
+# issues a collective. Nothing here can pair with a broadcast.
+
+def _store():
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    return _get_default_store()
+
+
+def order_key(group_name: str, generation: int, layers: list) -> str:
+    return f"ascend_compile/order/{group_name}/{generation}/{fingerprint(sorted(layers))}"
+
+
+def publish_order(key: str, rank: int, order: list) -> None:
+    """Compare ``order`` with what this rank and its peers already published under ``key``, then publish it."""
+    store = _store()
+    mine = f"{key}/{rank}"
+    if store.check([mine]):
+        before = json.loads(store.get(mine))
+        if before != order:
+            raise RankMismatchError(
+                f"this rank (rank {rank}) compiled two graphs over the same shared layers with different "
+                f"collective orders; first difference at {_first_difference(before, order)}. The order must not "
+                "depend on shapes or options: compile every graph of the model with the same prefetch_step."
+            )
+    else:
+        store.set(mine, json.dumps(order))
+
+
+def check_published(key: str, rank: int, world_size: int, order: list, where: str) -> bool:
+    """True when every peer published ``order`` under ``key``; False while some have not; raises on a difference."""
+    store = _store()
+    complete = True
+    for peer in range(world_size):
+        if peer == rank:
+            continue
+        theirs = f"{key}/{peer}"
+        if not store.check([theirs]):
+            complete = False
+            continue
+        other = json.loads(store.get(theirs))
+        if other != order:
+            raise RankMismatchError(
+                f"ranks disagree on the collective order of {where}: rank {rank} and rank {peer} would issue "
+                f"their broadcasts in different orders and deadlock; first difference (rank {rank} vs rank {peer}) "
+                f"at {_first_difference(order, other)}. Every rank must run the same model code path, shard it with "
+                "the same config and compile it with the same options."
+            )
+    return complete
+
+
+def set_timeout(pg: dist.ProcessGroup, seconds: float) -> None:
+    """Bound every collective of ``pg`` (ours included) by ``seconds``: a dead or diverged peer then
+    raises instead of blocking. gloo honours it per operation; on HCCL see HCCL_EXEC_TIMEOUT."""
+    import datetime
+
+    pg.set_timeout(datetime.timedelta(seconds=seconds))
+
+
+def is_comm_failure(e: BaseException) -> bool:
+    """An exception that a failed or timed-out collective raises (gloo, HCCL, NCCL, c10d)."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("gloo", "Gloo", "HCCL", "hccl", "NCCL", "Connection closed", "Connection reset",
+                            "Timed out", "timed out", "Broken pipe")
+    )

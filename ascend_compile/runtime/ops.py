@@ -35,7 +35,18 @@ def shared_weight(
         out = w.clone(memory_format=torch.contiguous_format)
     else:
         out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
-    dist.broadcast(out, group_src=owner, group=pg)
+    try:
+        dist.broadcast(out, group_src=owner, group=pg)
+    except Exception as e:
+        from .comm import PeerError, is_comm_failure
+
+        if not is_comm_failure(e):
+            raise
+        raise PeerError(
+            f"the broadcast of {series}[{index}] from rank {owner} over process group {group_name!r} failed: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. A peer rank died, or it "
+            "stopped issuing the same collectives; restart every rank."
+        ) from e
     return out
 
 

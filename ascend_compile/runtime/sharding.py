@@ -234,6 +234,9 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     comm.check_same_across_ranks(
         {k: v for k, v in plan.to_json().items() if k != "rank"}, pg, "sharding plan (model structure and config)"
     )
+    if config.timeout is not None:
+        comm.set_timeout(pg, config.timeout)
+    agree_at_shard_time(pg, plan, per_layer, timeout=config.timeout)
 
     modules = dict(model.named_modules())
     for sp in shared:
@@ -249,6 +252,35 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
         )
     setattr(model, PLAN_ATTR, plan)
     return plan
+
+
+def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[float] = None) -> dict:
+    """Settle, while every rank is here, what compiled graphs need the ranks to agree on later:
+    the link and matmul measurements of ``prefetch_step="auto"`` (slowest rank wins) and the
+    sharding generation that names this model's entries in the store's order check. One
+    collective exchange; nothing later needs one."""
+    import torch.distributed as dist
+
+    from . import autotune
+
+    layer_bytes = sum(
+        max(sum(p.numel() * p.element_size() for p in params.values()) for _, _, params in members)
+        for members in per_layer.values()
+    )
+    weights = [p for members in per_layer.values() for _, _, params in members for p in params.values() if p.dim() >= 2]
+    ref = max(weights, key=lambda p: p.numel()) if weights else next(
+        p for members in per_layer.values() for _, _, params in members for p in params.values())
+    device = ref.device if ref.device.type != "meta" else torch.device("cpu")
+    mine = {
+        "generation": comm.proposed_generation(plan.group_name),
+        "costs": autotune.measure_at_shard(pg, layer_bytes, tuple(ref.shape), ref.dtype, device),
+    }
+    gathered: list = [None] * plan.world_size
+    dist.all_gather_object(gathered, mine, group=pg)
+    generation = max(g["generation"] for g in gathered)
+    costs = autotune.agree([g["costs"] for g in gathered])
+    comm.record_shard(plan.group_name, generation, costs, timeout)
+    return costs
 
 
 def get_plan(model: nn.Module) -> Optional[ShardPlan]:
