@@ -22,11 +22,12 @@ def _demo(ns) -> int:
 
 
 def _explain(ns) -> int:
-    from .debug.dump import format_schedule
+    from .debug.dump import format_schedule, schedule_problems
 
     paths = sorted(glob.glob(os.path.join(ns.dump_dir, "rank_*", "schedule.json")))
+    every = sorted(glob.glob(os.path.join(ns.dump_dir, "rank_*", "graph_*", "schedule.json")))
     if ns.all_graphs:
-        paths = sorted(glob.glob(os.path.join(ns.dump_dir, "rank_*", "graph_*", "schedule.json")))
+        paths = every
     if not paths:
         print(f"no rank_*/schedule.json under {ns.dump_dir!r}: compile with options={{'dump_dir': ...}} "
               "or ASCEND_COMPILE_DUMP=dir first", file=sys.stderr)
@@ -37,7 +38,17 @@ def _explain(ns) -> int:
         print(f"== {os.path.relpath(p, ns.dump_dir)}")
         print(format_schedule(table))
         print()
-    return 0
+    tables = {}
+    for p in every or paths:  # the cross-checks look at every graph of every rank
+        with open(p) as f:
+            tables[os.path.relpath(os.path.dirname(p), ns.dump_dir)] = json.load(f)
+    problems = schedule_problems(tables)
+    for line in problems:
+        print(f"PROBLEM: {line}")
+    if not problems:
+        print(f"checked {len(tables)} graph(s): the same collective order on every rank, "
+              "every broadcast issued before its use")
+    return 1 if problems else 0
 
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
@@ -104,7 +115,9 @@ def main(argv=None) -> int:
     d.add_argument("--dump-dir", default=None, help="where to write the graph dumps (default: a temp dir)")
     d.set_defaults(fn=_demo)
 
-    e = sub.add_parser("explain", help="print the collective schedule of a dump directory")
+    e = sub.add_parser("explain", help="print the collective schedule of a dump directory and flag what looks "
+                                       "wrong (orders that differ between ranks, broadcasts issued after their use); "
+                                       "exits 1 on a problem")
     e.add_argument("dump_dir")
     e.add_argument("--all-graphs", action="store_true", help="every compiled graph, not only the latest")
     e.set_defaults(fn=_explain)

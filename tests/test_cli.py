@@ -30,6 +30,62 @@ def test_explain_prints_the_schedule_of_every_rank(tmp_path, capsys):
     assert set(table["collectives"][0]) >= {"series", "index", "owner", "bytes", "issue", "wait", "first_use"}
 
 
+def _dump(root, rank, graph_id, reverse=False, k=1):
+    p = plan(rank=rank)
+    dumper = GraphDumper(str(root), rank, graph_id)
+    pipe = PassPipeline(p, default_passes(pin=True), observer=dumper.graph)
+    pipe(stack_graph(3, ("o_proj",), k))
+    table = schedule_table(p, pipe.final_schedule)
+    if reverse:
+        table["collectives"] = table["collectives"][::-1]
+        for row, pos in zip(table["collectives"], sorted(r["issue"] for r in table["collectives"])):
+            row["issue"] = pos
+        table["collectives"].sort(key=lambda r: r["issue"])
+    dumper.schedule(table)
+    return table
+
+
+def test_explain_is_quiet_on_a_good_dump_and_flags_what_looks_wrong(tmp_path, capsys):
+    good = tmp_path / "good"
+    for rank in range(2):
+        _dump(good, rank, "0_0", k=2)
+    assert cli.main(["explain", str(good)]) == 0
+    assert "checked 2 graph(s): the same collective order on every rank" in capsys.readouterr().out
+
+    bad = tmp_path / "bad"
+    _dump(bad, 0, "0_0")
+    _dump(bad, 1, "0_0", reverse=True)  # rank 1's graph issues the same layers in another order
+    table = json.loads((bad / "rank_0" / "schedule.json").read_text())
+    table["collectives"][2]["issue"] = table["collectives"][2]["first_use"] + 1  # issued after its use
+    (bad / "rank_0" / "graph_0_0" / "schedule.json").write_text(json.dumps(table))
+    assert cli.main(["explain", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"PROBLEM: rank_0/graph_0_0 and rank_1/graph_0_0 fetch the same layers in different orders "
+                     r"\(first difference at broadcast 0: o_proj.weight\[0\] owner=0 bytes=256 vs o_proj.weight\[2\]", out), out
+    assert "PROBLEM: rank_0/graph_0_0: o_proj.weight[2] is broadcast" in out
+    assert "at or after its first use" in out
+
+
+def test_first_use_is_a_read_of_the_weight_not_an_ordering_edge():
+    from ascend_compile.passes.graph import inner_target, positions
+
+    for k in (1, 2):
+        p = plan(k=k, pin=True)
+        pipe = PassPipeline(p, default_passes(pin=True))
+        gm = pipe(stack_graph(4, ("o_proj",), k))
+        nodes = list(gm.graph.nodes)
+        issues = {r["issue"] for r in pipe.final_schedule}
+        for row in pipe.final_schedule:
+            use = nodes[row["first_use"]]
+            assert row["first_use"] not in issues, f"k={k}: first_use of layer {row['index']} is a broadcast"
+            assert row["wait"] < row["first_use"] and row["issue"] < row["wait"]
+            wait = nodes[row["wait"]]
+            # the user reads the fetched weight (directly or through a view), as an argument
+            assert inner_target(use) is not None
+            assert wait in use.all_input_nodes or any(wait in a.all_input_nodes for a in use.all_input_nodes)
+        assert len(positions(gm.graph)) == len(nodes)
+
+
 def test_explain_without_dump_says_how_to_make_one(tmp_path, capsys):
     assert cli.main(["explain", str(tmp_path)]) == 2
     assert "compile with options={'dump_dir': ...}" in capsys.readouterr().err

@@ -212,3 +212,22 @@ def _inference_mode_case(rank, world):
 def test_inference_mode_and_dynamic_token_counts():
     for equal in run_ranks(_inference_mode_case, 2):
         assert equal == [True, True, True]
+
+
+def _warm_cache_dump_case(rank, world, root):
+    files = []
+    for run in range(2):  # the second compile of the same graph would be an Inductor cache hit
+        torch._dynamo.reset()
+        shape = StackShape(layers=3)
+        dump = os.path.join(root, f"run_{run}")
+        _compiled(shape, SERIES, 1, {"lowering": "inductor", "dump_dir": dump})(make_input(shape))
+        graph_dirs = [d for d in os.listdir(os.path.join(dump, f"rank_{rank}")) if d.startswith("graph_")]
+        files.append(sorted(f for d in graph_dirs for f in os.listdir(os.path.join(dump, f"rank_{rank}", d))))
+    return files
+
+
+def test_per_pass_dumps_are_written_on_a_warm_cache(tmp_path):
+    for first, second in run_ranks(_warm_cache_dump_case, 2, str(tmp_path)):
+        assert first == second
+        assert "01_shared_weight.before.py" in second and "04_verify.after.py" in second
+        assert "schedule.json" in second and "timeline.svg" in second

@@ -139,3 +139,43 @@ def format_schedule(table: dict) -> str:
         if table.get(key):
             lines.append(f"{key}: {table[key]}")
     return "\n".join(lines)
+
+
+def _order(table: dict) -> list:
+    if "order" in table:
+        return table["order"]
+    rows = sorted(table.get("collectives", []), key=lambda r: r["issue"])
+    return [f"{r['series']}[{r['index']}] owner={r['owner']} bytes={r['bytes']}" for r in rows]
+
+
+def schedule_problems(tables: dict) -> list:
+    """What looks wrong in dumped schedules ``{name: schedule.json}``: a broadcast issued after
+    its wait or its first use; graphs over the same layers (any rank) whose collective orders
+    differ, which would pair the wrong broadcasts across ranks and deadlock."""
+    problems = []
+    for name, table in sorted(tables.items()):
+        for r in table.get("collectives", []):
+            layer = f"{r['series']}[{r['index']}]"
+            if r.get("wait") is not None and r["issue"] > r["wait"]:
+                problems.append(f"{name}: {layer} is waited (node {r['wait']}) before its broadcast is issued "
+                                f"(node {r['issue']})")
+            if r.get("first_use") is not None and r["issue"] >= r["first_use"]:
+                problems.append(f"{name}: {layer} is broadcast (node {r['issue']}) at or after its first use "
+                                f"(node {r['first_use']}): nothing of the transfer is hidden")
+            if r.get("first_use") is not None and r.get("wait") is not None and r["wait"] >= r["first_use"]:
+                problems.append(f"{name}: {layer} is used (node {r['first_use']}) before its wait (node {r['wait']})")
+    by_layers: dict = {}
+    for name, table in sorted(tables.items()):
+        order = _order(table)
+        by_layers.setdefault(tuple(sorted(o.split(" ")[0] for o in order)), []).append((name, order))
+    for graphs in by_layers.values():
+        ref_name, ref = graphs[0]
+        for name, order in graphs[1:]:
+            if order != ref:
+                i = next((i for i, (a, b) in enumerate(zip(ref, order)) if a != b), min(len(ref), len(order)))
+                problems.append(
+                    f"{ref_name} and {name} fetch the same layers in different orders (first difference at "
+                    f"broadcast {i}: {ref[i] if i < len(ref) else 'none'} vs {order[i] if i < len(order) else 'none'}); "
+                    "ranks running them together would deadlock"
+                )
+    return problems
