@@ -230,7 +230,7 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     dumper.schedule(table)
     state = comm.shard_state(plan.group_name)
     return GuardedGraph(
-        compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], [o.split(" ")[0] for o in order]),
+        compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], order),
         plan=plan, graph_id=dumper.graph_id, waits=pipeline.layer_nodes, timeout=state.get("timeout"),
         waits_in_order=[f"{r['series']}[{r['index']}]" for r in sorted(pipeline.final_schedule or planned,
                                                                         key=lambda r: r["wait"])],

@@ -2,6 +2,8 @@
 
 import os
 
+import re
+
 import pytest
 import torch
 
@@ -109,6 +111,23 @@ def test_config_errors_name_the_key_and_the_fix():
     integ.check_config(_Cfg(sw, mode=2))
     integ.check_config(_Cfg(sw, mode=1))
     integ.check_config(_Cfg({}, mode=3))  # nothing shared: nothing to refuse
+
+
+def test_vllm_ascend_layer_sharding_next_to_ours_is_refused():
+    from ascend_compile.integrations import vllm as integ
+
+    both = {"layer_sharding": ["o_proj", "q_b_proj"],
+            "ascend_compile": {"shared_weight": {"layers": ["o_proj", "down_proj"]}}}
+    with pytest.raises(ConfigError, match=re.escape(
+            "additional_config['layer_sharding'] (vLLM-Ascend's layer sharding) and additional_config['ascend_compile']"
+            "['shared_weight'] both shard ['o_proj']: those weights would be split twice. Use one: remove "
+            "'layer_sharding' and list every layer in ours, additional_config={'ascend_compile': {'shared_weight': "
+            "{'layers': ['down_proj', 'o_proj', 'q_b_proj']}}}.")):
+        integ.check_config(_Cfg(both, mode=2))
+    apart = {"layer_sharding": ["q_b_proj"], "ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}
+    with pytest.raises(ConfigError, match=r"shard different layers \(\['q_b_proj'\] there, \['o_proj'\] here\)"):
+        integ.check_config(_Cfg(apart, mode=2))
+    integ.check_config(_Cfg({"layer_sharding": ["o_proj"]}, mode=2))  # theirs alone: not ours to judge
 
 
 class _NPULikePlatform:

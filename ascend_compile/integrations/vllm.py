@@ -99,7 +99,8 @@ def check_config(vllm_config) -> None:
     ours = settings(vllm_config)
     if "shared_weight" not in ours:
         return
-    SharedWeightConfig.from_dict(dict(ours["shared_weight"]))  # its keys and values, before any group exists
+    cfg = SharedWeightConfig.from_dict(dict(ours["shared_weight"]))  # its keys and values, before any group exists
+    check_not_double_sharded(vllm_config, cfg)
     cc = vllm_config.compilation_config
     mode = _mode(cc)
     if mode == 3:
@@ -114,6 +115,34 @@ def check_config(vllm_config) -> None:
             "set compilation_config={'mode': %d, 'backend': 'ascend_compile'}" % mode
         )
     check_parallelism(vllm_config, ours.get("group", "world"))
+
+
+ASCEND_LAYER_SHARDING = "layer_sharding"  # vLLM-Ascend 0.23's own eager layer sharding (additional_config)
+
+
+def check_not_double_sharded(vllm_config, cfg: SharedWeightConfig) -> None:
+    """Refuse vLLM-Ascend's ``additional_config["layer_sharding"]`` next to our shared weights.
+
+    Both keep each layer's weight on one rank and broadcast it: on the same layers the weights
+    would be split twice. On different layers, vLLM-Ascend's eager hooks (``Tensor.set_`` in
+    forward pre-hooks) would run inside the graphs we compile, where they do not belong. It is
+    not accepted as an alias of ours either: its groups and hooks are vLLM-Ascend's, and one
+    explicit config is easier to check than two spellings."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    theirs = extra.get(ASCEND_LAYER_SHARDING)
+    if not theirs:
+        return
+    theirs = [theirs] if isinstance(theirs, str) else list(theirs)
+    both = sorted(set(theirs) & set(cfg.layers))
+    what = (f"both shard {both}: those weights would be split twice" if both else
+            f"shard different layers ({sorted(theirs)} there, {sorted(cfg.layers)} here): vLLM-Ascend's eager "
+            "hooks would run inside the graphs ascend_compile compiles")
+    merged = sorted(set(theirs) | set(cfg.layers))
+    raise ConfigError(
+        f"additional_config['layer_sharding'] (vLLM-Ascend's layer sharding) and "
+        f"additional_config['{CONFIG_KEY}']['shared_weight'] {what}. Use one: remove 'layer_sharding' and list "
+        f"every layer in ours, additional_config={{'{CONFIG_KEY}': {{'shared_weight': {{'layers': {merged}}}}}}}."
+    )
 
 
 def check_parallelism(vllm_config, group: str) -> None:

@@ -164,8 +164,9 @@ def _store():
     return _get_default_store()
 
 
-def order_key(group_name: str, generation: int, layers: list) -> str:
-    return f"ascend_compile/order/{group_name}/{generation}/{fingerprint(sorted(layers))}"
+def order_key(group_name: str, generation: int, order: list) -> str:
+    """Where graphs fetching the same broadcasts (layer, owner, bytes: in any order) publish their order."""
+    return f"ascend_compile/order/{group_name}/{generation}/{fingerprint(sorted(order))}"
 
 
 def publish_order(key: str, rank: int, order: list) -> None:
