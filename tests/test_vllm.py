@@ -452,3 +452,36 @@ def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_
         assert f"rank {rank}: equal=True" in out
     # the ranks served different requests (counts and max_tokens), so idle ranks ran dummy forwards
     assert lengths == [[6, 9], [10, 13, 16]]
+
+
+def test_generate_with_tp2_x_dp2_equals_the_unshared_run(tmp_path):
+    """``LLM(...).generate`` on 4 ranks under torchrun (external launcher): 2 data-parallel
+    replicas of 2 tensor-parallel ranks each (``--tp 2``), the replicas with different requests,
+    compiled by vLLM (mode 2) with our backend. Each TP shard is shared between the 2 ranks that
+    hold it (``"group": "dp"``): greedy tokens equal those without sharing, on every rank."""
+    import json
+    import sys
+
+    from ranks import run_command
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "vllm_generate.py")
+    code, out, err = run_command([sys.executable, example, "--model", "llama", "--prefetch-step", "1", "--tp", "2",
+                                  "--dir", str(tmp_path), "--timeout", "500"], timeout=1060)
+    assert code == 0, out[-3000:] + err[-3000:]
+    with open(tmp_path / "summary.json") as f:
+        results = json.load(f)
+    lengths = []
+    for rank in range(4):
+        unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
+        assert unshared["plan"] is None
+        assert shared["dp_rank"] == unshared["dp_rank"] == rank // 2  # ranks 0, 1: replica 0; 2, 3: replica 1
+        # shared over the DP group (2 ranks), not the world of 4: each rank's TP shard of every layer
+        assert shared["plan"]["series"] == ["down_proj", "o_proj"] and shared["plan"]["world_size"] == 2
+        assert shared["tokens"] == unshared["tokens"]
+        lengths.append([len(t) for t in shared["tokens"]])
+        saved = unshared["weight_bytes"] - shared["weight_bytes"]
+        assert abs(saved - shared["plan"]["saved_bytes"]) < 0.02 * shared["plan"]["saved_bytes"]
+        assert f"rank {rank}: equal=True" in out
+    # the TP ranks of a replica served its requests together; the replicas served different ones
+    assert lengths == [[6, 9], [6, 9], [10, 13, 16], [10, 13, 16]]
+    assert results["shared_rank0"]["tokens"] != results["shared_rank2"]["tokens"]
