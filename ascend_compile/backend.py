@@ -42,6 +42,7 @@ def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePl
     return CompilePlan(
         rank=comm.group_rank(pg), world_size=comm.group_size(pg), group_name=name,
         prefetch_step=None if step == "auto" else step, pin_order=options.pin_order,
+        formats=tuple(sorted(comm.shard_formats(name).items())),
     )
 
 

@@ -108,7 +108,8 @@ def register_converters(torchair) -> None:
     except ImportError:
         return  # a torchair without the converter registry: the backend path still works
     marker = shared_weight_targets()[1]
-    if marker in getattr(fx2ge_converter, "_CONVERTERS", {}):
+    registry = getattr(fx2ge_converter, "_CONVERTERS", {})
+    if marker in registry:
         return
     broadcast = torch.ops._c10d_functional.broadcast.default
 
@@ -116,6 +117,27 @@ def register_converters(torchair) -> None:
     def convert_shared_weight(w, series, index, owner, group_name, prefetch_step, meta_outputs=None):
         converter = _broadcast_converter(fx2ge_converter, broadcast)
         return converter(w, owner, group_name, meta_outputs=meta_outputs)
+
+    @torchair.register_fx_node_ge_converter(torch.ops.ascend_compile.receive_buffer.default)
+    def convert_receive_buffer(size, dtype, device, npu_format, meta_outputs=None):
+        """A receive buffer in the owner's format: torchair's own ``npu.empty_with_format``."""
+        converter = _empty_with_format_converter(fx2ge_converter)
+        return converter(size, dtype=dtype, device=device, acl_format=npu_format, meta_outputs=meta_outputs)
+
+
+def _empty_with_format_converter(fx2ge_converter):
+    import torch
+
+    registry = getattr(fx2ge_converter, "_CONVERTERS", {})
+    op = getattr(getattr(getattr(torch.ops, "npu", None), "empty_with_format", None), "default", None)
+    found = registry.get(op) if op is not None else None
+    if found is None:
+        raise RuntimeError(
+            "a shared weight is stored in FRACTAL_NZ, and this torchair has no converter for npu.empty_with_format "
+            "to allocate its receive buffer in a GE graph. Use a torchair that converts it, leave that series out, "
+            "or keep its processed weight in ND (e.g. VLLM_ASCEND_ENABLE_NZ=0 for unquantized layers)."
+        )
+    return getattr(found, "_converter", found)
 
 
 def _broadcast_converter(fx2ge_converter, op):

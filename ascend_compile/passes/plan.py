@@ -18,6 +18,10 @@ class CompilePlan:
     prefetch_step: Optional[int] = None  # overrides the step carried by the markers
     pin_order: bool = True
     inplace: bool = False  # broadcast_ into a fresh buffer / from the owner's parameter (no copies)
+    formats: tuple = ()  # (("series[index]", NPU format), ...) of weights not stored row-major
+
+    def format_of(self, series: str, index: int):
+        return dict(self.formats).get(f"{series}[{index}]")
 
     def step_for(self, marker_step: int, series: str) -> int:
         step = self.prefetch_step if self.prefetch_step is not None else marker_step

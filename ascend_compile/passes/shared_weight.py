@@ -9,6 +9,9 @@ aot_eager, eager) the broadcast is ``broadcast_``: the owner sends from its para
 every other rank receives into a fresh ``empty`` buffer, so no rank copies a layer. Without
 it (torchair, whose converters take the functional op) the functional ``broadcast`` clones
 its input first, a layer-sized copy on every rank.
+
+A weight stored in an NPU format other than row-major (FRACTAL_NZ, ``plan.formats``) is
+received into ``ascend_compile::receive_buffer`` in that format, on every path.
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ class SharedWeightMatch:
         nbytes = val.numel() * val.element_size() if val is not None else None
         info = {"series": a.series, "index": a.index, "owner": a.owner, "bytes": nbytes}
         new = []
+        fmt = plan.format_of(a.series, a.index)
+        if fmt is not None and val is None:
+            raise ValueError(f"{self.node.name}: {a.series}[{a.index}] is stored in NPU format {fmt} but the "
+                             "graph does not say its shape: cannot make its receive buffer")
         with graph.inserting_before(self.node):
             if plan.inplace and val is not None:
                 # No copy: the owner sends its own parameter (a broadcast leaves the source as it
@@ -48,14 +55,15 @@ class SharedWeightMatch:
                 if a.owner == plan.rank:
                     buf = a.weight
                 else:
-                    buf = graph.call_function(
-                        torch.ops.aten.empty.memory_format, (list(val.shape),),
-                        {"dtype": val.dtype, "device": val.device},
-                    )
+                    buf = self._buffer(graph, val, fmt)
                     new.append((buf, BUFFER))
                 issue = graph.call_function(_c10d.broadcast_.default, (buf, a.owner, a.group_name))
             else:
-                issue = graph.call_function(_c10d.broadcast.default, (a.weight, a.owner, a.group_name))
+                src = a.weight
+                if fmt is not None and a.owner != plan.rank:  # the functional broadcast receives into a
+                    src = self._buffer(graph, val, fmt)        # clone of its input: give it the owner's format
+                    new.append((src, BUFFER))
+                issue = graph.call_function(_c10d.broadcast.default, (src, a.owner, a.group_name))
             wait = graph.call_function(_c10d.wait_tensor.default, (issue,))
         for n, role in new + [(issue, ISSUE), (wait, WAIT)]:
             if val is not None:
@@ -65,6 +73,15 @@ class SharedWeightMatch:
         self.node.replace_all_uses_with(wait)
         graph.erase_node(self.node)
         return wait
+
+    @staticmethod
+    def _buffer(graph: fx.Graph, val, fmt) -> fx.Node:
+        """A receive buffer: ``empty``, or in the owner's NPU storage format (FRACTAL_NZ)."""
+        if fmt is None:
+            return graph.call_function(torch.ops.aten.empty.memory_format, (list(val.shape),),
+                                       {"dtype": val.dtype, "device": val.device})
+        return graph.call_function(torch.ops.ascend_compile.receive_buffer.default,
+                                   (list(val.shape), val.dtype, val.device, fmt))
 
     def reuse(self, wait: fx.Node) -> None:
         """A second read of the same parameter in one graph: use the first fetch (one collective)."""

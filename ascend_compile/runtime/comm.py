@@ -135,8 +135,15 @@ def proposed_generation(group_name: str) -> int:
     return state["generation"] + 1 if state else 1
 
 
-def record_shard(group_name: str, generation: int, costs: dict, timeout: Optional[float] = None) -> None:
-    _SHARD_STATE[group_name] = {"generation": generation, "costs": dict(costs), "timeout": timeout}
+def record_shard(group_name: str, generation: int, costs: dict, timeout: Optional[float] = None,
+                 formats: Optional[dict] = None) -> None:
+    _SHARD_STATE[group_name] = {"generation": generation, "costs": dict(costs), "timeout": timeout,
+                                "formats": dict(formats or {})}
+
+
+def shard_formats(group_name: str) -> dict:
+    """``{"series[index]": aclFormat}`` of the shared weights not stored row-major ({} off NPU)."""
+    return (_SHARD_STATE.get(group_name) or {}).get("formats", {})
 
 
 def shard_state(group_name: str) -> dict:

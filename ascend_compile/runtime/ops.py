@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm import group_from_name
+from . import formats
+from .comm import group_from_name, shard_formats
 
 OP_NAMESPACE = "ascend_compile"
 OP_NAME = "shared_weight"
@@ -34,7 +35,8 @@ def shared_weight(
     if dist.get_rank(pg) == owner:
         out = w.clone(memory_format=torch.contiguous_format)
     else:
-        out = torch.empty(w.shape, dtype=w.dtype, device=w.device)
+        fmt = shard_formats(group_name).get(f"{series}[{index}]")
+        out = formats.empty_in_format(w.shape, w.dtype, w.device, fmt)
     try:
         dist.broadcast(out, group_src=owner, group=pg)
     except Exception as e:
@@ -53,6 +55,18 @@ def shared_weight(
 @shared_weight.register_fake
 def _(w, series, index, owner, group_name, prefetch_step):
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::receive_buffer", mutates_args=())
+def receive_buffer(size: list[int], dtype: torch.dtype, device: torch.device, npu_format: int) -> torch.Tensor:
+    """An uninitialised buffer for a broadcast, in the owner's storage format (aclFormat int; a
+    row-major one gives a plain ``empty``). Our passes insert it for weights stored in FRACTAL_NZ."""
+    return formats.empty_in_format(size, dtype, device, npu_format)
+
+
+@receive_buffer.register_fake
+def _(size, dtype, device, npu_format):
+    return torch.empty(size, dtype=dtype, device=device)
 
 
 def shared_weight_targets() -> tuple:

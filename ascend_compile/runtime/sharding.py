@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import ConfigError, SharedWeightConfig
-from . import comm
+from . import comm, formats
 from .comm import ShardingError
 from .ops import AUTO_STEP
 
@@ -49,6 +49,7 @@ class ShardPlan:
     prefetch_step: int
     layer_series: dict  # layer series name -> [module names in index order]
     params: list  # [SharedParam]
+    formats: dict = dataclasses.field(default_factory=dict)  # "series[index]" -> NPU format, if not row-major
 
     def series_names(self) -> list:
         return sorted({p.series for p in self.params})
@@ -271,15 +272,27 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     ref = max(weights, key=lambda p: p.numel()) if weights else next(
         p for members in per_layer.values() for _, _, params in members for p in params.values())
     device = ref.device if ref.device.type != "meta" else torch.device("cpu")
+    by_module = {m: params for members in per_layer.values() for m, _, params in members}
+    owned_formats = {}
+    for sp in plan.params:
+        if sp.owner == plan.rank:
+            fmt = formats.storage_format(by_module[sp.module][sp.param])
+            if formats.special(fmt):
+                owned_formats[f"{sp.series}[{sp.index}]"] = fmt
     mine = {
         "generation": comm.proposed_generation(plan.group_name),
         "costs": autotune.measure_at_shard(pg, layer_bytes, tuple(ref.shape), ref.dtype, device),
+        "formats": owned_formats,
     }
     gathered: list = [None] * plan.world_size
     dist.all_gather_object(gathered, mine, group=pg)
     generation = max(g["generation"] for g in gathered)
     costs = autotune.agree([g["costs"] for g in gathered])
-    comm.record_shard(plan.group_name, generation, costs, timeout)
+    table = {k: v for g in gathered for k, v in g["formats"].items()}
+    for layer, fmt in sorted(table.items()):  # the same table on every rank: every rank raises
+        formats.check_reproducible(layer, fmt)
+    plan.formats = table
+    comm.record_shard(plan.group_name, generation, costs, timeout, table)
     return costs
 
 
