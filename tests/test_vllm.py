@@ -485,3 +485,35 @@ def test_generate_with_tp2_x_dp2_equals_the_unshared_run(tmp_path):
     # the TP ranks of a replica served its requests together; the replicas served different ones
     assert lengths == [[6, 9], [6, 9], [10, 13, 16], [10, 13, 16]]
     assert results["shared_rank0"]["tokens"] != results["shared_rank2"]["tokens"]
+
+
+def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_run(tmp_path):
+    """vLLM mode 1 (plain torch.compile of the whole model, dynamic shapes) with 2 DP ranks given
+    different batches: Dynamo recompiles when a rank first meets a batch shape, at different calls
+    on the two ranks (a rank with one request left specialises on 1 token). Nothing but the
+    graphs' broadcasts talks between the ranks after loading, so no rank waits for another's
+    compile: the shared run finishes and its tokens equal the unshared run's on both ranks."""
+    import glob
+    import json
+    import sys
+
+    from ranks import run_command
+
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "vllm_generate.py")
+    code, out, err = run_command([sys.executable, example, "--model", "llama", "--prefetch-step", "1", "--mode", "1",
+                                  "--dir", str(tmp_path), "--timeout", "500"], timeout=1060)
+    assert code == 0, out[-3000:] + err[-3000:]
+    with open(tmp_path / "summary.json") as f:
+        results = json.load(f)
+    for rank in range(2):
+        assert results[f"shared_rank{rank}"]["tokens"] == results[f"unshared_rank{rank}"]["tokens"]
+    graphs = {}
+    for path in glob.glob(str(tmp_path / "dumps" / "**" / "rank_*" / "graph_*" / "schedule.json"), recursive=True):
+        rank = int(path.split("rank_")[-1].split(os.sep)[0])
+        with open(path) as f:
+            graphs.setdefault(rank, []).append(json.load(f)["order"])
+    assert sorted(graphs) == [0, 1], sorted(graphs)
+    # more than one graph per rank (recompiles), all issuing the same broadcasts in the same order
+    assert all(len(g) >= 2 for g in graphs.values()), {r: len(g) for r, g in graphs.items()}
+    orders = [o for g in graphs.values() for o in g]
+    assert all(o == orders[0] for o in orders) and len(orders[0]) == 8  # o_proj + down_proj, 4 layers

@@ -175,9 +175,18 @@ def check_parallelism(vllm_config, group: str) -> None:
             f"pipeline_parallel_size={pp} with shared weights over group {group!r}: pipeline stages hold different "
             "layers; " + fix_dp)
     if dp < 2 and group == "dp":
+        independent = ""
+        if getattr(pc, "distributed_executor_backend", None) != "external_launcher":
+            # vLLM's multi-process engine resets data_parallel_size to 1 in each engine of a model
+            # without experts (its DP ranks are independent engines); data_parallel_index keeps the rank
+            independent = (" If you started `vllm serve --data-parallel-size N` with a model without experts: vLLM "
+                           "runs each data-parallel rank as an independent engine and sets data_parallel_size to 1 "
+                           "in it, so there is no lockstep to share weights in; start the ranks with torchrun and "
+                           "distributed_executor_backend='external_launcher' instead.")
         raise ConfigError(
             f"shared weights over group {group!r} need 2 or more ranks in it: data_parallel_size={dp}, "
-            f"tensor_parallel_size={tp}. Nothing to share with: run data_parallel_size >= 2, or drop shared_weight")
+            f"tensor_parallel_size={tp}. Nothing to share with: run data_parallel_size >= 2, or drop "
+            f"shared_weight.{independent}")
     launcher = getattr(pc, "distributed_executor_backend", None)
     model_config = getattr(vllm_config, "model_config", None)
     is_moe = bool(getattr(model_config, "is_moe", False))
@@ -189,6 +198,9 @@ def check_parallelism(vllm_config, group: str) -> None:
             "'external_launcher' (every model's ranks then run in lockstep), or serve a MoE model")
 
 
+_LOADED_CONFIG = None  # the config of the model this process loaded (one engine per process)
+
+
 def compile_options() -> Optional[dict]:
     """Backend options from the current vLLM config, or None outside vLLM (never imports vLLM)."""
     if "vllm.config" not in sys.modules:
@@ -197,7 +209,9 @@ def compile_options() -> Optional[dict]:
 
     try:
         vllm_config = get_current_vllm_config()
-    except Exception:
+    except Exception:  # vLLM 0.23 calls the compiler outside its config context: the loader's config
+        vllm_config = _LOADED_CONFIG
+    if vllm_config is None:
         return None
     ours = settings(vllm_config)
     options = dict(ours.get("compile") or {})
@@ -378,7 +392,9 @@ def prepare(vllm_config) -> None:
     what the backend returns and refuses a callable that is not torch's ``SerializableCallable``;
     ours are not serialisable (they hold a process group and per-rank schedules).
     """
+    global _LOADED_CONFIG
     check_config(vllm_config)
+    _LOADED_CONFIG = vllm_config
     if not uses_our_backend(vllm_config):
         return
     if os.environ.get("VLLM_USE_AOT_COMPILE") is None:
