@@ -127,6 +127,8 @@ def measure_at_shard(pg, layer_bytes: int, weight_shape: tuple, dtype, device) -
     """This rank's link and matmul measurements (the link part is a collective: shard time only)."""
     bandwidth, latency = measure_link(pg, layer_bytes, device=device)
     out_features, in_features = (weight_shape[0], weight_shape[-1]) if len(weight_shape) >= 2 else (1, 1)
+    if not dtype.is_floating_point:  # a quantized weight (int8 ...): its matmul runs in the activation dtype
+        dtype = torch.bfloat16 if torch.device(device).type != "cpu" else torch.float32
     rate = measure_flops_per_s((MATMUL_TOKENS, in_features, out_features), dtype=dtype, device=device)
     return {"bandwidth": bandwidth, "latency_s": latency, "flops_per_s": rate}
 
