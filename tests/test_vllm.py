@@ -422,6 +422,7 @@ def test_vllm_resolves_our_backend_name_in_modes_1_and_2(mode):
     assert cfg.compilation_config.init_backend(cfg) == "ascend_compile"
 
 
+@pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
 @pytest.mark.parametrize("model, step", [("llama", "1"), ("deepseek_v2", "auto")])
 def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_path):
     """``LLM(...).generate`` on 2 data-parallel ranks under torchrun (external launcher), each
@@ -454,6 +455,7 @@ def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_
     assert lengths == [[6, 9], [10, 13, 16]]
 
 
+@pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
 def test_generate_with_tp2_x_dp2_equals_the_unshared_run(tmp_path):
     """``LLM(...).generate`` on 4 ranks under torchrun (external launcher): 2 data-parallel
     replicas of 2 tensor-parallel ranks each (``--tp 2``), the replicas with different requests,
@@ -487,6 +489,7 @@ def test_generate_with_tp2_x_dp2_equals_the_unshared_run(tmp_path):
     assert results["shared_rank0"]["tokens"] != results["shared_rank2"]["tokens"]
 
 
+@pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
 def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_run(tmp_path):
     """vLLM mode 1 (plain torch.compile of the whole model, dynamic shapes) with 2 DP ranks given
     different batches: Dynamo recompiles when a rank first meets a batch shape, at different calls
