@@ -422,23 +422,29 @@ def test_vllm_resolves_our_backend_name_in_modes_1_and_2(mode):
     assert cfg.compilation_config.init_backend(cfg) == "ascend_compile"
 
 
-@pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
-@pytest.mark.parametrize("model, step", [("llama", "1"), ("deepseek_v2", "auto")])
-def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_path):
-    """``LLM(...).generate`` on 2 data-parallel ranks under torchrun (external launcher), each
-    rank with different requests, compiled by vLLM (mode 2) with our backend: greedy tokens
-    with shared weights equal those without, on every rank (prefill and decode)."""
+def _run_example(tmp_path, *args) -> tuple:
+    """Run examples/vllm_generate.py (two torchrun jobs, unshared then shared) into ``tmp_path``:
+    ``(its stdout, summary.json)``; fails the test with the output's tail if it fails."""
     import json
     import sys
 
     from ranks import run_command
 
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "vllm_generate.py")
-    code, out, err = run_command([sys.executable, example, "--model", model, "--prefetch-step", step,
-                                  "--dir", str(tmp_path), "--timeout", "500"], timeout=560)
+    code, out, err = run_command([sys.executable, example, *args, "--dir", str(tmp_path), "--timeout", "500"],
+                                 timeout=1060)
     assert code == 0, out[-3000:] + err[-3000:]
     with open(tmp_path / "summary.json") as f:
-        results = json.load(f)
+        return out, json.load(f)
+
+
+@pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
+@pytest.mark.parametrize("model, step", [("llama", "1"), ("deepseek_v2", "auto")])
+def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_path):
+    """``LLM(...).generate`` on 2 data-parallel ranks under torchrun (external launcher), each
+    rank with different requests, compiled by vLLM (mode 2) with our backend: greedy tokens
+    with shared weights equal those without, on every rank (prefill and decode)."""
+    out, results = _run_example(tmp_path, "--model", model, "--prefetch-step", step)
     series = ["down_proj", "o_proj"] + (["q_b_proj"] if model == "deepseek_v2" else [])
     lengths = []
     for rank in range(2):
@@ -461,17 +467,7 @@ def test_generate_with_tp2_x_dp2_equals_the_unshared_run(tmp_path):
     replicas of 2 tensor-parallel ranks each (``--tp 2``), the replicas with different requests,
     compiled by vLLM (mode 2) with our backend. Each TP shard is shared between the 2 ranks that
     hold it (``"group": "dp"``): greedy tokens equal those without sharing, on every rank."""
-    import json
-    import sys
-
-    from ranks import run_command
-
-    example = os.path.join(os.path.dirname(__file__), "..", "examples", "vllm_generate.py")
-    code, out, err = run_command([sys.executable, example, "--model", "llama", "--prefetch-step", "1", "--tp", "2",
-                                  "--dir", str(tmp_path), "--timeout", "500"], timeout=1060)
-    assert code == 0, out[-3000:] + err[-3000:]
-    with open(tmp_path / "summary.json") as f:
-        results = json.load(f)
+    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--tp", "2")
     lengths = []
     for rank in range(4):
         unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
@@ -498,16 +494,8 @@ def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_ru
     compile: the shared run finishes and its tokens equal the unshared run's on both ranks."""
     import glob
     import json
-    import sys
 
-    from ranks import run_command
-
-    example = os.path.join(os.path.dirname(__file__), "..", "examples", "vllm_generate.py")
-    code, out, err = run_command([sys.executable, example, "--model", "llama", "--prefetch-step", "1", "--mode", "1",
-                                  "--dir", str(tmp_path), "--timeout", "500"], timeout=1060)
-    assert code == 0, out[-3000:] + err[-3000:]
-    with open(tmp_path / "summary.json") as f:
-        results = json.load(f)
+    _, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "1")
     for rank in range(2):
         assert results[f"shared_rank{rank}"]["tokens"] == results[f"unshared_rank{rank}"]["tokens"]
     graphs = {}
