@@ -75,6 +75,15 @@ def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOpt
     if options.prefetch_step != "auto" and (plan.prefetch_step is not None or not autotune.wants_auto(gm)):
         return plan, None
     agreed = comm.shard_state(plan.group_name)["costs"]
+    if agreed is None:  # sharded with a fixed step: nothing was measured
+        missing = [k for k in ("bandwidth", "latency_s", "compute_s") if k not in options.cost_model]
+        if missing:
+            raise ConfigError(
+                "options['prefetch_step']='auto' on a model sharded with a fixed prefetch_step: the link is measured "
+                "when sharding, and only for SharedWeightConfig(prefetch_step='auto'). Shard with prefetch_step='auto', "
+                f"or give options['cost_model'] the missing {missing}"
+            )
+        agreed = {}
     canonical = collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=0)))
 
     def same_order(k: int) -> bool:

@@ -70,3 +70,24 @@ def test_auto_step_follows_given_costs():
     assert [k for _, k, _ in run_ranks(_auto_case, 2, given)] == [1, 1]
     assert [k for _, k, _ in run_ranks(_auto_case, 2, dict(given, bandwidth=1e15))] == [0, 0]
     assert [k for _, k, _ in run_ranks(_auto_case, 2, dict(given, memory_budget=24576))] == [0, 0]
+
+
+def _auto_at_compile_case(rank, world, cost_model):
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))  # nothing measured
+    fn = torch.compile(model, backend="ascend_compile",
+                       options={"lowering": "aot_eager", "prefetch_step": "auto", "cost_model": cost_model})
+    try:
+        return torch.equal(fn(make_input(shape)), build_stack(shape)(make_input(shape)))
+    except Exception as e:  # Dynamo wraps what a backend raises
+        return str(e)
+
+
+def test_auto_at_compile_time_needs_shard_time_measurements_or_given_costs():
+    for msg in run_ranks(_auto_at_compile_case, 2, {"bandwidth": 1e9}):
+        assert "options['prefetch_step']='auto' on a model sharded with a fixed prefetch_step" in msg
+        assert "the missing ['latency_s', 'compute_s']" in msg
+    given = {"bandwidth": 1e9, "latency_s": 0.0, "compute_s": 1e-3}
+    assert run_ranks(_auto_at_compile_case, 2, given) == [True, True]

@@ -123,10 +123,15 @@ def measure_link(pg, nbytes: int, repeats: int = 5, device="cpu") -> tuple:
 MATMUL_TOKENS = 256  # rows of the shard-time matmul that measures the compute rate
 
 
+LINK_BYTES_MAX = 64 << 20  # enough to see a link's bandwidth; bounds the shard-time buffer
+MATMUL_DIM_MAX = 4096
+
+
 def measure_at_shard(pg, layer_bytes: int, weight_shape: tuple, dtype, device) -> dict:
     """This rank's link and matmul measurements (the link part is a collective: shard time only)."""
-    bandwidth, latency = measure_link(pg, layer_bytes, device=device)
-    out_features, in_features = (weight_shape[0], weight_shape[-1]) if len(weight_shape) >= 2 else (1, 1)
+    bandwidth, latency = measure_link(pg, min(layer_bytes, LINK_BYTES_MAX), device=device)
+    out_features, in_features = (
+        (min(weight_shape[0], MATMUL_DIM_MAX), min(weight_shape[-1], MATMUL_DIM_MAX)) if len(weight_shape) >= 2 else (1, 1))
     if not dtype.is_floating_point:  # a quantized weight (int8 ...): its matmul runs in the activation dtype
         dtype = torch.bfloat16 if torch.device(device).type != "cpu" else torch.float32
     rate = measure_flops_per_s((MATMUL_TOKENS, in_features, out_features), dtype=dtype, device=device)
@@ -158,8 +163,9 @@ def choose(gm: fx.GraphModule, agreed: dict, overrides: Optional[dict] = None, a
         compute_s = flops / max(layers, 1) / agreed["flops_per_s"]
     inputs = CostInputs(
         layers=layers, layer_bytes=layer_bytes, window_bytes=layer_bytes,
-        bandwidth=float(overrides.get("bandwidth", agreed["bandwidth"])), compute_s=float(compute_s),
-        latency_s=float(overrides.get("latency_s", agreed.get("latency_s", 0.0))),
+        bandwidth=float(overrides["bandwidth"] if "bandwidth" in overrides else agreed["bandwidth"]),
+        compute_s=float(compute_s),
+        latency_s=float(overrides["latency_s"] if "latency_s" in overrides else agreed.get("latency_s", 0.0)),
         memory_budget=overrides.get("memory_budget"),
     )
     return choose_prefetch_step(inputs, allowed=allowed)

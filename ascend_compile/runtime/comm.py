@@ -137,7 +137,8 @@ def proposed_generation(group_name: str) -> int:
 
 def record_shard(group_name: str, generation: int, costs: dict, timeout: Optional[float] = None,
                  formats: Optional[dict] = None) -> None:
-    _SHARD_STATE[group_name] = {"generation": generation, "costs": dict(costs), "timeout": timeout,
+    _SHARD_STATE[group_name] = {"generation": generation, "costs": dict(costs) if costs is not None else None,
+                                "timeout": timeout,
                                 "formats": dict(formats or {})}
 
 

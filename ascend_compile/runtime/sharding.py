@@ -257,9 +257,10 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
 
 def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[float] = None) -> dict:
     """Settle, while every rank is here, what compiled graphs need the ranks to agree on later:
-    the link and matmul measurements of ``prefetch_step="auto"`` (slowest rank wins) and the
-    sharding generation that names this model's entries in the store's order check. One
-    collective exchange; nothing later needs one."""
+    the link and matmul measurements of ``prefetch_step="auto"`` (slowest rank wins; taken only
+    when the config asks for "auto"), the owners' storage formats, and the sharding generation
+    that names this model's entries in the store's order check. One collective exchange (plus
+    the link measurement's broadcasts); nothing later needs one."""
     import torch.distributed as dist
 
     from . import autotune
@@ -279,15 +280,16 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
             fmt = formats.storage_format(by_module[sp.module][sp.param])
             if formats.special(fmt):
                 owned_formats[f"{sp.series}[{sp.index}]"] = fmt
+    auto = plan.prefetch_step == AUTO_STEP  # measuring costs a layer-sized buffer or two: only for "auto"
     mine = {
         "generation": comm.proposed_generation(plan.group_name),
-        "costs": autotune.measure_at_shard(pg, layer_bytes, tuple(ref.shape), ref.dtype, device),
+        "costs": autotune.measure_at_shard(pg, layer_bytes, tuple(ref.shape), ref.dtype, device) if auto else None,
         "formats": owned_formats,
     }
     gathered: list = [None] * plan.world_size
     dist.all_gather_object(gathered, mine, group=pg)
     generation = max(g["generation"] for g in gathered)
-    costs = autotune.agree([g["costs"] for g in gathered])
+    costs = autotune.agree([g["costs"] for g in gathered]) if auto else None
     table = {k: v for g in gathered for k, v in g["formats"].items()}
     for layer, fmt in sorted(table.items()):  # the same table on every rank: every rank raises
         formats.check_reproducible(layer, fmt)
