@@ -178,3 +178,29 @@ def test_timeout_must_be_positive():
         ac.SharedWeightConfig(layers=["o_proj"], timeout=0)
     with pytest.raises(ac.ConfigError, match="timeout must be a number of seconds > 0"):
         ac.SharedWeightConfig(layers=["o_proj"], timeout="10")
+
+
+def test_the_store_is_asked_at_calls_1_2_4_8_until_every_peer_published(monkeypatch):
+    import importlib
+
+    from ascend_compile.runtime import comm
+    from graphs import plan
+
+    backend = importlib.import_module("ascend_compile.backend")  # ac.backend is the backend callable
+
+    asked = []
+    answers = iter([False, False, False, True])  # the peers have all published by the 4th lookup
+    monkeypatch.setattr(comm, "publish_order", lambda key, rank, order: None)
+    monkeypatch.setattr(comm, "check_published", lambda *a: asked.append(calls[0]) or next(answers))
+    calls = [0]
+
+    def compiled(x):
+        calls[0] += 1
+        return x
+
+    g = backend.GuardedGraph(compiled, order=["o_proj.weight[0] owner=0 bytes=4"], key="k", plan=plan(),
+                             graph_id="0_0", waits={}, waits_in_order=[])
+    for _ in range(20):
+        g(1)
+    assert asked == [0, 1, 3, 7]  # looked up before calls 1, 2, 4 and 8; verified after that
+    assert g.verified and calls[0] == 20
