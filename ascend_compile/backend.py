@@ -20,7 +20,9 @@ from .lowering import get_lowering
 from .passes import CompilePlan, PassPipeline, collective_schedule, default_passes, rewrite_shared_weights, schedule_prefetch
 from .passes.graph import is_marker, marker_args
 from .passes.plan import marker_groups
+from .passes.prefetch import collective_order
 from .runtime import comm
+from .runtime.ops import layer_name
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +105,6 @@ def planned_schedule(gm: fx.GraphModule, plan: CompilePlan) -> list:
     return collective_schedule(copy.graph)
 
 
-def collective_order(schedule: list) -> list:
-    """What must be identical on every rank, for every graph over the same layers: the broadcasts
-    in issue order (layer, owner, bytes). The step is not part of it: ranks may fetch further
-    ahead or not, as long as they issue the same broadcasts in the same order."""
-    return [f"{r['series']}[{r['index']}] owner={r['owner']} bytes={r['bytes']}" for r in schedule]
-
-
 class GuardedGraph:
     """A compiled graph with shared weights, checked against the other ranks without a collective.
 
@@ -163,10 +158,9 @@ class GuardedGraph:
         where = f"the broadcast of {layer}" if layer else f"one of its {len(self.order)} broadcasts"
         bound = (f"SharedWeightConfig(timeout={self.timeout})" if self.timeout is not None
                  else "the process group's own timeout (set SharedWeightConfig(timeout=...) to bound it)")
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return (
             f"compiled graph {self.graph_id} failed in {where} over process group {self.plan.group_name!r} "
-            f"(rank {self.plan.rank} of {self.plan.world_size}): {first}. A peer rank died, or it stopped issuing "
+            f"(rank {self.plan.rank} of {self.plan.world_size}): {comm.first_line(e)}. A peer rank died, or it stopped issuing "
             f"the same collectives (it skipped a forward, or ran a different model path); the wait was bounded by "
             f"{bound}. The group is unusable after this: restart every rank."
         )
@@ -245,8 +239,8 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     return GuardedGraph(
         compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], order),
         plan=plan, graph_id=dumper.graph_id, waits=pipeline.layer_nodes, timeout=state.get("timeout"),
-        waits_in_order=[f"{r['series']}[{r['index']}]" for r in sorted(pipeline.final_schedule or planned,
-                                                                        key=lambda r: r["wait"])],
+        waits_in_order=[layer_name(r["series"], r["index"]) for r in sorted(pipeline.final_schedule or planned,
+                                                                             key=lambda r: r["wait"])],
         check=opts.check_ranks,
     )
 

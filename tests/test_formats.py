@@ -37,7 +37,7 @@ class FakeFormats(types.ModuleType):
         return self.npu_format_cast(t, acl_format)
 
 
-def _install(monkeypatch=None):
+def _install():
     from ascend_compile.runtime import formats
 
     fake = FakeFormats()

@@ -22,6 +22,9 @@ from typing import Optional
 from torch import fx
 from torch._logging import trace_structured
 
+from ..passes.prefetch import collective_order
+from ..runtime.ops import layer_name
+
 
 def compile_id() -> str:
     """Dynamo's id of the frame being compiled ("0_0"), or "0" outside Dynamo."""
@@ -141,13 +144,6 @@ def format_schedule(table: dict) -> str:
     return "\n".join(lines)
 
 
-def _order(table: dict) -> list:
-    if "order" in table:
-        return table["order"]
-    rows = sorted(table.get("collectives", []), key=lambda r: r["issue"])
-    return [f"{r['series']}[{r['index']}] owner={r['owner']} bytes={r['bytes']}" for r in rows]
-
-
 def schedule_problems(tables: dict) -> list:
     """What looks wrong in dumped schedules ``{name: schedule.json}``: a broadcast issued after
     its wait or its first use; graphs over the same layers (any rank) whose collective orders
@@ -155,7 +151,7 @@ def schedule_problems(tables: dict) -> list:
     problems = []
     for name, table in sorted(tables.items()):
         for r in table.get("collectives", []):
-            layer = f"{r['series']}[{r['index']}]"
+            layer = layer_name(r["series"], r["index"])
             if r.get("wait") is not None and r["issue"] > r["wait"]:
                 problems.append(f"{name}: {layer} is waited (node {r['wait']}) before its broadcast is issued "
                                 f"(node {r['issue']})")
@@ -166,7 +162,7 @@ def schedule_problems(tables: dict) -> list:
                 problems.append(f"{name}: {layer} is used (node {r['first_use']}) before its wait (node {r['wait']})")
     by_layers: dict = {}
     for name, table in sorted(tables.items()):
-        order = _order(table)
+        order = table["order"] if "order" in table else collective_order(table.get("collectives", []))
         by_layers.setdefault(tuple(sorted(o.split(" ")[0] for o in order)), []).append((name, order))
     for graphs in by_layers.values():
         ref_name, ref = graphs[0]

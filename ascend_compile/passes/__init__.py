@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 from torch import fx
 
+from ..runtime.ops import layer_name
+from .graph import collective_pairs
 from .npu_streams import assign_broadcast_stream
 from .pin_order import EDGES_META, pin_collective_order
 from .plan import CompilePlan
@@ -46,8 +48,7 @@ class PassPipeline:
                 self.observer(i, name, "after", gm)
         self.final_schedule = collective_schedule(gm.graph)
         self.layer_nodes = {
-            n.name: f"{t['series']}[{t['index']}]" for n in gm.graph.nodes
-            if (t := n.meta.get("ascend_compile")) and t["role"] in ("issue", "wait")
+            node.name: layer_name(*key) for key, pair in collective_pairs(gm.graph).items() for node in pair.values()
         }
         self.ordering_edges = gm.meta.get(EDGES_META)
         return gm

@@ -7,6 +7,7 @@ from typing import Optional
 
 from torch import fx
 
+from ..runtime.ops import layer_name
 from .graph import is_marker, marker_args
 
 
@@ -21,7 +22,7 @@ class CompilePlan:
     formats: tuple = ()  # (("series[index]", NPU format), ...) of weights not stored row-major
 
     def format_of(self, series: str, index: int):
-        return dict(self.formats).get(f"{series}[{index}]")
+        return dict(self.formats).get(layer_name(series, index))
 
     def step_for(self, marker_step: int, series: str) -> int:
         step = self.prefetch_step if self.prefetch_step is not None else marker_step

@@ -22,6 +22,7 @@ from torch import fx
 from .graph import (
     BUFFER, ISSUE, WAIT, collective_pairs, entry_point, first_user, positions, role, tag, value_users,
 )
+from ..runtime.ops import layer_name
 from .plan import CompilePlan
 
 log = logging.getLogger(__name__)
@@ -142,3 +143,12 @@ def collective_schedule(graph: fx.Graph) -> list:
         })
     rows.sort(key=lambda r: r["issue"])
     return rows
+
+
+def collective_order(schedule: list) -> list:
+    """What must be identical on every rank, for every graph over the same layers: the broadcasts
+    of ``collective_schedule`` rows in issue order (layer, owner, bytes). The step is not part of
+    it: ranks may fetch further ahead or not, as long as they issue the same broadcasts in the
+    same order."""
+    rows = sorted(schedule, key=lambda r: r["issue"])
+    return [f"{layer_name(r['series'], r['index'])} owner={r['owner']} bytes={r['bytes']}" for r in rows]

@@ -223,6 +223,12 @@ def set_timeout(pg: dist.ProcessGroup, seconds: float) -> None:
     pg.set_timeout(datetime.timedelta(seconds=seconds))
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (c10d errors carry long backtraces), or its type."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def is_comm_failure(e: BaseException) -> bool:
     """An exception that a failed or timed-out collective raises (gloo, HCCL, NCCL, c10d)."""
     if isinstance(e, getattr(dist, "DistError", ())):

@@ -27,6 +27,11 @@ OP_NAME = "shared_weight"
 AUTO_STEP = -1  # prefetch_step="auto" as carried by the op
 
 
+def layer_name(series: str, index: int) -> str:
+    """``"o_proj.weight[3]"``: how a shared parameter is named in tables, keys and messages."""
+    return f"{series}[{index}]"
+
+
 @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}", mutates_args=())
 def shared_weight(
     w: torch.Tensor, series: str, index: int, owner: int, group_name: str, prefetch_step: int
@@ -35,19 +40,18 @@ def shared_weight(
     if dist.get_rank(pg) == owner:
         out = w.clone(memory_format=torch.contiguous_format)
     else:
-        fmt = shard_formats(group_name).get(f"{series}[{index}]")
+        fmt = shard_formats(group_name).get(layer_name(series, index))
         out = formats.empty_in_format(w.shape, w.dtype, w.device, fmt)
     try:
         dist.broadcast(out, group_src=owner, group=pg)
     except Exception as e:
-        from .comm import PeerError, is_comm_failure
+        from .comm import PeerError, first_line, is_comm_failure
 
         if not is_comm_failure(e):
             raise
         raise PeerError(
-            f"the broadcast of {series}[{index}] from rank {owner} over process group {group_name!r} failed: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}. A peer rank died, or it "
-            "stopped issuing the same collectives; restart every rank."
+            f"the broadcast of {layer_name(series, index)} from rank {owner} over process group {group_name!r} "
+            f"failed: {first_line(e)}. A peer rank died, or it stopped issuing the same collectives; restart every rank."
         ) from e
     return out
 

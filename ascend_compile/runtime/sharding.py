@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from ..config import ConfigError, SharedWeightConfig
 from . import comm, formats
 from .comm import ShardingError
-from .ops import AUTO_STEP
+from .ops import AUTO_STEP, layer_name
 
 PLAN_ATTR = "_ascend_compile_plan"
 
@@ -265,25 +265,17 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
 
     from . import autotune
 
-    layer_bytes = sum(
-        max(sum(p.numel() * p.element_size() for p in params.values()) for _, _, params in members)
-        for members in per_layer.values()
-    )
-    weights = [p for members in per_layer.values() for _, _, params in members for p in params.values() if p.dim() >= 2]
-    ref = max(weights, key=lambda p: p.numel()) if weights else next(
-        p for members in per_layer.values() for _, _, params in members for p in params.values())
-    device = ref.device if ref.device.type != "meta" else torch.device("cpu")
     by_module = {m: params for members in per_layer.values() for m, _, params in members}
     owned_formats = {}
     for sp in plan.params:
         if sp.owner == plan.rank:
             fmt = formats.storage_format(by_module[sp.module][sp.param])
             if formats.special(fmt):
-                owned_formats[f"{sp.series}[{sp.index}]"] = fmt
+                owned_formats[layer_name(sp.series, sp.index)] = fmt
     auto = plan.prefetch_step == AUTO_STEP  # measuring costs a layer-sized buffer or two: only for "auto"
     mine = {
         "generation": comm.proposed_generation(plan.group_name),
-        "costs": autotune.measure_at_shard(pg, layer_bytes, tuple(ref.shape), ref.dtype, device) if auto else None,
+        "costs": _measure(pg, per_layer) if auto else None,
         "formats": owned_formats,
     }
     gathered: list = [None] * plan.world_size
@@ -296,6 +288,22 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     plan.formats = table
     comm.record_shard(plan.group_name, generation, costs, timeout, table)
     return costs
+
+
+def _measure(pg, per_layer: dict) -> dict:
+    """This rank's ``"auto"`` measurements: broadcasts of one decoder layer's bytes (all series)
+    and a matmul shaped like the largest shared weight, on the weights' device."""
+    from . import autotune
+
+    params = [p for members in per_layer.values() for _, _, ps in members for p in ps.values()]
+    layer_bytes = sum(
+        max(sum(p.numel() * p.element_size() for p in ps.values()) for _, _, ps in members)
+        for members in per_layer.values()
+    )
+    weights = [p for p in params if p.dim() >= 2]
+    ref = max(weights, key=lambda p: p.numel()) if weights else params[0]
+    device = ref.device if ref.device.type != "meta" else torch.device("cpu")
+    return autotune.measure_at_shard(pg, layer_bytes, tuple(ref.shape), ref.dtype, device)
 
 
 def get_plan(model: nn.Module) -> Optional[ShardPlan]:
