@@ -45,7 +45,28 @@ def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePl
         rank=comm.group_rank(pg), world_size=comm.group_size(pg), group_name=name,
         prefetch_step=None if step == "auto" else step, pin_order=options.pin_order,
         formats=tuple(sorted(comm.shard_formats(name).items())),
+        wrap=wrap_around_series(gm.graph, comm.shard_state(name).get("wrap") or {}),
     )
+
+
+def wrap_around_series(graph: fx.Graph, wrap: dict) -> tuple:
+    """``(("series", w), ...)``: the series this graph prefetches across steps. Only a graph that
+    holds every layer of a series (the whole forward of it) can hand its first layers to the next
+    forward; a series split over several graphs (graph breaks, piecewise) fetches within each."""
+    windows, lengths = wrap.get("windows", 0), wrap.get("series_layers", {})
+    if not windows:
+        return ()
+    layers: dict = {}
+    for n in graph.nodes:
+        if is_marker(n):
+            a = marker_args(n)
+            layers.setdefault(a.series, set()).add(a.index)
+    out = []
+    for series, indices in sorted(layers.items()):
+        n = lengths.get(series, 0)
+        if n >= 2 and indices == set(range(n)):
+            out.append((series, min(windows, n - 1)))
+    return tuple(out)
 
 
 def check_step_in_range(graph: fx.Graph, step: int) -> None:
@@ -149,7 +170,7 @@ class GuardedGraph:
         try:
             return self.compiled(*args)
         except Exception as e:
-            if not comm.is_comm_failure(e):
+            if isinstance(e, comm.PeerError) or not comm.is_comm_failure(e):  # window ops name their layer
                 raise
             raise comm.PeerError(self.describe_failure(e)) from e
 
@@ -197,7 +218,8 @@ def schedule_table(plan: CompilePlan, rows: list) -> dict:
     return {
         "rank": plan.rank, "world_size": plan.world_size, "group": plan.group_name,
         "prefetch_step": steps[0] if len(steps) == 1 else steps,
-        "collectives": [{k: r[k] for k in ("series", "index", "owner", "bytes", "issue", "wait", "first_use", "last_use")} for r in rows],
+        "collectives": [{k: r[k] for k in ("series", "index", "owner", "bytes", "issue", "wait", "first_use", "last_use", "kind")}
+                        for r in rows],
     }
 
 
@@ -214,7 +236,8 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
         return _lower(lowering, gm, example_inputs, None, opts, mode)
 
     plan = dataclasses.replace(plan, pin_order=opts.pin_order and lowering.PINS_ORDER,
-                               inplace=lowering.INPLACE_BROADCAST)
+                               inplace=lowering.INPLACE_BROADCAST,
+                               wrap=plan.wrap if getattr(lowering, "WRAP_AROUND", False) else ())
     plan, explanation = resolve_auto_step(gm, plan, opts)
     # Directories by global rank: with several sharing groups (one per data-parallel replica,
     # say) group ranks repeat across processes and would overwrite each other's dumps.
@@ -239,8 +262,10 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     return GuardedGraph(
         compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], order),
         plan=plan, graph_id=dumper.graph_id, waits=pipeline.layer_nodes, timeout=state.get("timeout"),
+        # the c10d waits only (Inductor's wrapper shows them as wait_tensor; window ops name their layer)
         waits_in_order=[layer_name(r["series"], r["index"]) for r in sorted(pipeline.final_schedule or planned,
-                                                                             key=lambda r: r["wait"])],
+                                                                             key=lambda r: r["wait"] or 0)
+                        if r["kind"] == "fetch"],
         check=opts.check_ranks,
     )
 

@@ -51,6 +51,12 @@ class SharedWeightConfig:
     ``timeout``: seconds after which a broadcast that a peer does not join raises (a dead or
     diverged rank) instead of blocking; sets the sharing group's timeout at shard time (it then
     bounds every collective of that group). ``None`` keeps the group's own timeout.
+    ``wrap_around``: prefetch across steps. A compiled graph that holds a whole series broadcasts
+    its first ``w`` layers for the next forward during its own last layers, into windows that
+    persist between forwards (``w`` = ``prefetch_step``, 1 for ``"auto"``, none for ``0``), so
+    the next forward does not wait for them at its entry. Costs ``w`` layers of memory held
+    between forwards. After changing weights call ``invalidate_prefetch`` on every rank.
+    ``False`` fetches every layer within its own forward.
     """
 
     layers: Sequence[str]
@@ -58,6 +64,7 @@ class SharedWeightConfig:
     group: Any = None
     params: Optional[Sequence[str]] = None
     timeout: Optional[float] = None
+    wrap_around: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -78,6 +85,14 @@ class SharedWeightConfig:
             raise ConfigError(
                 f"timeout must be a number of seconds > 0 (or None for the process group's own), got {self.timeout!r}"
             )
+        if not isinstance(self.wrap_around, bool):
+            raise ConfigError(f"wrap_around must be True or False, got {self.wrap_around!r}")
+
+    def wrap_windows(self) -> int:
+        """Windows per series prefetched for the next forward (0: no wrap-around)."""
+        if not self.wrap_around:
+            return 0
+        return 1 if self.prefetch_step == "auto" else self.prefetch_step
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SharedWeightConfig":

@@ -28,11 +28,13 @@ def _numerics_case(rank, world, lowering, k, layers, dump_root):
     ref_eager = ref_model(x)
     ref_inductor = torch.compile(ref_model, backend="inductor")(x) if lowering == "inductor" else None
     dump = os.path.join(dump_root, f"{lowering}_{k}")
-    out = _compiled(shape, SERIES, k, {"lowering": lowering, "dump_dir": dump})(x)
+    fn = _compiled(shape, SERIES, k, {"lowering": lowering, "dump_dir": dump})
     ref = ref_inductor if lowering == "inductor" else ref_eager
+    outs = [fn(x) for _ in range(3)]  # 1st forward fetches its first layers; the next ones take windows
     with open(os.path.join(dump, f"rank_{rank}", "schedule.json")) as f:
         schedule = json.load(f)
-    return {"bitwise": torch.equal(out, ref), "diff": float((out - ref).abs().max()), "schedule": schedule}
+    return {"bitwise": all(torch.equal(out, ref) for out in outs),
+            "diff": max(float((out - ref).abs().max()) for out in outs), "schedule": schedule}
 
 
 @pytest.mark.parametrize("lowering, world, k", [
@@ -50,11 +52,23 @@ def test_compiled_matches_unsharded(lowering, world, k, tmp_path):
         s = r["schedule"]
         assert (s["rank"], s["world_size"], s["prefetch_step"]) == (rank, world, k)
         rows = s["collectives"]
-        assert len(rows) == 2 * n * len(SERIES)  # weight + bias of every layer of every series
+        nxt = [r for r in rows if r["kind"] == "next"]
+        fetched = [r for r in rows if r["kind"] != "next"]
+        assert len(fetched) == 2 * n * len(SERIES)  # weight + bias of every layer of every series
+        # wrap-around (on by default): the first k layers of every series come from windows
+        # filled by the previous forward, and this forward broadcasts them for the next one
+        assert sorted((r["series"], r["index"]) for r in nxt) == sorted(
+            (r["series"], r["index"]) for r in fetched if r["kind"] == "window")
+        assert sorted({r["index"] for r in nxt}) == list(range(k))
         assert [r["issue"] for r in rows] == sorted(r["issue"] for r in rows)  # listed in issue order
-        for row in rows:
+        for row in fetched:
             assert row["owner"] == row["index"] % world
             assert row["issue"] < row["wait"] < row["first_use"]
+        wait_of = {(r["series"], r["index"]): r["wait"] for r in fetched}
+        for r in nxt:  # window j travels during layer n - k + j, the k-th last layer onwards
+            assert wait_of[(r["series"], n - k + r["index"])] < r["issue"]
+            assert r["issue"] < min(w for (series, i), w in wait_of.items() if i == n - k + r["index"] + 1) \
+                if n - k + r["index"] + 1 < n else True
     # every rank issues the same collectives in the same order
     orders = [[(c["series"], c["index"]) for c in r["schedule"]["collectives"]] for r in results]
     assert all(o == orders[0] for o in orders)
@@ -85,29 +99,43 @@ def test_dumps_show_the_rewrite_and_no_graph_breaks(tmp_path):
         calls = lambda text, op: len(re.findall(rf"= torch\.ops\.{op}\b", text))  # noqa: E731 (code, not comments)
         assert calls(before, "ascend_compile.shared_weight") == 6
         assert calls(after, "ascend_compile.shared_weight") == 0
-        # in place: the owner sends its parameter, the others receive into a fresh buffer
-        assert calls(after, "_c10d_functional.broadcast_.default") == 6
-        assert calls(after, "_c10d_functional.wait_tensor.default") == 6
-        assert calls(after, "aten.empty.memory_format") == (2 if rank == 0 else 4)  # layers it does not own
+        # layer 0 of each series comes from a window filled by the previous forward (wrap-around):
+        # fetched at entry only when none is in flight, waited at its use, broadcast again for the next
+        for op in ("window_fetch", "window_wait", "window_prefetch"):
+            assert calls(after, f"ascend_compile.{op}.default") == 2
+        # the others in place: the owner sends its parameter, the others receive into a fresh buffer
+        assert calls(after, "_c10d_functional.broadcast_.default") == 4
+        assert calls(after, "_c10d_functional.wait_tensor.default") == 4
+        assert calls(after, "aten.empty.memory_format") == (2 if rank == 0 else 2)  # layers 1, 2 it does not own
         assert (rank_dir / "timeline.svg").read_text().startswith("<svg")
         assert json.loads((rank_dir / "schedule.json").read_text())["rank"] == rank
 
 
-def _inductor_code_case(rank, world, k):
+def _inductor_code_case(rank, world, k, wrap):
     from torch._inductor.utils import run_and_get_code
 
     torch._dynamo.reset()
     shape = StackShape(layers=4)
-    fn = _compiled(shape, ["o_proj"], k, {"lowering": "inductor", "inductor": {"fx_graph_cache": False}})
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=k, wrap_around=wrap))
+    fn = torch.compile(model, backend="ascend_compile", fullgraph=True,
+                       options={"lowering": "inductor", "inductor": {"fx_graph_cache": False}})
     _, (code, *_) = run_and_get_code(fn, make_input(shape))
     return code
 
 
 def _events(code):
-    """The collective calls (B, W) and matmuls (c) of Inductor's output code, in the order it runs them."""
+    """The collective calls (B, W; window fetch F, window wait X, next forward's broadcast N) and
+    matmuls (c) of Inductor's output code, in the order it runs them."""
     events = []
     for line in code.splitlines():
-        if "_c10d_functional.broadcast_.default(" in line:
+        if "ascend_compile.window_fetch.default(" in line:
+            events.append("F")
+        elif "ascend_compile.window_wait.default(" in line:
+            events.append("X")
+        elif "ascend_compile.window_prefetch.default(" in line:
+            events.append("N")
+        elif "_c10d_functional.broadcast_.default(" in line:
             events.append("B")
         elif "_c10d_functional.wait_tensor.default(" in line:
             events.append("W")
@@ -118,7 +146,7 @@ def _events(code):
 
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_inductor_runs_the_scheduled_order(k):
-    for code in run_ranks(_inductor_code_case, 2, k):
+    for code in run_ranks(_inductor_code_case, 2, k, False):
         ev = "".join(_events(code))
         collectives = ev.replace("c", "")
         if k == 0:  # fetch at use: each broadcast directly followed by its wait, no compute between
@@ -129,6 +157,24 @@ def test_inductor_runs_the_scheduled_order(k):
             assert ev.startswith("B" * k)
             # compute between every wait and the next broadcast's wait: the transfer overlaps it
             assert all("c" in chunk for chunk in ev.split("W")[1:-1])
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_inductor_runs_the_wrap_around_order(k):
+    n = 4
+    expected = "F" * k  # windows 0..k-1 at entry (they broadcast only on the first forward)
+    for i in range(n):
+        expected += "X" if i < k else "W"
+        if k <= i + k < n:
+            expected += "B"
+        if i >= n - k:
+            expected += "N"  # window i - (n - k) for the next forward, during the k-th last layer on
+    for code in run_ranks(_inductor_code_case, 2, k, True):
+        ev = "".join(_events(code))
+        assert ev.replace("c", "") == expected, ev
+        assert ev.startswith("F" * k)
+        # every next-forward broadcast has a layer's compute after it, in this forward
+        assert ev.rindex("N") < ev.rindex("c")
 
 
 def _mismatch_case(rank, world):

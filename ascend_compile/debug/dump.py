@@ -78,36 +78,48 @@ class GraphDumper:
             self._write(d, "timeline.svg", svg)
 
 
+def _end(r: dict, graph_end: int) -> int:
+    """Where a row's window stops being alive: its last use; the graph's end for a window that is
+    broadcast for the next forward (wrap-around)."""
+    if r.get("kind") == "next":
+        return graph_end
+    return r["last_use"] if r["last_use"] is not None else r["wait"]
+
+
 def windows_alive(collectives: list) -> dict:
     """``{series: [(position, windows alive)]}`` at every issue/last-use event."""
     out: dict = {}
+    graph_end = max((max(r["issue"], r["last_use"] or 0) for r in collectives), default=0) + 1
     for series in sorted({c["series"] for c in collectives}):
         rows = [c for c in collectives if c["series"] == series]
         events = sorted({r["issue"] for r in rows} | {r["last_use"] for r in rows if r["last_use"] is not None})
-        out[series] = [
-            (p, sum(1 for r in rows if r["issue"] <= p <= (r["last_use"] if r["last_use"] is not None else r["wait"])))
-            for p in events
-        ]
+        out[series] = [(p, sum(1 for r in rows if r["issue"] <= p <= _end(r, graph_end))) for p in events]
     return out
 
 
 def timeline_svg(table: dict) -> str:
-    """One row per collective: issue -> wait (in flight), wait -> last use (window in use)."""
+    """One row per collective: issue -> wait (in flight), wait -> last use (window in use); a
+    broadcast for the next forward (wrap-around) runs from its issue to the end, in green."""
     rows = table.get("collectives", [])
     if not rows:
         return '<svg xmlns="http://www.w3.org/2000/svg" width="400" height="40"><text x="10" y="25">no shared-weight collectives</text></svg>'
-    end = max(max(r["last_use"] or r["wait"] or r["issue"] for r in rows), 1)
+    end = max(max(r["last_use"] or r["wait"] or r["issue"] for r in rows), 1) + 1
     left, width, row_h = 170, 760, 14
     x = lambda p: left + width * p / end  # noqa: E731
     alive = windows_alive(rows)
     height = 50 + row_h * len(rows) + 30 * len(alive) + 20
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" height="{height}" font-family="monospace" font-size="10">',
            f'<text x="10" y="15">rank {table.get("rank")} of {table.get("world_size")}, prefetch_step {table.get("prefetch_step")}: '
-           'grey = broadcast in flight, blue = window in use, | = wait</text>']
+           'grey = broadcast in flight, blue = window in use, | = wait, green = for the next forward</text>']
     y = 30
     for r in rows:
-        label = f'{r["series"]}[{r["index"]}] @{r["owner"]}'
+        label = f'{r["series"]}[{r["index"]}] @{r["owner"]}{" next" if r.get("kind") == "next" else ""}'
         out.append(f'<text x="10" y="{y + 10}">{label}</text>')
+        if r.get("kind") == "next":
+            out.append(f'<rect x="{x(r["issue"]):.1f}" y="{y}" width="{max(x(end) - x(r["issue"]), 1):.1f}" '
+                       f'height="{row_h - 3}" fill="#5b5"/>')
+            y += row_h
+            continue
         wait = r["wait"] if r["wait"] is not None else r["issue"]
         last = r["last_use"] if r["last_use"] is not None else wait
         out.append(f'<rect x="{x(r["issue"]):.1f}" y="{y}" width="{max(x(wait) - x(r["issue"]), 1):.1f}" height="{row_h - 3}" fill="#bbb"/>')
@@ -130,12 +142,13 @@ def format_schedule(table: dict) -> str:
     rows = table.get("collectives", [])
     head = (f"rank {table.get('rank')} / world {table.get('world_size')}  prefetch_step={table.get('prefetch_step')}  "
             f"collectives={len(rows)}")
-    cols = ("#", "series", "index", "owner", "bytes", "issue", "wait", "first_use")
+    cols = ("#", "series", "index", "owner", "bytes", "issue", "wait", "first_use", "kind")
     width = max([len(c) for c in cols] + [len(str(r["series"])) for r in rows])
     fmt = lambda vals: "  ".join(f"{str(v):>{width if i == 1 else 9}}" for i, v in enumerate(vals))  # noqa: E731
     lines = [head, fmt(cols)]
     for i, r in enumerate(rows):
-        lines.append(fmt((i, r["series"], r["index"], r["owner"], r["bytes"], r["issue"], r["wait"], r["first_use"])))
+        lines.append(fmt((i, r["series"], r["index"], r["owner"], r["bytes"], r["issue"], r["wait"], r["first_use"],
+                          r.get("kind", "fetch"))))
     for series, points in windows_alive(rows).items():
         lines.append(f"{series}: at most {max(n for _, n in points)} window(s) alive")
     for key in ("explain",):
@@ -163,7 +176,7 @@ def schedule_problems(tables: dict) -> list:
     by_layers: dict = {}
     for name, table in sorted(tables.items()):
         order = table["order"] if "order" in table else collective_order(table.get("collectives", []))
-        by_layers.setdefault(tuple(sorted(o.split(" ")[0] for o in order)), []).append((name, order))
+        by_layers.setdefault(tuple(sorted({o.split(" ")[0] for o in order})), []).append((name, order))
     for graphs in by_layers.values():
         ref_name, ref = graphs[0]
         for name, order in graphs[1:]:

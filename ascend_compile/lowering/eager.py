@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 INPLACE_BROADCAST = True  # broadcast_ into fresh buffers: no layer copies
+WRAP_AROUND = True  # window ops (runtime/windows.py) run as opaque custom ops
 PINS_ORDER = False  # the FX interpreter runs nodes exactly in graph order
 
 

@@ -19,6 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 log = logging.getLogger(__name__)
 
 INPLACE_BROADCAST = True  # broadcast_ into fresh buffers: no layer copies
+WRAP_AROUND = True  # window ops (runtime/windows.py) run as opaque custom ops
 PINS_ORDER = True
 
 

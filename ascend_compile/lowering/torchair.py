@@ -20,6 +20,12 @@ from ..config import ConfigError
 INPLACE_BROADCAST = False  # torchair converts the functional broadcast
 PINS_ORDER = False  # ordering is stated with streams and events instead of control_deps
 STREAMS = True
+# No prefetch across steps: a GE graph's HcomBroadcast completes within the graph run that issued
+# it (GE has no tensor that outlives a run with a collective still writing it), and an aclgraph
+# (npugraph_ex) replays a fixed task list, so a broadcast cannot be issued in one captured graph
+# and waited in the next. The window ops (runtime/windows.py) are Python ops with no GE converter.
+# Graphs lowered here fetch their first layers at entry; see docs/npu_runbook.md.
+WRAP_AROUND = False
 
 # options["torchair"] keys -> where they go on torchair.CompilerConfig
 CONFIG_KEYS = {

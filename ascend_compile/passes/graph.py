@@ -1,8 +1,10 @@
 """Predicates and small helpers shared by the passes (kept here once, imported everywhere).
 
 Nodes this project creates carry ``node.meta["ascend_compile"]`` =
-``{"role": "issue" | "wait" | "buffer", "series", "index", "owner", "bytes"}`` so later passes, the
-verifier and the dumps can find them even after a lowering wrapped them (``control_deps``).
+``{"role": "issue" | "wait" | "next" | "buffer", "series", "index", "owner", "bytes", "window"}`` so
+later passes, the verifier and the dumps can find them even after a lowering wrapped them
+(``control_deps``). ``"next"`` is the broadcast of a layer for the next forward (wrap-around);
+``"window": True`` marks the issue/wait of a layer that comes from a window (runtime/windows.py).
 """
 
 from __future__ import annotations
@@ -14,13 +16,18 @@ import torch
 from torch import fx
 
 from ..runtime.ops import shared_weight_targets
+from ..runtime.windows import window_targets
 
 TAG = "ascend_compile"
-ISSUE, WAIT, BUFFER = "issue", "wait", "buffer"
+ISSUE, WAIT, NEXT, BUFFER = "issue", "wait", "next", "buffer"
+ISSUES = (ISSUE, NEXT)  # roles that may start a collective
 
 _c10d = torch.ops._c10d_functional
-BROADCAST_TARGETS = (_c10d.broadcast, _c10d.broadcast.default, _c10d.broadcast_, _c10d.broadcast_.default)
-WAIT_TARGETS = (_c10d.wait_tensor, _c10d.wait_tensor.default)
+_windows = window_targets()
+BROADCAST_TARGETS = (_c10d.broadcast, _c10d.broadcast.default, _c10d.broadcast_, _c10d.broadcast_.default,
+                     _windows["fetch"])
+WAIT_TARGETS = (_c10d.wait_tensor, _c10d.wait_tensor.default, _windows["wait"])
+NEXT_TARGETS = (_windows["next"],)
 
 # Ops that only re-view their input: a weight's window is alive while any of these is used.
 VIEW_TARGETS = {
@@ -92,6 +99,10 @@ def is_wait(node: fx.Node) -> bool:
     return inner_target(node) in WAIT_TARGETS
 
 
+def is_next(node: fx.Node) -> bool:
+    return inner_target(node) in NEXT_TARGETS
+
+
 def tag(node: fx.Node) -> Optional[dict]:
     return node.meta.get(TAG)
 
@@ -122,7 +133,9 @@ def positions(graph: fx.Graph) -> dict:
 
 def reads(user: fx.Node, node: fx.Node) -> bool:
     """``user`` reads ``node``'s value; a ``control_deps`` node that takes it only as an ordering
-    dependency (its first argument) does not."""
+    dependency (its first argument) does not, nor does a ``window_prefetch`` placed after it."""
+    if role(user) == NEXT and user.op == "call_function" and user.target in NEXT_TARGETS:
+        return user.args[0] is node  # its second argument only orders it after that weight's wait
     cd = _control_deps()
     if cd is not None and user.op == "call_function" and user.target is cd:
         inputs: list = []
@@ -149,11 +162,11 @@ def first_user(node: fx.Node, pos: dict) -> Optional[fx.Node]:
 
 
 def collective_pairs(graph: fx.Graph) -> dict:
-    """``{(series, index): {"issue": node, "wait": node}}`` for every tagged collective."""
+    """``{(series, index): {"issue": node, "wait": node[, "next": node]}}`` for every tagged collective."""
     pairs: dict = {}
     for n in graph.nodes:
         t = tag(n)
-        if t and t["role"] in (ISSUE, WAIT):
+        if t and t["role"] in (ISSUE, WAIT, NEXT):
             pairs.setdefault((t["series"], t["index"]), {})[t["role"]] = n
     return pairs
 

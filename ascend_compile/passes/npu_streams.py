@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from .graph import ISSUE, TAG, WAIT, collective_pairs, entry_point, positions, role, tag
+from .graph import ISSUE, NEXT, TAG, WAIT, collective_pairs, entry_point, positions, role, tag
 from .plan import CompilePlan
 
 STREAM = "stream"
@@ -53,8 +53,10 @@ def _anchor(issue: fx.Node) -> fx.Node:
 
 
 def assign_broadcast_stream(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
-    air = _air()
     graph = gm.graph
+    if any(role(n) == NEXT for n in graph.nodes):
+        raise ValueError("npu_streams: the graph prefetches across steps (window ops); torchair cannot lower them")
+    air = _air()
     head = entry_point(graph)
     pos = positions(graph)
     for pair in sorted(collective_pairs(graph).values(), key=lambda p: pos[p[ISSUE]]):

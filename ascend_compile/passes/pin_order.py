@@ -8,7 +8,9 @@ wait we add ordering-only edges with ``control_deps`` (``preserve_node_ordering`
 - the nearest later kernel that is not ours runs after a broadcast (so the broadcast cannot
   sink towards its wait and lose the overlap);
 - every broadcast runs after the previous one: one total order of collectives, the same
-  on every rank (Inductor also orders collectives as the graph lists them).
+  on every rank (Inductor also orders its own collectives as the graph lists them; the window
+  ops of wrap-around are custom ops it does not know as collectives, so this chain is what
+  keeps them in place among the broadcasts).
 
 An edge only holds if Inductor's lowering of ``control_deps`` can carry it, on every torch we
 support (2.10-2.15), so the ends of an edge are chosen with that in mind:
@@ -35,7 +37,7 @@ import torch
 from torch import fx
 from torch.utils._ordered_set import OrderedSet
 
-from .graph import BUFFER, ISSUE, WAIT, inner_target, is_ours, is_view, role
+from .graph import BUFFER, ISSUE, NEXT, WAIT, inner_target, is_ours, is_view, role
 from .plan import CompilePlan
 
 EDGES_META = "ascend_compile_ordering_edges"
@@ -98,10 +100,10 @@ def ordering_edges(graph: fx.Graph) -> dict:
 
     last_issue = None
     for n in list(graph.nodes):
-        if role(n) not in (ISSUE, WAIT):
+        if role(n) not in (ISSUE, WAIT, NEXT):
             continue
         add(n, _nearest(n, forward=False, ok=can_be_waited_for))
-        if role(n) == ISSUE:
+        if role(n) in (ISSUE, NEXT):
             add(n, last_issue)
             last_issue = n
             nxt = _nearest(n, forward=True, ok=lambda m: can_wait(m) and not is_ours(m))

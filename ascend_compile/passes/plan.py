@@ -20,6 +20,11 @@ class CompilePlan:
     pin_order: bool = True
     inplace: bool = False  # broadcast_ into a fresh buffer / from the owner's parameter (no copies)
     formats: tuple = ()  # (("series[index]", NPU format), ...) of weights not stored row-major
+    wrap: tuple = ()  # (("series", w), ...): series whose first w layers come from the previous forward
+
+    def wrap_of(self, series: str) -> int:
+        """Windows of ``series`` prefetched across steps in this graph (0: none)."""
+        return dict(self.wrap).get(series, 0)
 
     def format_of(self, series: str, index: int):
         return dict(self.formats).get(layer_name(series, index))

@@ -7,6 +7,14 @@ For a series whose layers are ``0..N-1`` in order of first use and prefetch step
   (layers ``0..k-1`` at graph entry; ``k = 0`` means right before its own wait);
 - so at most ``k + 1`` windows of a series are alive at once.
 
+With wrap-around (``plan.wrap``, ``w`` windows for a series the graph holds whole), layers
+``0..w-1`` come from windows: their ``window_fetch`` sits at graph entry (it broadcasts only when
+no window is in flight: the first forward) and their wait right before the first use, whatever
+``k``; the ``window_prefetch`` of layer ``j`` (the next forward's copy) is issued right after the
+wait of layer ``N - w + j`` (after any broadcast anchored there), so the next forward's first ``w``
+layers travel during this one's last ``w``. Windows alive then: at most ``max(k, w) + 1`` during
+a forward, ``w`` between forwards.
+
 The result is a pure function of the graph and the plan, hence the same collective order
 on every rank. ``collective_schedule`` reads that order back for dumps and the rank check.
 """
@@ -20,7 +28,7 @@ from typing import Optional
 from torch import fx
 
 from .graph import (
-    BUFFER, ISSUE, WAIT, collective_pairs, entry_point, first_user, positions, role, tag, value_users,
+    BUFFER, ISSUE, NEXT, WAIT, collective_pairs, entry_point, first_user, is_ours, positions, role, tag, value_users,
 )
 from ..runtime.ops import layer_name
 from .plan import CompilePlan
@@ -36,6 +44,8 @@ class ScheduledLayer:
     wait: fx.Node
     first_use: fx.Node
     step: int
+    window: bool = False  # fetched from a window filled by the previous forward (wrap-around)
+    next: Optional[fx.Node] = None  # the broadcast of this layer for the next forward
 
 
 def find_series_layers(graph: fx.Graph, plan: CompilePlan) -> dict:
@@ -48,8 +58,9 @@ def find_series_layers(graph: fx.Graph, plan: CompilePlan) -> dict:
         use = first_user(pair[WAIT], pos)
         if use is None:
             raise ValueError(f"{name}[{index}]: the fetched weight is never used ({pair[WAIT].name})")
-        step = tag(pair[ISSUE])["prefetch_step"]
-        series.setdefault(name, []).append(ScheduledLayer(name, index, pair[ISSUE], pair[WAIT], use, step))
+        t = tag(pair[ISSUE])
+        series.setdefault(name, []).append(ScheduledLayer(name, index, pair[ISSUE], pair[WAIT], use,
+                                                          t["prefetch_step"], bool(t.get("window")), pair.get(NEXT)))
     for layers in series.values():
         layers.sort(key=lambda layer: pos[layer.first_use])
         steps = {layer.step for layer in layers}
@@ -96,7 +107,7 @@ def schedule_prefetch(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
     # Broadcasts anchored at graph entry go there in order of first use (a stable, rank-independent order).
     pos = positions(graph)
     at_entry = sorted(
-        (layer for layers in series.values() for j, layer in enumerate(layers) if j < layer.step),
+        (layer for layers in series.values() for j, layer in enumerate(layers) if j < layer.step or layer.window),
         key=lambda layer: (pos[layer.first_use], layer.series),
     )
     anchor = entry_point(graph)
@@ -112,10 +123,26 @@ def schedule_prefetch(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
     for layers in series.values():
         for j, layer in enumerate(layers):
             k = layer.step
+            if layer.window:
+                continue
             if k == 0:
                 _place_before(layer.wait, layer.issue)
             elif j >= k:
                 _place_after(layers[j - k].wait, layer.issue)
+
+    # The next forward's windows: layer j's right after the wait of layer N - w + j.
+    for layers in series.values():
+        windows = [layer for layer in layers if layer.window]
+        for j, layer in enumerate(windows):
+            if layer.next is None or layers[j] is not layer:
+                raise ValueError(f"{layer.series}[{layer.index}] is prefetched across steps but is not among the "
+                                 "first layers of its series in this graph")
+            anchor = layers[len(layers) - len(windows) + j].wait
+            layer.next.update_arg(1, anchor)
+            after = anchor
+            while after.next.op != "root" and is_ours(after.next) and role(after.next) in (ISSUE, BUFFER, NEXT):
+                after = after.next
+            after.append(layer.next)
 
     graph.lint()
     gm.recompile()
@@ -125,8 +152,10 @@ def schedule_prefetch(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
 def collective_schedule(graph: fx.Graph) -> list:
     """The collectives of a scheduled graph in issue order, with node positions.
 
-    ``[{"series", "index", "owner", "bytes", "prefetch_step", "issue", "wait", "first_use"}]``;
-    positions are node indices in ``graph``.
+    ``[{"series", "index", "owner", "bytes", "prefetch_step", "issue", "wait", "first_use", "last_use",
+    "kind"}]``; positions are node indices in ``graph``. ``kind`` is ``"fetch"`` (broadcast in this
+    graph), ``"window"`` (waited from a window: broadcast here only on the first forward) or
+    ``"next"`` (the broadcast of a window for the next forward, never waited in this graph).
     """
     pos = positions(graph)
     rows = []
@@ -140,7 +169,14 @@ def collective_schedule(graph: fx.Graph) -> list:
             "wait": pos[wait] if wait is not None else None,
             "first_use": min((pos[u] for u in users), default=None),
             "last_use": max((pos[u] for u in users), default=None),
+            "kind": "window" if t.get("window") else "fetch",
         })
+        if NEXT in pair:
+            rows.append({
+                "series": name, "index": index, "owner": t["owner"], "bytes": t["bytes"],
+                "prefetch_step": t["prefetch_step"], "issue": pos[pair[NEXT]], "wait": None,
+                "first_use": None, "last_use": None, "kind": "next",
+            })
     rows.sort(key=lambda r: r["issue"])
     return rows
 
@@ -149,6 +185,9 @@ def collective_order(schedule: list) -> list:
     """What must be identical on every rank, for every graph over the same layers: the broadcasts
     of ``collective_schedule`` rows in issue order (layer, owner, bytes). The step is not part of
     it: ranks may fetch further ahead or not, as long as they issue the same broadcasts in the
-    same order."""
+    same order. Windows are marked: ``(window)`` broadcasts at most on the first forward,
+    ``(next step)`` is the broadcast for the next forward."""
     rows = sorted(schedule, key=lambda r: r["issue"])
-    return [f"{layer_name(r['series'], r['index'])} owner={r['owner']} bytes={r['bytes']}" for r in rows]
+    marks = {"fetch": "", "window": " (window)", "next": " (next step)"}
+    return [f"{layer_name(r['series'], r['index'])} owner={r['owner']} bytes={r['bytes']}{marks[r.get('kind', 'fetch')]}"
+            for r in rows]

@@ -7,7 +7,10 @@ Invariants (DESIGN.md section 5), per series with prefetch step ``k``:
 3. the wait of a layer sits right before its first use (only our own collectives between);
 4. the broadcast of layer ``i`` is issued right after the wait of layer ``i - k`` (layers
    ``< k``: before any computation; ``k = 0``: right before its own wait);
-5. at most ``k + 1`` windows of a series are alive at any point.
+5. at most ``k + 1`` windows of a series are alive at any point (``max(k, w) + 1`` with ``w``
+   windows prefetched across steps, counting those from their issue to the end of the graph);
+6. wrap-around: a layer from a window is fetched at graph entry, and the broadcast of window ``j``
+   for the next forward is issued right after the wait of layer ``N - w + j``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from torch import fx
 
 from .graph import (
-    ISSUE, WAIT, collective_pairs, describe, is_broadcast, is_marker, is_ours, is_wait, layer_key,
+    ISSUE, NEXT, WAIT, collective_pairs, describe, is_broadcast, is_marker, is_next, is_ours, is_wait, layer_key,
     nodes_between, positions, tag, value_users,
 )
 from .plan import CompilePlan
@@ -42,6 +45,8 @@ def verify_schedule(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
                 raise ScheduleError(f"{describe(n)} does not wait on the broadcast of {t['series']}[{t['index']}]")
         if t and t["role"] == ISSUE and not is_broadcast(n):
             raise ScheduleError(f"{describe(n)} is tagged as a broadcast but runs {n.target}")
+        if t and t["role"] == NEXT and not is_next(n):
+            raise ScheduleError(f"{describe(n)} is tagged as the next forward's broadcast but runs {n.target}")
 
     pos = positions(graph)
     for key, pair in collective_pairs(graph).items():
@@ -50,9 +55,22 @@ def verify_schedule(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
             raise ScheduleError(f"{key[0]}[{key[1]}] has no {missing} node")
         if pos[pair[WAIT]] < pos[pair[ISSUE]]:
             raise ScheduleError(f"{describe(pair[WAIT])} comes before its broadcast {pair[ISSUE].name!r}")
+        if bool(tag(pair[ISSUE]).get("window")) != (NEXT in pair):
+            raise ScheduleError(f"{key[0]}[{key[1]}]: a layer from a window needs the next forward's broadcast, "
+                                "and only such a layer has one")
 
     for name, layers in find_series_layers(graph, plan).items():
         k = layers[0].step
+        windows = [layer for layer in layers if layer.window]
+        w = len(windows)
+        if windows != layers[:w]:
+            raise ScheduleError(f"series {name!r}: the layers from windows {[a.index for a in windows]} are not its "
+                                "first layers in this graph")
+        for j, layer in enumerate(windows):
+            prev = layers[len(layers) - w + j].wait
+            if not (pos[prev] < pos[layer.next] and not _only_ours_between(prev, layer.next)):
+                raise ScheduleError(f"{describe(layer.next)} is not issued right after the wait of "
+                                    f"{name}[{layers[len(layers) - w + j].index}] ({prev.name!r})")
         for j, layer in enumerate(layers):
             between = _only_ours_between(layer.wait, layer.first_use)
             if between:
@@ -60,13 +78,13 @@ def verify_schedule(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
                     f"{describe(layer.wait)} is not right before its first use {layer.first_use.name!r}: "
                     f"{[n.name for n in between]} run in between, so the wait blocks too early"
                 )
-            if k == 0:
-                anchor_ok = not _only_ours_between(layer.issue, layer.wait)
-                expected = f"right before its wait {layer.wait.name!r}"
-            elif j < k:
+            if j < w or (0 < k and j < k):
                 anchor_ok = all(n.op in ("placeholder", "get_attr") or is_ours(n) for n in graph.nodes
                                 if pos[n] < pos[layer.issue])
                 expected = "at graph entry, before any computation"
+            elif k == 0:
+                anchor_ok = not _only_ours_between(layer.issue, layer.wait)
+                expected = f"right before its wait {layer.wait.name!r}"
             else:
                 prev = layers[j - k].wait
                 anchor_ok = pos[prev] < pos[layer.issue] and not _only_ours_between(prev, layer.issue)
@@ -79,11 +97,14 @@ def verify_schedule(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
         for layer in layers:
             last = max((pos[u] for u in value_users(layer.wait)), default=pos[layer.wait])
             spans.append((pos[layer.issue], last, layer))
+        spans += [(pos[layer.next], len(pos), layer) for layer in windows]  # held into the next forward
+        bound = max(k, w) + 1
         for start, _, layer in spans:
             alive = [other for s, e, other in spans if s <= start <= e]
-            if len(alive) > k + 1:
+            if len(alive) > bound:
                 raise ScheduleError(
-                    f"{len(alive)} windows of series {name!r} are alive at {describe(layer.issue)} "
-                    f"({[f'{name}[{a.index}]' for a in alive]}); prefetch_step={k} allows {k + 1}"
+                    f"{len(alive)} windows of series {name!r} are alive at node {start} "
+                    f"({[f'{name}[{a.index}]' for a in alive]}); prefetch_step={k}"
+                    f"{f' with {w} window(s) for the next forward' if w else ''} allows {bound}"
                 )
     return gm

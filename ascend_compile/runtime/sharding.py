@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import ConfigError, SharedWeightConfig
-from . import comm, formats
+from . import comm, formats, windows
 from .comm import ShardingError
 from .ops import AUTO_STEP, layer_name
 
@@ -50,6 +50,7 @@ class ShardPlan:
     layer_series: dict  # layer series name -> [module names in index order]
     params: list  # [SharedParam]
     formats: dict = dataclasses.field(default_factory=dict)  # "series[index]" -> NPU format, if not row-major
+    wrap_windows: int = 0  # windows per series prefetched for the next forward (wrap-around)
 
     def series_names(self) -> list:
         return sorted({p.series for p in self.params})
@@ -65,6 +66,19 @@ class ShardPlan:
     def saved_bytes(self, rank: Optional[int] = None) -> int:
         """Bytes this rank no longer stores."""
         return self.series_bytes() - self.owned_bytes(rank)
+
+    def window_bytes(self) -> int:
+        """Bytes of the wrap-around windows held between forwards (the first ``wrap_windows``
+        layers of every series; a rank holds them whether it owns them or not)."""
+        lengths = self.series_lengths()
+        return sum(p.nbytes for p in self.params if p.index < min(self.wrap_windows, lengths[p.series] - 1))
+
+    def series_lengths(self) -> dict:
+        """``{series: layers}`` of every shared parameter series (``"o_proj.weight"``)."""
+        lengths: dict = {}
+        for p in self.params:
+            lengths[p.series] = max(lengths.get(p.series, 0), p.index + 1)
+        return lengths
 
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
@@ -231,7 +245,8 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
                         nbytes=p.numel() * p.element_size(),
                     )
                 )
-    plan = ShardPlan(gname, rank, world, step_value, {k: [m for m, _, _ in v] for k, v in per_layer.items()}, shared)
+    plan = ShardPlan(gname, rank, world, step_value, {k: [m for m, _, _ in v] for k, v in per_layer.items()}, shared,
+                     wrap_windows=config.wrap_windows())
     comm.check_same_across_ranks(
         {k: v for k, v in plan.to_json().items() if k != "rank"}, pg, "sharding plan (model structure and config)"
     )
@@ -286,7 +301,9 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     for layer, fmt in sorted(table.items()):  # the same table on every rank: every rank raises
         formats.check_reproducible(layer, fmt)
     plan.formats = table
-    comm.record_shard(plan.group_name, generation, costs, timeout, table)
+    comm.record_shard(plan.group_name, generation, costs, timeout, table,
+                      wrap={"windows": plan.wrap_windows, "series_layers": plan.series_lengths()})
+    windows.reset(plan.group_name)
     return costs
 
 
@@ -304,6 +321,27 @@ def _measure(pg, per_layer: dict) -> dict:
     ref = max(weights, key=lambda p: p.numel()) if weights else params[0]
     device = ref.device if ref.device.type != "meta" else torch.device("cpu")
     return autotune.measure_at_shard(pg, layer_bytes, tuple(ref.shape), ref.dtype, device)
+
+
+def invalidate_prefetch(model_or_group=None) -> list:
+    """Drop the windows prefetched for the next forward (wrap-around) after the weights changed:
+    a reload, an RL weight update, ``sleep``/``wake_up`` that discarded them. The next forward
+    fetches its first layers again. Call on every rank of the sharing group at the same point
+    (after the change, before the next forward): a rank that invalidated waits for its peers to
+    do the same before its next broadcast, and raises ``RankMismatchError`` naming the ranks that
+    did not. ``model_or_group``: a sharded model, a process group or its name; ``None`` = the
+    default group. Returns the layers whose windows were dropped."""
+    if isinstance(model_or_group, nn.Module):
+        plan = get_plan(model_or_group)
+        if plan is None:
+            raise ShardingError(f"{type(model_or_group).__name__} is not sharded: there is nothing to invalidate")
+        name = plan.group_name
+    elif isinstance(model_or_group, str):
+        name = model_or_group
+    else:
+        name = comm.group_name(comm.resolve_group(model_or_group))
+    comm.shard_state(name)  # raises when nothing was sharded over it
+    return windows.invalidate(name)
 
 
 def get_plan(model: nn.Module) -> Optional[ShardPlan]:

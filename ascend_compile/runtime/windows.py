@@ -1,0 +1,212 @@
+"""Prefetch across steps: windows that a graph fills for the next forward.
+
+With wrap-around, the first ``w`` layers of each series are broadcast during the last layers of a
+forward into persistent windows, and the next forward (whichever compiled graph over the same
+layers runs next) waits for them at their use instead of fetching them at its entry. Three ops,
+inserted by our passes:
+
+- ``window_fetch`` (at graph entry): when no window of this layer is in flight (the first forward,
+  or after ``invalidate``) it issues the broadcast into a new window; otherwise it does nothing;
+- ``window_wait`` (right before the first use): waits for the window and hands its buffer to the
+  graph (the window is consumed);
+- ``window_prefetch`` (right after the wait of layer ``N - w + j``): issues the broadcast of
+  window ``j`` for the next forward.
+
+Every rank issues the same collectives in the same order as long as every rank sees the same
+sequence of forwards and invalidations: then every rank has a window in flight, or none, at the
+same point. ``invalidate`` (weights changed: reload, RL update) must be called on every rank of
+the group; a rank that finds its windows invalidated waits on the store (not a collective) until
+every peer has invalidated too, and raises naming the ranks that did not.
+
+Every rank, the owner included, receives into a window buffer of its own (the owner copies its
+parameter into it), so what the graph gets is always a fresh tensor that it may free: one
+layer-sized copy per window on the owner, in exchange for never handing the graph a parameter.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import torch
+import torch.distributed as dist
+
+from . import formats
+from .comm import PeerError, RankMismatchError, first_line, group_from_name, is_comm_failure, shard_formats
+from .ops import OP_NAMESPACE, layer_name
+
+log = logging.getLogger(__name__)
+
+INVALIDATE_WAIT_S = 300.0  # how long a rank waits for its peers' invalidate() before raising
+
+# group name -> {"epoch": int, "confirmed": int, "slots": {(series, index): (buffer, owner, epoch)}}
+# (the broadcast into ``buffer`` is a functional collective: ``wait_tensor(buffer)`` completes it)
+_STATE: dict = {}
+
+
+def _state(group_name: str) -> dict:
+    return _STATE.setdefault(group_name, {"epoch": 0, "confirmed": 0, "slots": {}})
+
+
+def in_flight(group_name: str) -> list:
+    """``["series[index]", ...]`` of the windows currently in flight for ``group_name``."""
+    return sorted(layer_name(*key) for key in _state(group_name)["slots"])
+
+
+def _fail(e: BaseException, series: str, index: int, owner: int, group_name: str, what: str):
+    if isinstance(e, PeerError) or not is_comm_failure(e):
+        raise e
+    raise PeerError(
+        f"the {what} of {layer_name(series, index)} from rank {owner} over process group {group_name!r} failed: "
+        f"{first_line(e)}. A peer rank died, or it stopped issuing the same collectives (every rank must run the same "
+        "sequence of forwards and call invalidate_prefetch at the same point); restart every rank."
+    ) from e
+
+
+def _issue(w: torch.Tensor, series: str, index: int, owner: int, group_name: str) -> tuple:
+    pg = group_from_name(group_name)
+    fmt = shard_formats(group_name).get(layer_name(series, index))
+    buf = formats.empty_in_format(w.shape, w.dtype, w.device, fmt)
+    if dist.get_rank(pg) == owner:
+        buf.copy_(w)
+    try:  # the functional collective, as in the graph: the same path on gloo and HCCL
+        torch.ops._c10d_functional.broadcast_(buf, owner, group_name)
+    except Exception as e:
+        _fail(e, series, index, owner, group_name, "broadcast")
+    return buf, owner
+
+
+def _drain(slots: dict, group_name: str) -> None:
+    """Complete every window in flight (each rank issued them: waiting pairs with nothing new)."""
+    for (series, index), (buf, owner, _) in sorted(slots.items()):
+        try:
+            torch.ops._c10d_functional.wait_tensor(buf)
+        except Exception as e:
+            _fail(e, series, index, owner, group_name, "prefetched broadcast")
+    slots.clear()
+
+
+def _store_key(group_name: str, epoch: int, rank: int) -> str:
+    return f"ascend_compile/windows/{group_name}/{epoch}/{rank}"
+
+
+def _confirm_peers(group_name: str, state: dict) -> None:
+    """After an invalidation, before issuing a collective: every peer must have invalidated too."""
+    from .comm import _store
+
+    pg = group_from_name(group_name)
+    rank, world = dist.get_rank(pg), dist.get_world_size(pg)
+    keys = [_store_key(group_name, state["epoch"], peer) for peer in range(world) if peer != rank]
+    store = _store()
+    try:
+        store.wait(keys, datetime.timedelta(seconds=INVALIDATE_WAIT_S))
+    except Exception as e:
+        missing = [peer for peer in range(world) if peer != rank and not store.check([_store_key(group_name, state["epoch"], peer)])]
+        raise RankMismatchError(
+            f"rank {rank} invalidated its prefetched windows over process group {group_name!r} "
+            f"(invalidate_prefetch call {state['epoch']}) but rank(s) {missing} did not within {INVALIDATE_WAIT_S:.0f} s "
+            f"({first_line(e)}). Call ascend_compile.invalidate_prefetch on every rank of the group, at the same "
+            "point (after the weights change, before the next forward)."
+        ) from e
+    state["confirmed"] = state["epoch"]
+
+
+def invalidate(group_name: str) -> list:
+    """Drop the windows of ``group_name`` (waiting for any in flight): the next forward fetches its
+    first layers again. Call on every rank of the group, after the weights changed. Returns the
+    layers that were in flight."""
+    state = _state(group_name)
+    dropped = in_flight(group_name)
+    _drain(state["slots"], group_name)
+    state["epoch"] += 1
+    if dist.is_initialized():
+        from .comm import _store
+
+        pg = group_from_name(group_name)
+        _store().set(_store_key(group_name, state["epoch"], dist.get_rank(pg)), "1")
+    log.info("ascend_compile: invalidated prefetched windows %s of group %s", dropped, group_name)
+    return dropped
+
+
+def reset(group_name: str) -> None:
+    """A new sharding of ``group_name`` (every rank, together): complete and forget every window."""
+    state = _state(group_name)
+    _drain(state["slots"], group_name)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::window_fetch", mutates_args=())
+def window_fetch(w: torch.Tensor, series: str, index: int, owner: int, group_name: str) -> torch.Tensor:
+    """At graph entry: issue the broadcast of ``series[index]`` unless a window of it is in flight.
+    ``w`` is the owner's parameter (or another rank's stand-in: shape and dtype only). Returns an
+    empty token that orders ``window_wait`` after it."""
+    state = _state(group_name)
+    key = (series, index)
+    slot = state["slots"].get(key)
+    if slot is not None and slot[2] != state["epoch"]:  # pragma: no cover - invalidate() drains
+        _drain({key: slot}, group_name)
+        del state["slots"][key]
+        slot = None
+    if slot is None:
+        if state["epoch"] != state["confirmed"]:
+            _confirm_peers(group_name, state)
+        state["slots"][key] = (*_issue(w, series, index, owner, group_name), state["epoch"])
+    return w.new_empty(0)
+
+
+@window_fetch.register_fake
+def _(w, series, index, owner, group_name):
+    return w.new_empty(0)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::window_wait", mutates_args=())
+def window_wait(token: torch.Tensor, w: torch.Tensor, series: str, index: int, owner: int,
+                group_name: str) -> torch.Tensor:
+    """Right before the first use: wait for the window of ``series[index]`` and return its buffer."""
+    slot = _state(group_name)["slots"].pop((series, index), None)
+    if slot is None:
+        raise RuntimeError(
+            f"no prefetched window of {layer_name(series, index)} over process group {group_name!r}: "
+            "window_wait ran without its window_fetch (a graph was not scheduled by ascend_compile)"
+        )
+    buf, _, _ = slot
+    try:
+        torch.ops._c10d_functional.wait_tensor(buf)
+    except Exception as e:
+        _fail(e, series, index, owner, group_name, "broadcast")
+    return buf
+
+
+@window_wait.register_fake
+def _(token, w, series, index, owner, group_name):
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::window_prefetch", mutates_args=())
+def window_prefetch(w: torch.Tensor, after: torch.Tensor, series: str, index: int, owner: int,
+                    group_name: str) -> torch.Tensor:
+    """Near the end of a forward: issue the broadcast of ``series[index]`` for the next forward.
+    ``after`` (the weight whose wait it follows) only orders it. Returns an empty token."""
+    state = _state(group_name)
+    key = (series, index)
+    old = state["slots"].pop(key, None)
+    if old is not None:  # the window of a forward that never consumed it (an eager forward in between)
+        _drain({key: old}, group_name)
+    if state["epoch"] != state["confirmed"]:
+        _confirm_peers(group_name, state)
+    state["slots"][key] = (*_issue(w, series, index, owner, group_name), state["epoch"])
+    return w.new_empty(0)
+
+
+@window_prefetch.register_fake
+def _(w, after, series, index, owner, group_name):
+    return w.new_empty(0)
+
+
+# The tokens of window_fetch / window_prefetch may have no reader: they must not be removed.
+torch.fx.node.has_side_effect(torch.ops.ascend_compile.window_fetch.default)
+torch.fx.node.has_side_effect(torch.ops.ascend_compile.window_prefetch.default)
+
+
+def window_targets() -> dict:
+    ns = getattr(torch.ops, OP_NAMESPACE)
+    return {"fetch": ns.window_fetch.default, "wait": ns.window_wait.default, "next": ns.window_prefetch.default}
