@@ -89,9 +89,9 @@ def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOpt
 
     No communication: the link and matmul rate were agreed when the model was sharded. Ranks
     compiling different shapes may choose different steps, so a step is only taken when it
-    keeps the collective order of fetching each layer at its use (``k = 0``), a function of the
-    model alone: every graph of the model, on every rank, issues the same broadcasts in the
-    same order whatever step each chose.
+    keeps the collective order of fetching each layer at its use (``k = 0``; ``k = 1`` with
+    wrap-around), a function of the model alone: every graph of the model, on every rank,
+    issues the same broadcasts in the same order whatever step each chose.
     """
     from .runtime import autotune
 
@@ -107,12 +107,17 @@ def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOpt
                 f"or give options['cost_model'] the missing {missing}"
             )
         agreed = {}
-    canonical = collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=0)))
+    # The reference order is a function of the model and the config only: fetching at use, or with
+    # wrap-around k = 1 (with several series, k = 0 would send the next forward's windows between
+    # the last layers' fetches, where every k >= 1 sends them after).
+    reference = 1 if plan.wrap else 0
+    canonical = collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=reference)))
 
     def same_order(k: int) -> bool:
         return collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=k))) == canonical
 
-    choice = autotune.choose(gm, agreed, options.cost_model, allowed=same_order)
+    choice = autotune.choose(gm, agreed, options.cost_model, allowed=same_order, always=reference,
+                             wrap_windows=max(dict(plan.wrap).values(), default=0))
     log.info("ascend_compile: prefetch_step=auto chose %s", choice.explanation)
     return dataclasses.replace(plan, prefetch_step=choice.k), choice.explanation
 

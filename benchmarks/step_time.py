@@ -4,7 +4,11 @@ Configurations, all on the same DeepSeek-shaped stack and input, timed in the sa
 interleaved round by round (the machines are noisy; only ratios within one run are reported):
 
 - ``replicated``          unsharded model, Inductor (the baseline, 1.00)
-- ``shared k=0/1/2/auto`` ``backend="ascend_compile"`` (Inductor lowering)
+- ``shared k=0/1/2/auto`` ``backend="ascend_compile"`` (Inductor lowering), wrap-around on (the
+                          default: the first k layers of a forward travel during the last k of
+                          the one before)
+- ``shared k=1/2 no wrap`` the same with ``wrap_around=False``: the first k broadcasts of every
+                          forward are issued at its entry (what wrap-around gains)
 - ``shared k=1 unpinned``  the same without the control_deps that pin the order (what pinning costs)
 - ``replicated eager``    unsharded model, eager (baseline of the eager rows)
 - ``eager hooks k=1``     the reference design: forward pre-hooks, async broadcasts 1 ahead
@@ -71,6 +75,10 @@ def _rank(rank, world, regime, rounds, steps):
         with open(os.path.join(d, f"rank_{rank}", "schedule.json")) as f:
             table = json.load(f)
         explain[f"shared k={k}"] = {"prefetch_step": table["prefetch_step"], "explain": table.get("explain")}
+    for k in (1, 2):
+        m = build_stack(shape)
+        ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=k, wrap_around=False))
+        configs[f"shared k={k} no wrap"] = torch.compile(m, backend="ascend_compile")
     m = build_stack(shape)
     ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
     configs["shared k=1 unpinned"] = torch.compile(m, backend="ascend_compile", options={"pin_order": False})
@@ -166,6 +174,10 @@ def main(argv=None) -> int:
             "chosen_fixed_vs_best_fixed": med[f"shared k={chosen}"] / best_fixed if chosen in (0, 1, 2) else None,
             "contention": med["replicated + comm"] / base,
             "comm_vs_compute": comm / base,
+            # what wrap-around saves per forward, in units of one decoder layer's broadcasts
+            # (comm only / layers): about 1 per window when the compute hides the transfer
+            "wrap_gain_layers": {k: (med[f"shared k={k} no wrap"] - med[f"shared k={k}"]) / (comm / REGIMES[regime]["layers"])
+                                 for k in (1, 2)},
         }
         print(f"\n== regime {regime}: {REGIMES[regime]}; comm only / replicated step = {comm / base:.2f}")
         print(f"{'config':<18}{'ms/step':>9}{'vs repl.':>10}{'vs own base':>13}{'hidden':>8}")
@@ -176,6 +188,8 @@ def main(argv=None) -> int:
         print(f"auto chose k={chosen}: its run {reg['auto_vs_best_fixed']:.3f} x the best fixed k; the fixed "
               f"k={chosen} run {reg['chosen_fixed_vs_best_fixed']:.3f} x the best")
         print(f"transfers beside the replicated model cost {reg['contention']:.2f} x replicated on this machine")
+        print("wrap-around saved per forward: " + ", ".join(
+            f"k={k}: {g:.2f} layer broadcasts" for k, g in reg["wrap_gain_layers"].items()))
     os.makedirs(a.out_dir, exist_ok=True)
     with open(os.path.join(a.out_dir, "step_time.json"), "w") as f:
         json.dump(report, f, indent=2)

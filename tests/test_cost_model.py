@@ -43,11 +43,11 @@ def test_memory_budget_caps_k():
     assert c.k == 0 and "memory budget allows k <= 0" in c.explanation
 
 
-def _auto_case(rank, world, overrides):
+def _auto_case(rank, world, overrides, wrap=True):
     torch._dynamo.reset()
     shape = StackShape(layers=4)
     model = build_stack(shape)
-    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step="auto"))
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step="auto", wrap_around=wrap))
     ref = build_stack(shape)(make_input(shape))
     d = tempfile.mkdtemp()
     out = torch.compile(model, backend="ascend_compile",
@@ -69,7 +69,11 @@ def test_auto_step_follows_given_costs():
     given = {"bandwidth": 24576 / 0.5e-3, "latency_s": 0.0, "compute_s": 1e-3}
     assert [k for _, k, _ in run_ranks(_auto_case, 2, given)] == [1, 1]
     assert [k for _, k, _ in run_ranks(_auto_case, 2, dict(given, bandwidth=1e15))] == [0, 0]
-    assert [k for _, k, _ in run_ranks(_auto_case, 2, dict(given, memory_budget=24576))] == [0, 0]
+    assert [k for _, k, _ in run_ranks(_auto_case, 2, dict(given, memory_budget=24576), False)] == [0, 0]
+    # with wrap-around every step holds 2 windows (the next forward's and the one in use): none fits
+    # a budget of one, and the step keeps the reference order (k = 1), saying so
+    for _, k, why in run_ranks(_auto_case, 2, dict(given, memory_budget=24576)):
+        assert k == 1 and "no step fits the memory budget" in why and "wrap_around=False" in why
 
 
 def _auto_at_compile_case(rank, world, cost_model):

@@ -97,7 +97,10 @@ def test_nz_weights_are_received_into_nz_buffers(lowering):
         o_proj = (64, 96)  # o_proj weight: hidden x heads*v_dim
         # one NZ buffer per o_proj layer this rank receives; q_b_proj (ND) in plain buffers
         assert r["eager_allocs"] == [(o_proj, FRACTAL_NZ)] * len(not_owned)
-        assert r["compiled_allocs"] == [(o_proj, FRACTAL_NZ)] * len(not_owned)
+        # compiled, layer 0 comes from a window (wrap-around) that every rank, its owner too, allocates
+        # in NZ: once at the first forward's entry, once for the next forward
+        received = [i for i in not_owned if i != 0]
+        assert r["compiled_allocs"] == [(o_proj, FRACTAL_NZ)] * (len(received) + 2)
 
 
 def test_a_format_we_cannot_reproduce_is_refused_on_every_rank():

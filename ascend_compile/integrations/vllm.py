@@ -54,6 +54,7 @@ GROUPS = ("world", "tp", "dp")
 BACKEND_NAMES = ("ascend_compile", "ascend_compile.backend.ascend_compile_backend")
 _LOADER_PATCHED = "_ascend_compile_wrapped"
 _PLATFORM_PATCHED = "_ascend_compile_keeps_mode"
+_INVALIDATES = "_ascend_compile_invalidates_windows"
 
 
 def settings(vllm_config) -> dict:
@@ -376,7 +377,32 @@ def shard_loaded_model(model, vllm_config):
     plan = shard_model(model, cfg)
     log.info("ascend_compile: shared %s over %d ranks; this rank saves %.1f MiB",
              sorted(plan.layer_series), plan.world_size, plan.saved_bytes() / 2**20)
+    invalidate_after_load_weights(model)
     return model
+
+
+def invalidate_after_load_weights(model) -> None:
+    """Drop the windows prefetched for the next forward whenever ``model.load_weights`` runs again.
+
+    vLLM updates weights through ``model.load_weights`` on every worker at the same point
+    (``reload_weights``, ``update_weights`` in checkpoint format, RL frameworks' ``collective_rpc``),
+    which is what ``invalidate_prefetch`` needs: every rank of the sharing group, together.
+    """
+    from ..runtime.sharding import invalidate_prefetch
+
+    original = getattr(model, "load_weights", None)
+    if original is None or getattr(original, _INVALIDATES, False):
+        return
+
+    @functools.wraps(original)
+    def load_weights(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        dropped = invalidate_prefetch(model)
+        log.info("ascend_compile: weights loaded again; dropped the prefetched windows %s", dropped)
+        return loaded
+
+    setattr(load_weights, _INVALIDATES, True)
+    model.load_weights = load_weights
 
 
 def uses_our_backend(vllm_config) -> bool:

@@ -5,7 +5,12 @@ runs layer ``i`` for ``compute_s`` after its weights arrived, and one link that 
 broadcasts one after the other in issue order (``latency_s + bytes / bandwidth`` each). The
 broadcast of layer ``i`` is issued when the wait of layer ``i - k`` is passed (layers
 ``< k`` at entry), exactly as ``prefetch.py`` schedules it. ``k`` costs ``(k + 1)`` windows of
-memory per series. ``choose_prefetch_step`` picks the smallest ``k`` whose simulated time is
+memory per series.
+
+With wrap-around (``wrap_windows = w``), the first ``w`` layers of a forward were broadcast during
+the previous forward, each right after the wait of layer ``N - w + j``; the model then simulates
+consecutive forwards and reports the steady one (the first forward, which fetches at entry, is
+the plain schedule). Memory: ``max(k, w) + 1`` windows during a forward, ``w`` held between them. ``choose_prefetch_step`` picks the smallest ``k`` whose simulated time is
 within ``tolerance`` of the best ``k`` that fits the memory budget, and says why.
 """
 
@@ -24,6 +29,11 @@ class CostInputs:
     compute_s: float  # seconds of compute per decoder layer
     latency_s: float = 0.0
     memory_budget: Optional[int] = None  # bytes available for windows; None = unlimited
+    wrap_windows: int = 0  # w: layers per series prefetched for the next forward (wrap-around)
+
+    def windows(self, k: int) -> int:
+        """Windows of every series alive at the peak of a forward with step ``k``."""
+        return max(k, self.wrap_windows) + 1 if self.wrap_windows else k + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,56 +43,72 @@ class Choice:
     explanation: str
 
 
-def simulate(inputs: CostInputs, k: int) -> float:
-    """Seconds for one forward of the stack with prefetch step ``k``."""
+def simulate(inputs: CostInputs, k: int, steps: int = 3) -> float:
+    """Seconds for one forward of the stack with prefetch step ``k`` (with wrap-around: the last of
+    ``steps`` consecutive forwards, whose first layers were sent during the one before)."""
     n, t_comm = inputs.layers, inputs.latency_s + inputs.layer_bytes / inputs.bandwidth
+    w = min(inputs.wrap_windows, max(n - 1, 0))
     link_free = 0.0
-    arrive = [0.0] * n
 
-    def issue(i: int, t: float) -> None:
+    def issue(t: float) -> float:
         nonlocal link_free
         link_free = max(t, link_free) + t_comm  # one link: broadcasts run one after the other
-        arrive[i] = link_free
+        return link_free
 
-    for i in range(min(k, n)):
-        issue(i, 0.0)
-    clock = 0.0  # the compute stream
-    for i in range(n):
-        if k == 0:
-            issue(i, clock)
-        clock = max(clock, arrive[i])  # the wait of layer i
-        if 0 < k and i + k < n:
-            issue(i + k, clock)
-        clock += inputs.compute_s
-    return clock
+    clock = start = 0.0  # the compute stream, across forwards
+    carried: dict = {}  # layer -> arrival of its window, sent during the previous forward
+    for _ in range(steps if w else 1):
+        start = clock
+        arrive: dict = {}
+        for i in range(min(max(k, w), n)):  # graph entry: windows (fetched now on the first forward), then layers < k
+            arrive[i] = carried[i] if i < w and i in carried else issue(clock)
+        carried = {}
+        for i in range(n):
+            if i not in arrive:  # k == 0: fetched at its use
+                arrive[i] = issue(clock)
+            clock = max(clock, arrive[i])  # the wait of layer i
+            if k > 0 and i + k < n and i + k not in arrive:
+                arrive[i + k] = issue(clock)
+            if w and i >= n - w:
+                carried[i - (n - w)] = issue(clock)  # the next forward's window
+            clock += inputs.compute_s
+    return clock - start
 
 
-def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01, allowed=None) -> Choice:
-    """``allowed(k)``, if given, vetoes steps (tried in order of preference; ``k = 0`` is always allowed)."""
+def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01, allowed=None, always: int = 0) -> Choice:
+    """``allowed(k)``, if given, vetoes steps (tried in order of preference; ``always`` is always allowed)."""
     max_k = max(inputs.layers - 1, 0)
     fits = [k for k in range(max_k + 1)
-            if inputs.memory_budget is None or (k + 1) * inputs.window_bytes <= inputs.memory_budget]
-    if not fits:
-        fits = [0]
+            if inputs.memory_budget is None or inputs.windows(k) * inputs.window_bytes <= inputs.memory_budget]
+    over_budget = not fits  # even the smallest step holds more windows than the budget allows
+    if always not in fits:
+        fits = sorted(set(fits) | {always})
     times = {k: simulate(inputs, k) for k in fits}
     best = min(times.values())
     near = sorted(k for k, t in times.items() if t <= best * (1 + tolerance))
     rest = sorted((k for k in times if k not in near), key=lambda k: (times[k], k))
     vetoed = []
     for k in near + rest:
-        if k == 0 or allowed is None or allowed(k):
+        if k == always or allowed is None or allowed(k):
             break
         vetoed.append(k)
     t_comm = inputs.latency_s + inputs.layer_bytes / inputs.bandwidth
     regime = "compute-bound" if t_comm <= inputs.compute_s else "comm-bound"
     budget = "" if inputs.memory_budget is None else f", memory budget allows k <= {max(fits)}"
+    if over_budget:
+        budget = (f", no step fits the memory budget of {inputs.memory_budget / 2**20:.2f} MiB"
+                  + (f" (wrap-around holds {inputs.wrap_windows} window(s) per series more; "
+                     "SharedWeightConfig(wrap_around=False) drops them)" if inputs.wrap_windows else ""))
     explanation = (
         f"k={k}: broadcast of one layer {t_comm * 1e6:.0f} us ({inputs.layer_bytes / 2**20:.2f} MiB at "
         f"{inputs.bandwidth / 1e9:.2f} GB/s + {inputs.latency_s * 1e6:.0f} us) vs compute {inputs.compute_s * 1e6:.0f} us "
         f"per layer ({regime}); simulated forward {times[k] * 1e3:.3f} ms vs replicated "
         f"{inputs.layers * inputs.compute_s * 1e3:.3f} ms; smallest k within {tolerance:.0%} of the best "
-        f"({best * 1e3:.3f} ms){budget}; windows {(k + 1) * inputs.window_bytes / 2**20:.2f} MiB"
+        f"({best * 1e3:.3f} ms){budget}; windows {inputs.windows(k) * inputs.window_bytes / 2**20:.2f} MiB"
     )
+    if inputs.wrap_windows:
+        explanation += (f"; with {inputs.wrap_windows} window(s) per series sent during the previous forward "
+                        f"({inputs.wrap_windows * inputs.window_bytes / 2**20:.2f} MiB held between forwards)")
     if vetoed:
         explanation += f"; k={vetoed} not taken: they would change the collective order"
     return Choice(k, times, explanation)

@@ -147,9 +147,11 @@ def agree(measured: list) -> dict:
     }
 
 
-def choose(gm: fx.GraphModule, agreed: dict, overrides: Optional[dict] = None, allowed=None) -> Choice:
+def choose(gm: fx.GraphModule, agreed: dict, overrides: Optional[dict] = None, allowed=None,
+           wrap_windows: int = 0, always: int = 0) -> Choice:
     """The step for this graph from shard-time measurements ``agreed``; no communication.
-    ``allowed(k)`` says whether step ``k`` is acceptable (the caller keeps the collective order)."""
+    ``allowed(k)`` says whether step ``k`` is acceptable (the caller keeps the collective order);
+    ``wrap_windows``: layers per series this graph receives from the previous forward."""
     overrides = dict(overrides or {})
     unknown = set(overrides) - set(COST_KEYS)
     if unknown:
@@ -166,6 +168,6 @@ def choose(gm: fx.GraphModule, agreed: dict, overrides: Optional[dict] = None, a
         bandwidth=float(overrides["bandwidth"] if "bandwidth" in overrides else agreed["bandwidth"]),
         compute_s=float(compute_s),
         latency_s=float(overrides["latency_s"] if "latency_s" in overrides else agreed.get("latency_s", 0.0)),
-        memory_budget=overrides.get("memory_budget"),
+        memory_budget=overrides.get("memory_budget"), wrap_windows=wrap_windows,
     )
-    return choose_prefetch_step(inputs, allowed=allowed)
+    return choose_prefetch_step(inputs, allowed=allowed, always=min(always, max(layers - 1, 0)))

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 INVALIDATE_WAIT_S = 300.0  # how long a rank waits for its peers' invalidate() before raising
 
-# group name -> {"epoch": int, "confirmed": int, "slots": {(series, index): (buffer, owner, epoch)}}
+# group name -> {"epoch": int, "confirmed": int, "slots": {(series, index, model's tensor): (buffer, owner, epoch)}}
 # (the broadcast into ``buffer`` is a functional collective: ``wait_tensor(buffer)`` completes it)
 _STATE: dict = {}
 
@@ -48,9 +48,15 @@ def _state(group_name: str) -> dict:
     return _STATE.setdefault(group_name, {"epoch": 0, "confirmed": 0, "slots": {}})
 
 
+def _key(w: torch.Tensor, series: str, index: int) -> tuple:
+    """A window belongs to one model: several models may be sharded over one group, and their
+    layers share names. ``w`` (the owner's parameter, another rank's stand-in) is the model's own."""
+    return (series, index, w.data_ptr())
+
+
 def in_flight(group_name: str) -> list:
     """``["series[index]", ...]`` of the windows currently in flight for ``group_name``."""
-    return sorted(layer_name(*key) for key in _state(group_name)["slots"])
+    return sorted(layer_name(series, index) for series, index, _ in _state(group_name)["slots"])
 
 
 def _fail(e: BaseException, series: str, index: int, owner: int, group_name: str, what: str):
@@ -78,7 +84,7 @@ def _issue(w: torch.Tensor, series: str, index: int, owner: int, group_name: str
 
 def _drain(slots: dict, group_name: str) -> None:
     """Complete every window in flight (each rank issued them: waiting pairs with nothing new)."""
-    for (series, index), (buf, owner, _) in sorted(slots.items()):
+    for (series, index, _), (buf, owner, _) in sorted(slots.items()):
         try:
             torch.ops._c10d_functional.wait_tensor(buf)
         except Exception as e:
@@ -140,7 +146,7 @@ def window_fetch(w: torch.Tensor, series: str, index: int, owner: int, group_nam
     ``w`` is the owner's parameter (or another rank's stand-in: shape and dtype only). Returns an
     empty token that orders ``window_wait`` after it."""
     state = _state(group_name)
-    key = (series, index)
+    key = _key(w, series, index)
     slot = state["slots"].get(key)
     if slot is not None and slot[2] != state["epoch"]:  # pragma: no cover - invalidate() drains
         _drain({key: slot}, group_name)
@@ -162,7 +168,7 @@ def _(w, series, index, owner, group_name):
 def window_wait(token: torch.Tensor, w: torch.Tensor, series: str, index: int, owner: int,
                 group_name: str) -> torch.Tensor:
     """Right before the first use: wait for the window of ``series[index]`` and return its buffer."""
-    slot = _state(group_name)["slots"].pop((series, index), None)
+    slot = _state(group_name)["slots"].pop(_key(w, series, index), None)
     if slot is None:
         raise RuntimeError(
             f"no prefetched window of {layer_name(series, index)} over process group {group_name!r}: "
@@ -187,7 +193,7 @@ def window_prefetch(w: torch.Tensor, after: torch.Tensor, series: str, index: in
     """Near the end of a forward: issue the broadcast of ``series[index]`` for the next forward.
     ``after`` (the weight whose wait it follows) only orders it. Returns an empty token."""
     state = _state(group_name)
-    key = (series, index)
+    key = _key(w, series, index)
     old = state["slots"].pop(key, None)
     if old is not None:  # the window of a forward that never consumed it (an eager forward in between)
         _drain({key: old}, group_name)
