@@ -89,9 +89,10 @@ def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOpt
 
     No communication: the link and matmul rate were agreed when the model was sharded. Ranks
     compiling different shapes may choose different steps, so a step is only taken when it
-    keeps the collective order of fetching each layer at its use (``k = 0``; ``k = 1`` with
-    wrap-around), a function of the model alone: every graph of the model, on every rank,
-    issues the same broadcasts in the same order whatever step each chose.
+    keeps the collective order of fetching each layer at its use (``k = 0``), a function of the
+    model alone: every graph of the model, on every rank, issues the same broadcasts in the
+    same order whatever step each chose (with wrap-around too: windows first, the next forward's
+    windows after every other broadcast).
     """
     from .runtime import autotune
 
@@ -107,10 +108,7 @@ def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOpt
                 f"or give options['cost_model'] the missing {missing}"
             )
         agreed = {}
-    # The reference order is a function of the model and the config only: fetching at use, or with
-    # wrap-around k = 1 (with several series, k = 0 would send the next forward's windows between
-    # the last layers' fetches, where every k >= 1 sends them after).
-    reference = 1 if plan.wrap else 0
+    reference = 0  # fetching each layer at its use: an order that is a function of the model and config only
     canonical = collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=reference)))
 
     def same_order(k: int) -> bool:
@@ -175,12 +173,15 @@ class GuardedGraph:
         try:
             return self.compiled(*args)
         except Exception as e:
-            if isinstance(e, comm.PeerError) or not comm.is_comm_failure(e):  # window ops name their layer
+            layer = getattr(e, "layer", None)  # a window op's PeerError names its layer
+            if layer is not None and isinstance(e, comm.PeerError):
+                raise comm.PeerError(self.describe_failure(e.__cause__ or e, layer)) from e
+            if isinstance(e, comm.PeerError) or not comm.is_comm_failure(e):
                 raise
             raise comm.PeerError(self.describe_failure(e)) from e
 
-    def describe_failure(self, e: BaseException) -> str:
-        layer = failed_layer(e, self.waits, self.waits_in_order)
+    def describe_failure(self, e: BaseException, layer: Optional[str] = None) -> str:
+        layer = layer or failed_layer(e, self.waits, self.waits_in_order)
         where = f"the broadcast of {layer}" if layer else f"one of its {len(self.order)} broadcasts"
         bound = (f"SharedWeightConfig(timeout={self.timeout})" if self.timeout is not None
                  else "the process group's own timeout (set SharedWeightConfig(timeout=...) to bound it)")

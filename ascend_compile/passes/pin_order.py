@@ -10,7 +10,10 @@ wait we add ordering-only edges with ``control_deps`` (``preserve_node_ordering`
 - every broadcast runs after the previous one: one total order of collectives, the same
   on every rank (Inductor also orders its own collectives as the graph lists them; the window
   ops of wrap-around are custom ops it does not know as collectives, so this chain is what
-  keeps them in place among the broadcasts).
+  keeps them in place among the broadcasts). The next forward's ``window_prefetch`` is the
+  exception: nothing reads its token, so Inductor's scheduler drops the buffer and every edge
+  from it; it is only ever the "after" end, and its inputs keep it after every other
+  collective (``passes/prefetch.py``).
 
 An edge only holds if Inductor's lowering of ``control_deps`` can carry it, on every torch we
 support (2.10-2.15), so the ends of an edge are chosen with that in mind:
@@ -77,8 +80,9 @@ def can_wait(n: fx.Node) -> bool:
 
 
 def can_be_waited_for(n: fx.Node) -> bool:
-    """Another node can be made to run after ``n``, on every supported torch."""
-    return _does_work(n) and _one_tensor(n)
+    """Another node can be made to run after ``n``, on every supported torch (not after a token
+    nothing reads: Inductor drops the buffer, and the edge with it)."""
+    return _does_work(n) and _one_tensor(n) and role(n) != NEXT
 
 
 def _nearest(node: fx.Node, forward: bool, ok: Callable[[fx.Node], bool]) -> Optional[fx.Node]:
@@ -103,7 +107,10 @@ def ordering_edges(graph: fx.Graph) -> dict:
         if role(n) not in (ISSUE, WAIT, NEXT):
             continue
         add(n, _nearest(n, forward=False, ok=can_be_waited_for))
-        if role(n) in (ISSUE, NEXT):
+        if role(n) == NEXT:  # nothing reads its token: an edge from it would not survive (its inputs order it)
+            add(n, last_issue)
+            continue
+        if role(n) == ISSUE:
             add(n, last_issue)
             last_issue = n
             nxt = _nearest(n, forward=True, ok=lambda m: can_wait(m) and not is_ours(m))

@@ -11,9 +11,10 @@ With wrap-around (``plan.wrap``, ``w`` windows for a series the graph holds whol
 ``0..w-1`` come from windows: their ``window_fetch`` sits at graph entry (it broadcasts only when
 no window is in flight: the first forward) and their wait right before the first use, whatever
 ``k``; the ``window_prefetch`` of layer ``j`` (the next forward's copy) is issued right after the
-wait of layer ``N - w + j`` (after any broadcast anchored there), so the next forward's first ``w``
-layers travel during this one's last ``w``. Windows alive then: at most ``max(k, w) + 1`` during
-a forward, ``w`` between forwards.
+wait of layer ``N - w + j`` (after any broadcast anchored there), or after the wait of the last
+layer the graph broadcasts if that comes later (no broadcast ever follows a ``window_prefetch``:
+see ``place_next_windows``), so the next forward's first ``w`` layers travel during this one's
+last layers. Windows alive then: at most ``max(k, w) + 1`` during a forward, ``w`` between forwards.
 
 The result is a pure function of the graph and the plan, hence the same collective order
 on every rank. ``collective_schedule`` reads that order back for dumps and the rank check.
@@ -130,23 +131,53 @@ def schedule_prefetch(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
             elif j >= k:
                 _place_after(layers[j - k].wait, layer.issue)
 
-    # The next forward's windows: layer j's right after the wait of layer N - w + j.
+    place_next_windows(series)
+
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def place_next_windows(series: dict) -> None:
+    """The next forward's windows: window ``j`` of a series right after the wait of layer ``N - w + j``
+    and after the graph's last broadcast, in order of those places, each after the one before.
+
+    ``window_prefetch`` is an opaque op whose token nothing reads, so no ordering edge *from* it
+    survives Inductor (its scheduler drops an unread buffer, and the edges with it). Its place
+    among the collectives is therefore held by its inputs only: ``after`` (the anchor's wait),
+    ``last`` (the graph's last broadcast, whose output it takes without reading it: Inductor keeps
+    its own collectives in graph order, so every broadcast of the graph is issued before) and
+    ``prev`` (the window before). So no broadcast can come after a ``window_prefetch``, on any rank.
+    """
+    fetched = [layer for layers in series.values() for layer in layers if not layer.window]
+    if not any(layer.next is not None for layers in series.values() for layer in layers):
+        return
+    graph = next(iter(series.values()))[0].wait.graph
+    pos = positions(graph)
+    last = max((layer.issue for layer in fetched), key=pos.__getitem__, default=None)
+    todo = []
     for layers in series.values():
         windows = [layer for layer in layers if layer.window]
         for j, layer in enumerate(windows):
             if layer.next is None or layers[j] is not layer:
                 raise ValueError(f"{layer.series}[{layer.index}] is prefetched across steps but is not among the "
                                  "first layers of its series in this graph")
-            anchor = layers[len(layers) - len(windows) + j].wait
-            layer.next.update_arg(1, anchor)
-            after = anchor
-            while after.next.op != "root" and is_ours(after.next) and role(after.next) in (ISSUE, BUFFER, NEXT):
-                after = after.next
-            after.append(layer.next)
-
-    graph.lint()
-    gm.recompile()
-    return gm
+            todo.append((layers[len(layers) - len(windows) + j].wait, layer))
+    todo.sort(key=lambda t: (pos[t[0]], t[1].series, t[1].index))
+    prev = None
+    for anchor, layer in todo:
+        floor = last if last is not None and pos[last] > pos[anchor] else anchor
+        if prev is not None and pos[prev] > pos[floor]:
+            floor = prev
+        layer.next.update_arg(1, anchor)
+        layer.next.update_arg(2, last if last is not None else anchor)
+        layer.next.update_arg(3, prev)
+        after = floor
+        while after.next.op != "root" and is_ours(after.next) and role(after.next) in (ISSUE, BUFFER, NEXT):
+            after = after.next
+        after.append(layer.next)
+        pos = positions(graph)
+        prev = layer.next
 
 
 def collective_schedule(graph: fx.Graph) -> list:

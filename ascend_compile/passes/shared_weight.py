@@ -63,7 +63,7 @@ class SharedWeightMatch:
                 args = (a.series, a.index, a.owner, a.group_name)
                 issue = graph.call_function(ops["fetch"], (a.weight, *args))
                 wait = graph.call_function(ops["wait"], (issue, a.weight, *args))
-                nxt = graph.call_function(ops["next"], (a.weight, wait, *args))  # placed by the prefetch pass
+                nxt = graph.call_function(ops["next"], (a.weight, wait, wait, None, *args))  # placed by the prefetch pass
                 new.append((nxt, NEXT))
             elif plan.inplace and val is not None:
                 # No copy: the owner sends its own parameter (a broadcast leaves the source as it
@@ -84,7 +84,7 @@ class SharedWeightMatch:
                 wait = graph.call_function(_c10d.wait_tensor.default, (issue,))
         for n, role in new + [(issue, ISSUE), (wait, WAIT)]:
             if val is not None:
-                n.meta["val"] = val if not (window and role in (ISSUE, NEXT)) else val.new_empty(0)
+                n.meta["val"] = val if not (window and role in (ISSUE, NEXT)) else val.new_empty(1)
             n.meta[TAG] = dict(info, role=role, prefetch_step=plan.step_for(a.prefetch_step, a.series), window=window)
             n.meta["stack_trace"] = self.node.meta.get("stack_trace")
         self.node.replace_all_uses_with(wait)

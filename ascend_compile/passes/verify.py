@@ -33,6 +33,26 @@ def _only_ours_between(a: fx.Node, b: fx.Node) -> list:
     return [n for n in nodes_between(a, b) if not is_ours(n) and n.op not in ("get_attr",)]
 
 
+def check_next_windows_last(graph: fx.Graph, pos: dict) -> None:
+    """No broadcast after a ``window_prefetch``, and each one ordered by its inputs: after the
+    graph's last broadcast (``last``) and after the one before (``prev``)."""
+    nexts = [n for n in graph.nodes if is_next(n) and tag(n)]
+    if not nexts:
+        return
+    fetches = [n for n in graph.nodes if tag(n) and tag(n)["role"] == ISSUE and not tag(n).get("window")]
+    later = [f for f in fetches if pos[f] > pos[nexts[0]]]
+    if later:
+        raise ScheduleError(f"{describe(later[0])} is issued after {describe(nexts[0])}: nothing orders a broadcast "
+                            "after a window for the next forward, so ranks could issue them in different orders")
+    if fetches:
+        last = max(fetches, key=pos.__getitem__)
+        if not all(n.args[2] is last for n in nexts):
+            raise ScheduleError(f"{describe(nexts[0])} is not ordered after the graph's last broadcast ({describe(last)})")
+    for before, n in zip(nexts, nexts[1:]):
+        if n.args[3] is not before:
+            raise ScheduleError(f"{describe(n)} is not ordered after {describe(before)}")
+
+
 def verify_schedule(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
     graph = gm.graph
     for n in graph.nodes:
@@ -59,6 +79,7 @@ def verify_schedule(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
             raise ScheduleError(f"{key[0]}[{key[1]}]: a layer from a window needs the next forward's broadcast, "
                                 "and only such a layer has one")
 
+    check_next_windows_last(graph, pos)
     for name, layers in find_series_layers(graph, plan).items():
         k = layers[0].step
         windows = [layer for layer in layers if layer.window]
@@ -67,10 +88,12 @@ def verify_schedule(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
             raise ScheduleError(f"series {name!r}: the layers from windows {[a.index for a in windows]} are not its "
                                 "first layers in this graph")
         for j, layer in enumerate(windows):
-            prev = layers[len(layers) - w + j].wait
-            if not (pos[prev] < pos[layer.next] and not _only_ours_between(prev, layer.next)):
+            anchor = layers[len(layers) - w + j].wait
+            floor = max((anchor, layer.next.args[2]), key=pos.__getitem__)
+            if not (layer.next.args[1] is anchor and pos[floor] < pos[layer.next]
+                    and not _only_ours_between(floor, layer.next)):
                 raise ScheduleError(f"{describe(layer.next)} is not issued right after the wait of "
-                                    f"{name}[{layers[len(layers) - w + j].index}] ({prev.name!r})")
+                                    f"{name}[{layers[len(layers) - w + j].index}] ({anchor.name!r})")
         for j, layer in enumerate(layers):
             between = _only_ours_between(layer.wait, layer.first_use)
             if between:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -62,11 +63,13 @@ def in_flight(group_name: str) -> list:
 def _fail(e: BaseException, series: str, index: int, owner: int, group_name: str, what: str):
     if isinstance(e, PeerError) or not is_comm_failure(e):
         raise e
-    raise PeerError(
+    err = PeerError(
         f"the {what} of {layer_name(series, index)} from rank {owner} over process group {group_name!r} failed: "
         f"{first_line(e)}. A peer rank died, or it stopped issuing the same collectives (every rank must run the same "
         "sequence of forwards and call invalidate_prefetch at the same point); restart every rank."
-    ) from e
+    )
+    err.layer = layer_name(series, index)  # a compiled graph names itself around it (backend.GuardedGraph)
+    raise err from e
 
 
 def _issue(w: torch.Tensor, series: str, index: int, owner: int, group_name: str) -> tuple:
@@ -143,8 +146,8 @@ def reset(group_name: str) -> None:
 @torch.library.custom_op(f"{OP_NAMESPACE}::window_fetch", mutates_args=())
 def window_fetch(w: torch.Tensor, series: str, index: int, owner: int, group_name: str) -> torch.Tensor:
     """At graph entry: issue the broadcast of ``series[index]`` unless a window of it is in flight.
-    ``w`` is the owner's parameter (or another rank's stand-in: shape and dtype only). Returns an
-    empty token that orders ``window_wait`` after it."""
+    ``w`` is the owner's parameter (or another rank's stand-in: shape and dtype only). Returns a
+    one-element token that orders ``window_wait`` after it."""
     state = _state(group_name)
     key = _key(w, series, index)
     slot = state["slots"].get(key)
@@ -156,12 +159,12 @@ def window_fetch(w: torch.Tensor, series: str, index: int, owner: int, group_nam
         if state["epoch"] != state["confirmed"]:
             _confirm_peers(group_name, state)
         state["slots"][key] = (*_issue(w, series, index, owner, group_name), state["epoch"])
-    return w.new_empty(0)
+    return w.new_empty(1)
 
 
 @window_fetch.register_fake
 def _(w, series, index, owner, group_name):
-    return w.new_empty(0)
+    return w.new_empty(1)
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::window_wait", mutates_args=())
@@ -188,24 +191,27 @@ def _(token, w, series, index, owner, group_name):
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::window_prefetch", mutates_args=())
-def window_prefetch(w: torch.Tensor, after: torch.Tensor, series: str, index: int, owner: int,
-                    group_name: str) -> torch.Tensor:
+def window_prefetch(w: torch.Tensor, after: torch.Tensor, last: torch.Tensor, prev: Optional[torch.Tensor],
+                    series: str, index: int, owner: int, group_name: str) -> torch.Tensor:
     """Near the end of a forward: issue the broadcast of ``series[index]`` for the next forward.
-    ``after`` (the weight whose wait it follows) only orders it. Returns an empty token."""
+    ``after`` (the weight whose wait it follows), ``last`` (the output of the graph's last
+    broadcast, never read) and ``prev`` (the token of the window issued before) only order it: they
+    are what keeps it after every other collective of the graph (see ``passes/prefetch.py``).
+    Returns a one-element token."""
     state = _state(group_name)
     key = _key(w, series, index)
     old = state["slots"].pop(key, None)
-    if old is not None:  # the window of a forward that never consumed it (an eager forward in between)
+    if old is not None:  # never consumed (every graph that sends it takes it at entry): complete it first
         _drain({key: old}, group_name)
     if state["epoch"] != state["confirmed"]:
         _confirm_peers(group_name, state)
     state["slots"][key] = (*_issue(w, series, index, owner, group_name), state["epoch"])
-    return w.new_empty(0)
+    return w.new_empty(1)
 
 
 @window_prefetch.register_fake
-def _(w, after, series, index, owner, group_name):
-    return w.new_empty(0)
+def _(w, after, last, prev, series, index, owner, group_name):
+    return w.new_empty(1)
 
 
 # The tokens of window_fetch / window_prefetch may have no reader: they must not be removed.
