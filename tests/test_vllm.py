@@ -209,6 +209,53 @@ def test_plugin_is_an_entry_point_and_wraps_the_loader(monkeypatch):
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"  # the user's choice stands
 
 
+def test_weight_updates_a_sharded_model_cannot_take_are_refused(monkeypatch):
+    """``reload_weights(is_checkpoint_format=False)`` and ``start_weight_update`` on a model we
+    sharded raise before vLLM changes anything, naming the fix; an unsharded model goes straight
+    through; the wrappers are installed once by ``register()``."""
+    from types import SimpleNamespace
+
+    from ascend_compile.integrations import vllm as integ
+    from ascend_compile.runtime.comm import ShardingError
+    from ascend_compile.runtime.sharding import PLAN_ATTR
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    from vllm.v1.worker.gpu_worker import Worker
+
+    for cls, name in ((BaseModelLoader, "load_model"), (GPUModelRunner, "reload_weights"),
+                      (Worker, "start_weight_update")):
+        monkeypatch.setattr(cls, name, getattr(cls, name))
+    integ.register()
+    integ.register()  # twice is harmless: wrapped once
+    assert GPUModelRunner.reload_weights.__wrapped__.__qualname__ == "GPUModelRunner.reload_weights"
+    assert Worker.start_weight_update.__wrapped__.__qualname__ == "Worker.start_weight_update"
+
+    calls = []
+    def original(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True):  # vLLM 0.23's
+        calls.append(("reload", (weights_iterator, weights_path, is_checkpoint_format)))
+
+    reload_weights = integ.reload_unshared(original)
+    start = integ.refuse_weight_update(lambda self, *a, **k: calls.append(("start", a, k)))
+    model = torch.nn.Linear(2, 2)
+    runner = SimpleNamespace(get_model=lambda: model)
+    worker = SimpleNamespace(model_runner=runner)
+    reload_weights(runner, None, None, False)  # not sharded: vLLM's own behaviour
+    start(worker, is_checkpoint_format=False)
+    assert calls == [("reload", (None, None, False)), ("start", (), {"is_checkpoint_format": False})]
+
+    setattr(model, PLAN_ATTR, SimpleNamespace(layer_series={"o_proj": ["0.o_proj", "1.o_proj"]}))
+    with pytest.raises(ShardingError, match=r"is_checkpoint_format=False\) on a model whose \['o_proj'\] weights "
+                                            r"ascend_compile shares.*Reload with checkpoint-format weights"):
+        reload_weights(runner, iter([]), None, False)
+    with pytest.raises(ShardingError, match=r"is_checkpoint_format=False\)"):
+        reload_weights(runner, weights_iterator=iter([]), is_checkpoint_format=False)
+    for fmt in (True, False):
+        with pytest.raises(ShardingError, match=r"start_weight_update on a model whose \['o_proj'\] weights.*"
+                                                r"reload_weights with checkpoint-format weights"):
+            start(worker, is_checkpoint_format=fmt)
+    assert len(calls) == 2  # vLLM was never reached
+
+
 def _quant_case(rank, world):
     import vllm_model
 
@@ -508,3 +555,34 @@ def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_ru
     assert all(len(g) >= 2 for g in graphs.values()), {r: len(g) for r, g in graphs.items()}
     orders = [o for g in graphs.values() for o in g]
     assert all(o == orders[0] for o in orders) and len(orders[0]) == 8  # o_proj + down_proj, 4 layers
+
+
+@pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
+@pytest.mark.parametrize("mode", ["2", "1"])
+def test_reload_weights_through_vllm_keeps_tokens_and_drops_prefetched_windows(mode, tmp_path):
+    """``llm.collective_rpc("reload_weights")`` (vLLM's own reload path, which the CPU runner
+    inherits from the GPU runner) between generates, on both DP ranks, unshared and shared: the
+    checkpoint reloaded gives the same tokens as before, changed weights (``perturbed_weights``,
+    a ``weights_iterator`` through the same path) give the unshared run's new tokens, and the
+    checkpoint again gives the first tokens back. With shared weights our plugin's wrapper of
+    ``model.load_weights`` drops the prefetched windows at each of the 3 reloads on every rank,
+    and each rank still holds only what it owns. Mode 1 keeps Dynamo's guards: a reload that
+    gave the shared layers new classes or modules would recompile every shape again and hit
+    the recompile limit (fullgraph=True fails) by the third generate."""
+    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", mode, "--reload")
+    lines = []
+    for rank in range(2):
+        unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
+        assert shared["tokens"] == unshared["tokens"]
+        for r in (unshared, shared):
+            assert r["tokens_reloaded"] == r["tokens"] and r["tokens_restored"] == r["tokens"]
+        assert shared["tokens_changed"] == unshared["tokens_changed"] != shared["tokens"]
+        assert unshared["invalidations"] == []  # nothing shared: nothing wrapped
+        assert len(shared["invalidations"]) == 3, shared["invalidations"]
+        assert all(line.startswith("ascend_compile: weights loaded again; dropped the prefetched windows")
+                   for line in shared["invalidations"])
+        lines.append(shared["invalidations"])
+        assert shared["weight_bytes_reloaded"] == shared["weight_bytes"] < unshared["weight_bytes"]
+        assert re.search(rf"rank {rank}: reload: same=True \(.*\), follows=True \(.*\), invalidated=3 of 3 reloads, "
+                         r"kept=True", out)
+    assert lines[0] == lines[1]  # the same windows dropped on both ranks

@@ -20,6 +20,12 @@ parameter shapes and dtypes are exchanged, the non-owners' stand-ins take them, 
 model is sharded: what is shared is what the kernels read. The backend reads the compile
 options and vLLM's ``debug_dump_path`` from the current vLLM config.
 
+Weight updates: ``register()`` also wraps the model runner's ``reload_weights``
+(``llm.collective_rpc("reload_weights")``): for a sharded model the shared layers are
+un-shared for vLLM's layerwise reload and shared again after it, with the same objects, and
+the prefetched windows are dropped (``invalidate_after_load_weights``). Kernel-format reloads
+and vLLM's weight-transfer sessions (``start_weight_update``) are refused on a sharded model.
+
 Modes: 1 (STOCK_TORCH_COMPILE) and 2 (DYNAMO_TRACE_ONCE) hand the whole model graph to the
 backend named in ``compilation_config["backend"]``: use ``"ascend_compile"``. Mode 3
 (VLLM_COMPILE) compiles pieces split at attention with vLLM's own backend and never calls
@@ -55,6 +61,7 @@ BACKEND_NAMES = ("ascend_compile", "ascend_compile.backend.ascend_compile_backen
 _LOADER_PATCHED = "_ascend_compile_wrapped"
 _PLATFORM_PATCHED = "_ascend_compile_keeps_mode"
 _INVALIDATES = "_ascend_compile_invalidates_windows"
+_RELOAD_PATCHED = "_ascend_compile_unshares_for_reload"
 
 
 def settings(vllm_config) -> dict:
@@ -405,6 +412,129 @@ def invalidate_after_load_weights(model) -> None:
     model.load_weights = load_weights
 
 
+def unshare_for_reload(model, plan) -> list:
+    """Before vLLM's layerwise reload: shared layers look as they did at load time.
+
+    ``initialize_layerwise_reload`` deletes each layer's parameters and registers its load-time
+    ones again on meta (``register_parameter``), which a parametrized layer refuses: its class
+    has a property of that name (``KeyError: "attribute 'weight' already exists"``). So each
+    shared layer gets its plain class back (the one ``parametrize`` derived from); an owner's
+    real tensor goes back under the parameter name (the reload copies the new values into it,
+    keeping the tensor); a non-owner's stand-in stays hidden in its parametrization, and its
+    quant method processes without values (``_process_without_values``) as at load. Every
+    object is kept, so the modules and classes compiled graphs guard on are the same ones after
+    ``reshare_after_reload`` (mode 1 does not recompile). Returns what that function needs."""
+    import copy
+
+    modules = dict(model.named_modules())
+    by_module: dict = {}
+    for sp in plan.params:
+        by_module.setdefault(sp.module, []).append(sp)
+    state = []
+    for mname, sps in by_module.items():
+        module, names, owned = modules[mname], [sp.param for sp in sps], sps[0].owner == plan.rank
+        cls, plists = module.__class__, module._modules.pop("parametrizations")
+        module.__class__ = cls.__bases__[0]  # what parametrize derived the class from
+        if owned:
+            for pname in names:
+                module._parameters[pname] = plists[pname]._parameters.pop("original")
+        qm = getattr(module, "quant_method", None)
+        if qm is not None:
+            wrapped = copy.copy(qm)
+            process = _process_keeping_weights if owned else _process_without_values
+            wrapped.process_weights_after_loading = functools.partial(process, qm, mname, names)
+            module.quant_method = wrapped
+        state.append((module, qm, cls, plists, names, owned))
+    return state
+
+
+def reshare_after_reload(state: list) -> None:
+    """After the reload: the same parametrizations, classes and quant methods as before it."""
+    for module, qm, cls, plists, names, owned in state:
+        if qm is not None:
+            module.quant_method = qm
+        for pname in names:
+            p = module._parameters.pop(pname, None)  # an owner's tensor, which vLLM put back
+            if owned:
+                plists[pname]._parameters["original"] = p
+        module._modules["parametrizations"] = plists
+        module.__class__ = cls
+
+
+def reload_unshared(original):
+    """Wrap ``GPUModelRunner.reload_weights`` (vLLM's CPU and NPU runners inherit it).
+
+    vLLM 0.23's ``llm.collective_rpc("reload_weights")`` runs it on every worker: in checkpoint
+    format, ``initialize_layerwise_reload(model)`` (load-time parameters back on meta),
+    ``model.load_weights(...)`` (which our ``invalidate_after_load_weights`` wraps: the
+    prefetched windows are dropped), ``finalize_layerwise_reload`` (processing, then a copy
+    into the tensors the model held). On a model we sharded it runs between
+    ``unshare_for_reload`` and ``reshare_after_reload``. Kernel format
+    (``is_checkpoint_format=False``) copies into ``model.get_parameter(name)``, which a shared
+    weight is not (a parametrization reads it from its owner): refused on every rank."""
+    if getattr(original, _RELOAD_PATCHED, False):
+        return original
+
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def reload_weights(self, *args, **kwargs):
+        from ..runtime.comm import ShardingError
+        from ..runtime.sharding import get_plan
+
+        model = self.get_model()
+        plan = get_plan(model)
+        if plan is None:
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        if not bound.arguments.get("is_checkpoint_format", True):
+            raise ShardingError(
+                f"reload_weights(is_checkpoint_format=False) on a model whose {sorted(plan.layer_series)} weights "
+                "ascend_compile shares: kernel-format weights are copied into each parameter, and a shared "
+                "layer's weight lives on one rank only. Reload with checkpoint-format weights "
+                "(is_checkpoint_format=True, the default): every rank loads what it owns.")
+        state = unshare_for_reload(model, plan)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            reshare_after_reload(state)
+
+    setattr(reload_weights, _RELOAD_PATCHED, True)
+    return reload_weights
+
+
+def refuse_weight_update(original):
+    """Wrap ``Worker.start_weight_update``: refused on a model we sharded.
+
+    vLLM's weight-transfer session (``start_weight_update`` / ``update_weights`` /
+    ``finish_weight_update``, RL trainers sending weights) calls ``initialize_layerwise_reload``
+    and ``finalize_layerwise_reload`` in separate calls (or, in kernel format, copies into each
+    parameter), so a shared layer would stay un-shared between calls, or be written where it
+    does not live. Refused before anything changes, on every rank."""
+    if getattr(original, _RELOAD_PATCHED, False):
+        return original
+
+    @functools.wraps(original)
+    def start_weight_update(self, *args, **kwargs):
+        from ..runtime.comm import ShardingError
+        from ..runtime.sharding import get_plan
+
+        plan = get_plan(self.model_runner.get_model())
+        if plan is not None:
+            raise ShardingError(
+                f"start_weight_update on a model whose {sorted(plan.layer_series)} weights ascend_compile shares: "
+                "vLLM's weight-transfer session cannot write weights that live on one rank only. Send the new "
+                "weights through reload_weights with checkpoint-format weights instead (on every worker, e.g. "
+                "llm.collective_rpc(fn) with fn calling worker.model_runner.reload_weights(weights_iterator=...)), "
+                "or drop shared_weight.")
+        return original(self, *args, **kwargs)
+
+    setattr(start_weight_update, _RELOAD_PATCHED, True)
+    return start_weight_update
+
+
 def uses_our_backend(vllm_config) -> bool:
     cc = getattr(vllm_config, "compilation_config", None)
     return cc is not None and _mode(cc) in (1, 2) and cc.backend in BACKEND_NAMES
@@ -479,6 +609,12 @@ def keep_whole_graph_mode(platform_cls) -> None:
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
+def comm_first_line(e: BaseException) -> str:
+    from ..runtime.comm import first_line
+
+    return first_line(e)
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point. Safe to call more than once; changes nothing
     for a model whose config does not ask for shared weights."""
@@ -486,6 +622,15 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     keep_whole_graph_mode(type(current_platform))
+    try:  # weight updates of a sharded model; a platform without these modules keeps vLLM's own
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+        from vllm.v1.worker.gpu_worker import Worker
+    except Exception as e:  # noqa: BLE001 - the plugin must load whatever the platform imports
+        log.warning("ascend_compile: cannot wrap vLLM's reload_weights/start_weight_update (%s): reloading the "
+                    "weights of a model with shared weights will fail in vLLM", comm_first_line(e))
+    else:
+        GPUModelRunner.reload_weights = reload_unshared(GPUModelRunner.reload_weights)
+        Worker.start_weight_update = refuse_weight_update(Worker.start_weight_update)
 
     original = BaseModelLoader.load_model
     if getattr(original, _LOADER_PATCHED, False):
