@@ -45,27 +45,30 @@ def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePl
         rank=comm.group_rank(pg), world_size=comm.group_size(pg), group_name=name,
         prefetch_step=None if step == "auto" else step, pin_order=options.pin_order,
         formats=tuple(sorted(comm.shard_formats(name).items())),
-        wrap=wrap_around_series(gm.graph, comm.shard_state(name).get("wrap") or {}),
+        wrap=wrap_around_series(gm.graph),
     )
 
 
-def wrap_around_series(graph: fx.Graph, wrap: dict) -> tuple:
-    """``(("series", w), ...)``: the series this graph prefetches across steps. Only a graph that
-    holds every layer of a series (the whole forward of it) can hand its first layers to the next
-    forward; a series split over several graphs (graph breaks, piecewise) fetches within each."""
-    windows, lengths = wrap.get("windows", 0), wrap.get("series_layers", {})
-    if not windows:
-        return ()
+def wrap_around_series(graph: fx.Graph) -> tuple:
+    """``(("series", w), ...)``: the series this graph prefetches across steps, from the markers
+    (each model carries its own ``wrap_windows`` and series length). Only a graph that holds every
+    layer of a series (the whole forward of it) can hand its first layers to the next forward; a
+    series split over several graphs (graph breaks, piecewise) fetches within each."""
     layers: dict = {}
     for n in graph.nodes:
         if is_marker(n):
             a = marker_args(n)
-            layers.setdefault(a.series, set()).add(a.index)
+            entry = layers.setdefault(a.series, {"indices": set(), "wrap": set()})
+            entry["indices"].add(a.index)
+            entry["wrap"].add((a.wrap_windows, a.layers))
     out = []
-    for series, indices in sorted(layers.items()):
-        n = lengths.get(series, 0)
-        if n >= 2 and indices == set(range(n)):
-            out.append((series, min(windows, n - 1)))
+    for series, entry in sorted(layers.items()):
+        if len(entry["wrap"]) != 1:
+            raise ConfigError(f"series {series!r} mixes wrap-around settings {sorted(entry['wrap'])} in one graph: "
+                              "shard each model once, with one SharedWeightConfig")
+        ((w, n),) = entry["wrap"]
+        if w > 0 and n >= 2 and entry["indices"] == set(range(n)):
+            out.append((series, min(w, n - 1)))
     return tuple(out)
 
 

@@ -80,8 +80,8 @@ def test_order_marks_windows_and_the_next_forward():
     assert [o.split(" ")[0] for o in order] == [f"o_proj.weight[{i}]" for i in (0, 1, 2, 3, 0)]
     plain, _ = scheduled(4, 1, 0)
     plain_order = collective_order(collective_schedule(plain.graph))
-    # the same layers with and without wrap-around meet under one key, so a difference is caught
-    assert comm.order_key(GROUP, 1, order) == comm.order_key(GROUP, 1, plain_order)
+    # with and without wrap-around are two models' settings (several may share a group): two keys
+    assert comm.order_key(GROUP, 1, order) != comm.order_key(GROUP, 1, plain_order)
     assert order != plain_order
 
 
@@ -104,14 +104,13 @@ def test_verifier_refuses_a_next_forward_broadcast_out_of_place():
 
 
 def test_only_a_graph_holding_a_whole_series_wraps_around():
-    gm = stack_graph(4, ("o_proj", "q_b_proj"), k=1)
-    whole = {"windows": 1, "series_layers": {"o_proj.weight": 4, "q_b_proj.weight": 4}}
-    assert wrap_around_series(gm.graph, whole) == (("o_proj.weight", 1), ("q_b_proj.weight", 1))
-    # the model has 8 layers: this graph holds half of each series (a graph break, piecewise)
-    split = {"windows": 1, "series_layers": {"o_proj.weight": 8, "q_b_proj.weight": 4}}
-    assert wrap_around_series(gm.graph, split) == (("q_b_proj.weight", 1),)
-    assert wrap_around_series(gm.graph, dict(whole, windows=0)) == ()
-    assert wrap_around_series(gm.graph, dict(whole, windows=5)) == (("o_proj.weight", 3), ("q_b_proj.weight", 3))
+    both = ("o_proj", "q_b_proj")
+    assert wrap_around_series(stack_graph(4, both, k=1, wrap=1).graph) == (("o_proj.weight", 1), ("q_b_proj.weight", 1))
+    # the model's o_proj series has 8 layers: this graph holds half of it (a graph break, piecewise)
+    split = stack_graph(4, both, k=1, wrap=1, layers={"o_proj": 8})
+    assert wrap_around_series(split.graph) == (("q_b_proj.weight", 1),)
+    assert wrap_around_series(stack_graph(4, both, k=1, wrap=0).graph) == ()
+    assert wrap_around_series(stack_graph(4, both, k=1, wrap=5).graph) == (("o_proj.weight", 3), ("q_b_proj.weight", 3))
 
 
 def test_config_switch():
@@ -280,19 +279,30 @@ def test_a_rank_that_does_not_invalidate_is_named_not_paired_wrongly():
     assert seconds < 60
 
 
-def _two_models_case(rank, world):
+def _two_models_case(rank, world, dump_root):
+    import json
+
     torch._dynamo.reset()
     shape = StackShape(layers=4)
     refs, fns = [], []
-    for seed in (0, 5):  # two models with the same layer names over one group
+    for seed, wrap in ((0, True), (5, False)):  # two models with the same layer names over one group
         refs.append(torch.compile(build_stack(shape, seed=seed), backend="aot_eager"))
         model = build_stack(shape, seed=seed)
-        ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
-        fns.append(torch.compile(model, backend="ascend_compile", options={"lowering": "aot_eager"}))
+        ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1, wrap_around=wrap))
+        fns.append(torch.compile(model, backend="ascend_compile",
+                                 options={"lowering": "aot_eager", "dump_dir": os.path.join(dump_root, str(seed))}))
     x = make_input(shape, 5)
-    return [torch.equal(fns[i](x), refs[i](x)) for i in (0, 1, 0, 0, 1, 1, 0)]
+    equal = [torch.equal(fns[i](x), refs[i](x)) for i in (0, 1, 0, 0, 1, 1, 0)]
+    orders = []
+    for seed in (0, 5):
+        with open(os.path.join(dump_root, str(seed), f"rank_{rank}", "schedule.json")) as f:
+            orders.append(json.load(f)["order"])
+    return equal, orders
 
 
-def test_two_models_over_one_group_keep_their_own_windows():
-    for equal in run_ranks(_two_models_case, 2):
+def test_two_models_over_one_group_keep_their_own_windows_and_settings(tmp_path):
+    for equal, (wrapped, plain) in run_ranks(_two_models_case, 2, str(tmp_path)):
         assert equal == [True] * 7
+        # the second model's wrap_around=False does not switch the first one's off: each carries its own
+        assert sum(o.endswith("(next step)") for o in wrapped) == len(SERIES)
+        assert not any("(" in o for o in plain)

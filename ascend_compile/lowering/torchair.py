@@ -120,7 +120,8 @@ def register_converters(torchair) -> None:
     broadcast = torch.ops._c10d_functional.broadcast.default
 
     @torchair.register_fx_node_ge_converter(marker)
-    def convert_shared_weight(w, series, index, owner, group_name, prefetch_step, meta_outputs=None):
+    def convert_shared_weight(w, series, index, owner, group_name, prefetch_step, wrap_windows=0, layers=0,
+                              meta_outputs=None):
         converter = _broadcast_converter(fx2ge_converter, broadcast)
         return converter(w, owner, group_name, meta_outputs=meta_outputs)
 

@@ -136,11 +136,10 @@ def proposed_generation(group_name: str) -> int:
 
 
 def record_shard(group_name: str, generation: int, costs: dict, timeout: Optional[float] = None,
-                 formats: Optional[dict] = None, wrap: Optional[dict] = None) -> None:
+                 formats: Optional[dict] = None) -> None:
     _SHARD_STATE[group_name] = {"generation": generation, "costs": dict(costs) if costs is not None else None,
                                 "timeout": timeout,
-                                "formats": dict(formats or {}),
-                                "wrap": dict(wrap or {"windows": 0, "series_layers": {}})}
+                                "formats": dict(formats or {})}
 
 
 def shard_formats(group_name: str) -> dict:
@@ -174,10 +173,10 @@ def _store():
 
 
 def order_key(group_name: str, generation: int, order: list) -> str:
-    """Where graphs fetching the same layers (layer, owner, bytes: in any order, from windows or not)
-    publish their order: graphs over the same layers with and without windows must not meet."""
-    layers = sorted({entry.split(" (")[0] for entry in order})
-    return f"ascend_compile/order/{group_name}/{generation}/{fingerprint(layers)}"
+    """Where graphs fetching the same broadcasts (layer, owner, bytes, window or not: in any order)
+    publish their order. Whether a layer comes from a window is the model's setting, compared
+    across ranks at shard time (two models over one group may differ in it)."""
+    return f"ascend_compile/order/{group_name}/{generation}/{fingerprint(sorted(order))}"
 
 
 def publish_order(key: str, rank: int, order: list) -> None:

@@ -89,14 +89,16 @@ class ShardPlan:
 class SharedWeight(nn.Module):
     """Parametrization: the parameter's value is the owner's tensor, fetched by the marker op."""
 
-    def __init__(self, series: str, index: int, owner: int, group_name: str, prefetch_step: int):
+    def __init__(self, series: str, index: int, owner: int, group_name: str, prefetch_step: int,
+                 wrap_windows: int = 0, layers: int = 0):
         super().__init__()
         self.series, self.index, self.owner = series, index, owner
         self.group_name, self.prefetch_step = group_name, prefetch_step
+        self.wrap_windows, self.layers = wrap_windows, layers
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.ascend_compile.shared_weight(
-            w, self.series, self.index, self.owner, self.group_name, self.prefetch_step
+            w, self.series, self.index, self.owner, self.group_name, self.prefetch_step, self.wrap_windows, self.layers
         )
 
     def extra_repr(self) -> str:
@@ -255,6 +257,7 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     agree_at_shard_time(pg, plan, per_layer, timeout=config.timeout)
 
     modules = dict(model.named_modules())
+    lengths = plan.series_lengths()
     for sp in shared:
         module = modules[sp.module]
         p = module._parameters[sp.param]
@@ -264,7 +267,10 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
             module._parameters[sp.param] = standin_like(p)  # drops this rank's reference to the real storage
         del p
         parametrize.register_parametrization(
-            module, sp.param, SharedWeight(sp.series, sp.index, sp.owner, gname, step_value), unsafe=True
+            module, sp.param,
+            SharedWeight(sp.series, sp.index, sp.owner, gname, step_value,
+                         min(plan.wrap_windows, lengths[sp.series] - 1), lengths[sp.series]),
+            unsafe=True
         )
     setattr(model, PLAN_ATTR, plan)
     return plan
@@ -301,8 +307,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     for layer, fmt in sorted(table.items()):  # the same table on every rank: every rank raises
         formats.check_reproducible(layer, fmt)
     plan.formats = table
-    comm.record_shard(plan.group_name, generation, costs, timeout, table,
-                      wrap={"windows": plan.wrap_windows, "series_layers": plan.series_lengths()})
+    comm.record_shard(plan.group_name, generation, costs, timeout, table)
     windows.reset(plan.group_name)
     return costs
 
