@@ -269,7 +269,7 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     dumper.schedule(table)
     state = comm.shard_state(plan.group_name)
     return GuardedGraph(
-        compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], order),
+        compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], order, plan.wrap),
         plan=plan, graph_id=dumper.graph_id, waits=pipeline.layer_nodes, timeout=state.get("timeout"),
         # the c10d waits only (Inductor's wrapper shows them as wait_tensor; window ops name their layer)
         waits_in_order=[layer_name(r["series"], r["index"]) for r in sorted(pipeline.final_schedule or planned,

@@ -172,11 +172,13 @@ def _store():
     return _get_default_store()
 
 
-def order_key(group_name: str, generation: int, order: list) -> str:
-    """Where graphs fetching the same broadcasts (layer, owner, bytes, window or not: in any order)
-    publish their order. Whether a layer comes from a window is the model's setting, compared
-    across ranks at shard time (two models over one group may differ in it)."""
-    return f"ascend_compile/order/{group_name}/{generation}/{fingerprint(sorted(order))}"
+def order_key(group_name: str, generation: int, order: list, wrap: tuple = ()) -> str:
+    """Where graphs fetching the same layers (layer, owner, bytes: in any order) with the same
+    wrap-around setting (``CompilePlan.wrap``: a model's own, several models may share a group)
+    publish their order. Which layers come from windows is not part of the key: a rank that
+    takes another layer first must meet the others' order, and be told."""
+    layers = sorted({entry.split(" (")[0] for entry in order})
+    return f"ascend_compile/order/{group_name}/{generation}/{fingerprint([layers, list(wrap)])}"
 
 
 def publish_order(key: str, rank: int, order: list) -> None:
