@@ -41,11 +41,16 @@ def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePl
     if isinstance(step, int):
         check_step_in_range(gm.graph, step)
     pg = comm.group_from_name(name)
+    generations = {marker_args(n).generation for n in gm.graph.nodes if is_marker(n)}
+    if len(generations) > 1:
+        raise ConfigError(f"one compiled graph reads the shared weights of several sharded models (shardings "
+                          f"{sorted(generations)} of group {name!r}); compile each model on its own")
+    (generation,) = generations
     return CompilePlan(
         rank=comm.group_rank(pg), world_size=comm.group_size(pg), group_name=name,
         prefetch_step=None if step == "auto" else step, pin_order=options.pin_order,
-        formats=tuple(sorted(comm.shard_formats(name).items())),
-        wrap=wrap_around_series(gm.graph),
+        formats=tuple(sorted(comm.shard_formats(name, generation).items())),
+        wrap=wrap_around_series(gm.graph), generation=generation,
     )
 
 
@@ -101,7 +106,7 @@ def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOpt
 
     if options.prefetch_step != "auto" and (plan.prefetch_step is not None or not autotune.wants_auto(gm)):
         return plan, None
-    agreed = comm.shard_state(plan.group_name)["costs"]
+    agreed = comm.shard_state(plan.group_name, plan.generation)["costs"]
     if agreed is None:  # sharded with a fixed step: nothing was measured
         missing = [k for k in ("bandwidth", "latency_s", "compute_s") if k not in options.cost_model]
         if missing:
@@ -267,7 +272,7 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
         table["ordering_edges"] = pipeline.ordering_report
     table["order"] = order = collective_order(planned)
     dumper.schedule(table)
-    state = comm.shard_state(plan.group_name)
+    state = comm.shard_state(plan.group_name, plan.generation)
     return GuardedGraph(
         compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], order, plan.wrap),
         plan=plan, graph_id=dumper.graph_id, waits=pipeline.layer_nodes, timeout=state.get("timeout"),

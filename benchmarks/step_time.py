@@ -51,6 +51,22 @@ def _shape(r):
     return StackShape.scaled(r["layers"], r["hidden"])
 
 
+def broadcasts_alone(model, series, world):
+    """A step of the shared series' broadcasts (every layer's weights, owner ``i % world``) with
+    no compute: the time a schedule has to hide. ``.buffers`` holds what it sends."""
+    import torch.distributed as dist
+
+    bufs = [p.detach().clone() for n, p in model.named_parameters() if any(n.endswith(s + ".weight") for s in series)]
+
+    def comm_only(_x):
+        works = [dist.broadcast(b, group_src=i % world, async_op=True) for i, b in enumerate(bufs)]
+        for w in works:
+            w.wait()
+
+    comm_only.buffers = bufs
+    return comm_only
+
+
 def _rank(rank, world, regime, rounds, steps):
     import torch
     import torch.distributed as dist
@@ -103,15 +119,8 @@ def _rank(rank, world, regime, rounds, steps):
     except Exception as e:  # report, do not hide
         explain["FSDP2 prefetch"] = f"did not run: {type(e).__name__}: {e}"
 
-    ref = build_stack(shape)
-    bufs = [p.detach().clone() for n, p in ref.named_parameters() if any(n.endswith(s + ".weight") for s in SERIES)]
-
-    def comm_only(_x):
-        works = [dist.broadcast(b, group_src=i % world, async_op=True) for i, b in enumerate(bufs)]
-        for w in works:
-            w.wait()
-
-    configs["comm only"] = comm_only
+    configs["comm only"] = comm_only = broadcasts_alone(build_stack(shape), SERIES, world)
+    bufs = comm_only.buffers
     replicated = configs["replicated"]
 
     def replicated_with_comm(x_):

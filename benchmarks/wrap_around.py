@@ -62,6 +62,7 @@ def _rank(rank, world, shape, rounds, steps, offload_ms):
 
     import ascend_compile as ac
     from ascend_compile.models import StackShape, build_stack, make_input
+    from step_time import broadcasts_alone
 
     torch._dynamo.config.recompile_limit = 64
     s = StackShape.scaled(shape["layers"], shape["hidden"])
@@ -71,15 +72,7 @@ def _rank(rank, world, shape, rounds, steps, offload_ms):
         m = _offloaded(build_stack(s), offload_ms)
         ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1, wrap_around=wrap))
         configs[name] = torch.compile(m, backend="ascend_compile")
-    ref = build_stack(s)
-    bufs = [p.detach().clone() for n, p in ref.named_parameters() if any(n.endswith(t + ".weight") for t in SERIES)]
-
-    def comm_only(_x):
-        works = [dist.broadcast(b, group_src=i % world, async_op=True) for i, b in enumerate(bufs)]
-        for w in works:
-            w.wait()
-
-    configs["comm only"] = comm_only
+    configs["comm only"] = broadcasts_alone(build_stack(s), SERIES, world)
     times = {name: [] for name in configs}
     with torch.no_grad():
         expected = configs["replicated"](x)

@@ -121,7 +121,7 @@ def register_converters(torchair) -> None:
 
     @torchair.register_fx_node_ge_converter(marker)
     def convert_shared_weight(w, series, index, owner, group_name, prefetch_step, wrap_windows=0, layers=0,
-                              meta_outputs=None):
+                              generation=0, meta_outputs=None):
         converter = _broadcast_converter(fx2ge_converter, broadcast)
         return converter(w, owner, group_name, meta_outputs=meta_outputs)
 

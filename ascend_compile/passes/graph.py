@@ -47,6 +47,7 @@ class MarkerArgs:
     prefetch_step: int
     wrap_windows: int = 0
     layers: int = 0
+    generation: int = 0
 
 
 def _control_deps():
@@ -86,12 +87,12 @@ def is_marker(node: fx.Node) -> bool:
 
 
 def marker_args(node: fx.Node) -> MarkerArgs:
-    names = ("w", "series", "index", "owner", "group_name", "prefetch_step", "wrap_windows", "layers")
+    names = ("w", "series", "index", "owner", "group_name", "prefetch_step", "wrap_windows", "layers", "generation")
     values = dict(zip(names, node.args))
     values.update(node.kwargs)
     return MarkerArgs(values["w"], values["series"], values["index"], values["owner"],
                       values["group_name"], values["prefetch_step"], values.get("wrap_windows", 0),
-                      values.get("layers", 0))
+                      values.get("layers", 0), values.get("generation", 0))
 
 
 def is_broadcast(node: fx.Node) -> bool:

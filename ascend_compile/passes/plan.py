@@ -21,6 +21,7 @@ class CompilePlan:
     inplace: bool = False  # broadcast_ into a fresh buffer / from the owner's parameter (no copies)
     formats: tuple = ()  # (("series[index]", NPU format), ...) of weights not stored row-major
     wrap: tuple = ()  # (("series", w), ...): series whose first w layers come from the previous forward
+    generation: int = 0  # the sharding of the model this graph belongs to (0: the group's latest)
 
     def wrap_of(self, series: str) -> int:
         """Windows of ``series`` prefetched across steps in this graph (0: none)."""

@@ -126,7 +126,8 @@ class PeerError(RuntimeError):
 # is settled there and kept here, by group name: nothing at compile time or at a graph's first
 # call talks to the other ranks through a collective.
 
-_SHARD_STATE: dict = {}
+_SHARD_STATE: dict = {}  # group name -> the latest sharding's state
+_SHARDINGS: dict = {}  # (group name, generation) -> that sharding's state: each model has its own
 
 
 def proposed_generation(group_name: str) -> int:
@@ -137,18 +138,22 @@ def proposed_generation(group_name: str) -> int:
 
 def record_shard(group_name: str, generation: int, costs: dict, timeout: Optional[float] = None,
                  formats: Optional[dict] = None) -> None:
-    _SHARD_STATE[group_name] = {"generation": generation, "costs": dict(costs) if costs is not None else None,
-                                "timeout": timeout,
-                                "formats": dict(formats or {})}
+    state = {"generation": generation, "costs": dict(costs) if costs is not None else None,
+             "timeout": timeout, "formats": dict(formats or {})}
+    _SHARD_STATE[group_name] = _SHARDINGS[(group_name, generation)] = state
 
 
-def shard_formats(group_name: str) -> dict:
-    """``{"series[index]": aclFormat}`` of the shared weights not stored row-major ({} off NPU)."""
-    return (_SHARD_STATE.get(group_name) or {}).get("formats", {})
+def shard_formats(group_name: str, generation: int = 0) -> dict:
+    """``{"series[index]": aclFormat}`` of the shared weights not stored row-major ({} off NPU), of
+    sharding ``generation`` (0: the latest over the group)."""
+    state = _SHARDINGS.get((group_name, generation)) or _SHARD_STATE.get(group_name) or {}
+    return state.get("formats", {})
 
 
-def shard_state(group_name: str) -> dict:
-    state = _SHARD_STATE.get(group_name)
+def shard_state(group_name: str, generation: int = 0) -> dict:
+    """What sharding ``generation`` over ``group_name`` agreed on (0: the latest). Several models
+    may be sharded over one group; each graph's markers name the sharding of its model."""
+    state = _SHARDINGS.get((group_name, generation)) or _SHARD_STATE.get(group_name)
     if state is None:
         raise ShardingError(
             f"no model was sharded over process group {group_name!r} in this process: a graph with shared "

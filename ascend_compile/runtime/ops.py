@@ -1,7 +1,7 @@
 """The shared-weight marker op.
 
 ``ascend_compile::shared_weight(Tensor w, str series, int index, int owner, str group_name,
-int prefetch_step, int wrap_windows=0, int layers=0) -> Tensor`` stands for "the full value of layer ``index`` of ``series``,
+int prefetch_step, int wrap_windows=0, int layers=0, int generation=0) -> Tensor`` stands for "the full value of layer ``index`` of ``series``,
 whose real storage lives on group rank ``owner``". Every read of a shared parameter goes
 through it, so the sharded model is one program for eager, any backend, and our compiler:
 
@@ -13,8 +13,9 @@ A placeholder therefore never reaches a matmul: the only way to the weight is th
 ``prefetch_step`` is a scheduling hint carried in the IR so that a graph says how it wants
 to be scheduled and a change of step changes the graph (and every cache key); so are
 ``wrap_windows`` (layers of the series prefetched across steps, 0 for none) and ``layers`` (the
-series' length, so a graph can tell whether it holds the whole series): each model carries its
-own, even when several models share one process group.
+series' length, so a graph can tell whether it holds the whole series) and ``generation`` (which
+sharding over the group the weight belongs to: what it agreed on is looked up by it): each model
+carries its own, even when several models share one process group.
 """
 
 from __future__ import annotations
@@ -38,13 +39,13 @@ def layer_name(series: str, index: int) -> str:
 @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}", mutates_args=())
 def shared_weight(
     w: torch.Tensor, series: str, index: int, owner: int, group_name: str, prefetch_step: int,
-    wrap_windows: int = 0, layers: int = 0,
+    wrap_windows: int = 0, layers: int = 0, generation: int = 0,
 ) -> torch.Tensor:
     pg = group_from_name(group_name)
     if dist.get_rank(pg) == owner:
         out = w.clone(memory_format=torch.contiguous_format)
     else:
-        fmt = shard_formats(group_name).get(layer_name(series, index))
+        fmt = shard_formats(group_name, generation).get(layer_name(series, index))
         out = formats.empty_in_format(w.shape, w.dtype, w.device, fmt)
     try:
         dist.broadcast(out, group_src=owner, group=pg)
@@ -61,7 +62,7 @@ def shared_weight(
 
 
 @shared_weight.register_fake
-def _(w, series, index, owner, group_name, prefetch_step, wrap_windows=0, layers=0):
+def _(w, series, index, owner, group_name, prefetch_step, wrap_windows=0, layers=0, generation=0):
     return torch.empty(w.shape, dtype=w.dtype, device=w.device)
 
 

@@ -51,6 +51,7 @@ class ShardPlan:
     params: list  # [SharedParam]
     formats: dict = dataclasses.field(default_factory=dict)  # "series[index]" -> NPU format, if not row-major
     wrap_windows: int = 0  # windows per series prefetched for the next forward (wrap-around)
+    generation: int = 0  # this sharding's number over its group (agreed at shard time)
 
     def series_names(self) -> list:
         return sorted({p.series for p in self.params})
@@ -90,15 +91,16 @@ class SharedWeight(nn.Module):
     """Parametrization: the parameter's value is the owner's tensor, fetched by the marker op."""
 
     def __init__(self, series: str, index: int, owner: int, group_name: str, prefetch_step: int,
-                 wrap_windows: int = 0, layers: int = 0):
+                 wrap_windows: int = 0, layers: int = 0, generation: int = 0):
         super().__init__()
         self.series, self.index, self.owner = series, index, owner
         self.group_name, self.prefetch_step = group_name, prefetch_step
-        self.wrap_windows, self.layers = wrap_windows, layers
+        self.wrap_windows, self.layers, self.generation = wrap_windows, layers, generation
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.ascend_compile.shared_weight(
-            w, self.series, self.index, self.owner, self.group_name, self.prefetch_step, self.wrap_windows, self.layers
+            w, self.series, self.index, self.owner, self.group_name, self.prefetch_step, self.wrap_windows, self.layers,
+            self.generation,
         )
 
     def extra_repr(self) -> str:
@@ -269,7 +271,7 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
         parametrize.register_parametrization(
             module, sp.param,
             SharedWeight(sp.series, sp.index, sp.owner, gname, step_value,
-                         min(plan.wrap_windows, lengths[sp.series] - 1), lengths[sp.series]),
+                         min(plan.wrap_windows, lengths[sp.series] - 1), lengths[sp.series], plan.generation),
             unsafe=True
         )
     setattr(model, PLAN_ATTR, plan)
@@ -309,6 +311,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     plan.formats = table
     comm.record_shard(plan.group_name, generation, costs, timeout, table)
     windows.reset(plan.group_name)
+    plan.generation = generation
     return costs
 
 
