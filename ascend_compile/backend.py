@@ -19,7 +19,7 @@ from .debug.dump import GraphDumper
 from .lowering import get_lowering
 from .passes import CompilePlan, PassPipeline, collective_schedule, default_passes, rewrite_shared_weights, schedule_prefetch
 from .passes.graph import is_marker, marker_args
-from .passes.plan import marker_groups
+from .passes.plan import marker_groups, markers_by_series
 from .passes.prefetch import collective_order
 from .runtime import comm
 from .runtime.ops import layer_name
@@ -59,32 +59,22 @@ def wrap_around_series(graph: fx.Graph) -> tuple:
     (each model carries its own ``wrap_windows`` and series length). Only a graph that holds every
     layer of a series (the whole forward of it) can hand its first layers to the next forward; a
     series split over several graphs (graph breaks, piecewise) fetches within each."""
-    layers: dict = {}
-    for n in graph.nodes:
-        if is_marker(n):
-            a = marker_args(n)
-            entry = layers.setdefault(a.series, {"indices": set(), "wrap": set()})
-            entry["indices"].add(a.index)
-            entry["wrap"].add((a.wrap_windows, a.layers))
     out = []
-    for series, entry in sorted(layers.items()):
-        if len(entry["wrap"]) != 1:
-            raise ConfigError(f"series {series!r} mixes wrap-around settings {sorted(entry['wrap'])} in one graph: "
+    for series, markers in markers_by_series(graph).items():
+        settings = {(a.wrap_windows, a.layers) for a in markers}
+        if len(settings) != 1:
+            raise ConfigError(f"series {series!r} mixes wrap-around settings {sorted(settings)} in one graph: "
                               "shard each model once, with one SharedWeightConfig")
-        ((w, n),) = entry["wrap"]
-        if w > 0 and n >= 2 and entry["indices"] == set(range(n)):
+        ((w, n),) = settings
+        if w > 0 and n >= 2 and {a.index for a in markers} == set(range(n)):
             out.append((series, min(w, n - 1)))
     return tuple(out)
 
 
 def check_step_in_range(graph: fx.Graph, step: int) -> None:
     """``options["prefetch_step"]`` must leave every series of the graph something to fetch ahead of."""
-    layers: dict = {}
-    for n in graph.nodes:
-        if is_marker(n):
-            a = marker_args(n)
-            layers.setdefault(a.series, set()).add(a.index)
-    for series, indices in sorted(layers.items()):
+    for series, markers in markers_by_series(graph).items():
+        indices = {a.index for a in markers}
         if step > len(indices) - 1:
             raise ConfigError(
                 f"options['prefetch_step']={step} is out of range for series {series!r}, which has "
@@ -116,13 +106,12 @@ def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOpt
                 f"or give options['cost_model'] the missing {missing}"
             )
         agreed = {}
-    reference = 0  # fetching each layer at its use: an order that is a function of the model and config only
-    canonical = collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=reference)))
+    canonical = collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=0)))
 
     def same_order(k: int) -> bool:
         return collective_order(planned_schedule(gm, dataclasses.replace(plan, prefetch_step=k))) == canonical
 
-    choice = autotune.choose(gm, agreed, options.cost_model, allowed=same_order, always=reference,
+    choice = autotune.choose(gm, agreed, options.cost_model, allowed=same_order,
                              wrap_windows=max(dict(plan.wrap).values(), default=0))
     log.info("ascend_compile: prefetch_step=auto chose %s", choice.explanation)
     return dataclasses.replace(plan, prefetch_step=choice.k), choice.explanation

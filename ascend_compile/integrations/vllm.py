@@ -609,12 +609,6 @@ def keep_whole_graph_mode(platform_cls) -> None:
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
-def comm_first_line(e: BaseException) -> str:
-    from ..runtime.comm import first_line
-
-    return first_line(e)
-
-
 def register() -> None:
     """The ``vllm.general_plugins`` entry point. Safe to call more than once; changes nothing
     for a model whose config does not ask for shared weights."""
@@ -626,8 +620,10 @@ def register() -> None:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
         from vllm.v1.worker.gpu_worker import Worker
     except Exception as e:  # noqa: BLE001 - the plugin must load whatever the platform imports
+        from ..runtime.comm import first_line
+
         log.warning("ascend_compile: cannot wrap vLLM's reload_weights/start_weight_update (%s): reloading the "
-                    "weights of a model with shared weights will fail in vLLM", comm_first_line(e))
+                    "weights of a model with shared weights will fail in vLLM", first_line(e))
     else:
         GPUModelRunner.reload_weights = reload_unshared(GPUModelRunner.reload_weights)
         Worker.start_weight_update = refuse_weight_update(Worker.start_weight_update)

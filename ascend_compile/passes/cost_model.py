@@ -10,8 +10,10 @@ memory per series.
 With wrap-around (``wrap_windows = w``), the first ``w`` layers of a forward were broadcast during
 the previous forward, each right after the wait of layer ``N - w + j``; the model then simulates
 consecutive forwards and reports the steady one (the first forward, which fetches at entry, is
-the plain schedule). Memory: ``max(k, w) + 1`` windows during a forward, ``w`` held between them. ``choose_prefetch_step`` picks the smallest ``k`` whose simulated time is
-within ``tolerance`` of the best ``k`` that fits the memory budget, and says why.
+the plain schedule). Memory: ``max(k, w) + 1`` windows during a forward, ``w`` held between them.
+
+``choose_prefetch_step`` picks the smallest ``k`` whose simulated time is within ``tolerance`` of
+the best ``k`` that fits the memory budget, and says why.
 """
 
 from __future__ import annotations
@@ -75,21 +77,21 @@ def simulate(inputs: CostInputs, k: int, steps: int = 3) -> float:
     return clock - start
 
 
-def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01, allowed=None, always: int = 0) -> Choice:
-    """``allowed(k)``, if given, vetoes steps (tried in order of preference; ``always`` is always allowed)."""
+def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01, allowed=None) -> Choice:
+    """``allowed(k)``, if given, vetoes steps (tried in order of preference; ``k = 0`` is always allowed)."""
     max_k = max(inputs.layers - 1, 0)
     fits = [k for k in range(max_k + 1)
             if inputs.memory_budget is None or inputs.windows(k) * inputs.window_bytes <= inputs.memory_budget]
     over_budget = not fits  # even the smallest step holds more windows than the budget allows
-    if always not in fits:
-        fits = sorted(set(fits) | {always})
+    if over_budget:
+        fits = [0]
     times = {k: simulate(inputs, k) for k in fits}
     best = min(times.values())
     near = sorted(k for k, t in times.items() if t <= best * (1 + tolerance))
     rest = sorted((k for k in times if k not in near), key=lambda k: (times[k], k))
     vetoed = []
     for k in near + rest:
-        if k == always or allowed is None or allowed(k):
+        if k == 0 or allowed is None or allowed(k):
             break
         vetoed.append(k)
     t_comm = inputs.latency_s + inputs.layer_bytes / inputs.bandwidth

@@ -45,3 +45,13 @@ class CompilePlan:
 
 def marker_groups(graph: fx.Graph) -> set:
     return {marker_args(n).group_name for n in graph.nodes if is_marker(n)}
+
+
+def markers_by_series(graph: fx.Graph) -> dict:
+    """``{series: [MarkerArgs of each marker reading it]}``, series sorted by name."""
+    out: dict = {}
+    for n in graph.nodes:
+        if is_marker(n):
+            a = marker_args(n)
+            out.setdefault(a.series, []).append(a)
+    return dict(sorted(out.items()))

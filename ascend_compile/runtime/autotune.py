@@ -148,7 +148,7 @@ def agree(measured: list) -> dict:
 
 
 def choose(gm: fx.GraphModule, agreed: dict, overrides: Optional[dict] = None, allowed=None,
-           wrap_windows: int = 0, always: int = 0) -> Choice:
+           wrap_windows: int = 0) -> Choice:
     """The step for this graph from shard-time measurements ``agreed``; no communication.
     ``allowed(k)`` says whether step ``k`` is acceptable (the caller keeps the collective order);
     ``wrap_windows``: layers per series this graph receives from the previous forward."""
@@ -170,4 +170,4 @@ def choose(gm: fx.GraphModule, agreed: dict, overrides: Optional[dict] = None, a
         latency_s=float(overrides["latency_s"] if "latency_s" in overrides else agreed.get("latency_s", 0.0)),
         memory_budget=overrides.get("memory_budget"), wrap_windows=wrap_windows,
     )
-    return choose_prefetch_step(inputs, allowed=allowed, always=min(always, max(layers - 1, 0)))
+    return choose_prefetch_step(inputs, allowed=allowed)

@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 
 INVALIDATE_WAIT_S = 300.0  # how long a rank waits for its peers' invalidate() before raising
 
-# group name -> {"epoch": int, "confirmed": int, "slots": {(series, index, model's tensor): (buffer, owner, epoch)}}
+# group name -> {"epoch": int, "confirmed": int, "slots": {(series, index, model's tensor): (buffer, owner)}}
+# (``invalidate`` empties ``slots`` and counts ``epoch``; ``confirmed`` is the epoch every peer reached too)
 # (the broadcast into ``buffer`` is a functional collective: ``wait_tensor(buffer)`` completes it)
 _STATE: dict = {}
 
@@ -73,6 +74,11 @@ def _fail(e: BaseException, series: str, index: int, owner: int, group_name: str
 
 
 def _issue(w: torch.Tensor, series: str, index: int, owner: int, group_name: str) -> tuple:
+    """Broadcast ``series[index]`` into a new window: ``(buffer, owner)`` for the slot. After an
+    invalidation, the first one waits until every peer invalidated too."""
+    state = _state(group_name)
+    if state["epoch"] != state["confirmed"]:
+        _confirm_peers(group_name, state)
     pg = group_from_name(group_name)
     fmt = shard_formats(group_name).get(layer_name(series, index))
     buf = formats.empty_in_format(w.shape, w.dtype, w.device, fmt)
@@ -87,7 +93,7 @@ def _issue(w: torch.Tensor, series: str, index: int, owner: int, group_name: str
 
 def _drain(slots: dict, group_name: str) -> None:
     """Complete every window in flight (each rank issued them: waiting pairs with nothing new)."""
-    for (series, index, _), (buf, owner, _) in sorted(slots.items()):
+    for (series, index, _), (buf, owner) in sorted(slots.items()):
         try:
             torch.ops._c10d_functional.wait_tensor(buf)
         except Exception as e:
@@ -148,17 +154,10 @@ def window_fetch(w: torch.Tensor, series: str, index: int, owner: int, group_nam
     """At graph entry: issue the broadcast of ``series[index]`` unless a window of it is in flight.
     ``w`` is the owner's parameter (or another rank's stand-in: shape and dtype only). Returns a
     one-element token that orders ``window_wait`` after it."""
-    state = _state(group_name)
+    slots = _state(group_name)["slots"]
     key = _key(w, series, index)
-    slot = state["slots"].get(key)
-    if slot is not None and slot[2] != state["epoch"]:  # pragma: no cover - invalidate() drains
-        _drain({key: slot}, group_name)
-        del state["slots"][key]
-        slot = None
-    if slot is None:
-        if state["epoch"] != state["confirmed"]:
-            _confirm_peers(group_name, state)
-        state["slots"][key] = (*_issue(w, series, index, owner, group_name), state["epoch"])
+    if key not in slots:
+        slots[key] = _issue(w, series, index, owner, group_name)
     return w.new_empty(1)
 
 
@@ -177,7 +176,7 @@ def window_wait(token: torch.Tensor, w: torch.Tensor, series: str, index: int, o
             f"no prefetched window of {layer_name(series, index)} over process group {group_name!r}: "
             "window_wait ran without its window_fetch (a graph was not scheduled by ascend_compile)"
         )
-    buf, _, _ = slot
+    buf, _ = slot
     try:
         torch.ops._c10d_functional.wait_tensor(buf)
     except Exception as e:
@@ -198,14 +197,12 @@ def window_prefetch(w: torch.Tensor, after: torch.Tensor, last: torch.Tensor, pr
     broadcast, never read) and ``prev`` (the token of the window issued before) only order it: they
     are what keeps it after every other collective of the graph (see ``passes/prefetch.py``).
     Returns a one-element token."""
-    state = _state(group_name)
+    slots = _state(group_name)["slots"]
     key = _key(w, series, index)
-    old = state["slots"].pop(key, None)
+    old = slots.pop(key, None)
     if old is not None:  # never consumed (every graph that sends it takes it at entry): complete it first
         _drain({key: old}, group_name)
-    if state["epoch"] != state["confirmed"]:
-        _confirm_peers(group_name, state)
-    state["slots"][key] = (*_issue(w, series, index, owner, group_name), state["epoch"])
+    slots[key] = _issue(w, series, index, owner, group_name)
     return w.new_empty(1)
 
 
