@@ -74,19 +74,19 @@ def test_compiled_matches_unsharded(lowering, world, k, tmp_path):
     assert all(o == orders[0] for o in orders)
 
 
-def _dump_case(rank, world, dump):
+def _dump_case(rank, world, dump, n):
     torch._dynamo.reset()
-    shape = StackShape(layers=3)
+    shape = StackShape(layers=n)
     _compiled(shape, SERIES, 1, {"lowering": "aot_eager", "dump_dir": dump})(make_input(shape))
     explain = torch._dynamo.explain(_compiled(shape, SERIES, 1, {"lowering": "aot_eager"}))(make_input(shape))
     return explain.graph_break_count, explain.graph_count
 
 
 def test_dumps_show_the_rewrite_and_no_graph_breaks(tmp_path):
-    dump = str(tmp_path)
-    for breaks, graphs in run_ranks(_dump_case, 2, dump):
+    dump, n, world = str(tmp_path), 4, 2  # 4 layers: rank 0 does not own 1 and 3, rank 1 only 2
+    for breaks, graphs in run_ranks(_dump_case, world, dump, n):
         assert (breaks, graphs) == (0, 1)
-    for rank in range(2):
+    for rank in range(world):
         rank_dir = tmp_path / f"rank_{rank}"
         (graph_dir,) = [p for p in rank_dir.iterdir() if p.is_dir()]
         files = sorted(p.name for p in graph_dir.iterdir())
@@ -97,16 +97,18 @@ def test_dumps_show_the_rewrite_and_no_graph_breaks(tmp_path):
         before = (graph_dir / "01_shared_weight.before.py").read_text()
         after = (graph_dir / "01_shared_weight.after.py").read_text()
         calls = lambda text, op: len(re.findall(rf"= torch\.ops\.{op}\b", text))  # noqa: E731 (code, not comments)
-        assert calls(before, "ascend_compile.shared_weight") == 6
+        assert calls(before, "ascend_compile.shared_weight") == n * len(SERIES)
         assert calls(after, "ascend_compile.shared_weight") == 0
         # layer 0 of each series comes from a window filled by the previous forward (wrap-around):
         # fetched at entry only when none is in flight, waited at its use, broadcast again for the next
         for op in ("window_fetch", "window_wait", "window_prefetch"):
-            assert calls(after, f"ascend_compile.{op}.default") == 2
+            assert calls(after, f"ascend_compile.{op}.default") == len(SERIES)
         # the others in place: the owner sends its parameter, the others receive into a fresh buffer
-        assert calls(after, "_c10d_functional.broadcast_.default") == 4
-        assert calls(after, "_c10d_functional.wait_tensor.default") == 4
-        assert calls(after, "aten.empty.memory_format") == (2 if rank == 0 else 2)  # layers 1, 2 it does not own
+        assert calls(after, "_c10d_functional.broadcast_.default") == (n - 1) * len(SERIES)
+        assert calls(after, "_c10d_functional.wait_tensor.default") == (n - 1) * len(SERIES)
+        # one buffer per series for each layer 1..n-1 that this rank does not own (owner: i % world)
+        received = [i for i in range(1, n) if i % world != rank]  # rank 0: 1, 3; rank 1: 2
+        assert calls(after, "aten.empty.memory_format") == len(received) * len(SERIES), (rank, received)
         assert (rank_dir / "timeline.svg").read_text().startswith("<svg")
         assert json.loads((rank_dir / "schedule.json").read_text())["rank"] == rank
 
