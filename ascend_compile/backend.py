@@ -163,29 +163,36 @@ class GuardedGraph:
         )
 
     def __call__(self, *args):
-        if not self.verified:
-            self.calls += 1
-            if self.calls & (self.calls - 1) == 0:  # calls 1, 2, 4, 8, ...: a peer that never
-                self._verify()                      # publishes (another layer set) costs little
         try:
-            return self.compiled(*args)
-        except Exception as e:
-            layer = getattr(e, "layer", None)  # a window op's PeerError names its layer
-            if layer is not None and isinstance(e, comm.PeerError):
-                raise comm.PeerError(self.describe_failure(e.__cause__ or e, layer)) from e
-            if isinstance(e, comm.PeerError) or not comm.is_comm_failure(e):
-                raise
-            raise comm.PeerError(self.describe_failure(e)) from e
+            if not self.verified:
+                self.calls += 1
+                if self.calls & (self.calls - 1) == 0:  # calls 1, 2, 4, 8, ...: a peer that never
+                    self._verify()                      # publishes (another layer set) costs little
+            try:
+                return self.compiled(*args)
+            except Exception as e:
+                layer = getattr(e, "layer", None)  # a window op's PeerError names its layer
+                if layer is not None and isinstance(e, comm.PeerError):
+                    raise comm.PeerError(self.describe_failure(e.__cause__ or e, layer)) from e
+                if isinstance(e, comm.PeerError) or not comm.is_comm_failure(e):
+                    raise
+                raise comm.PeerError(self.describe_failure(e)) from e
+        except BaseException as e:
+            # This rank leaves its forward half-way (or never starts it): its peers are, or will be,
+            # waiting in a broadcast it does not join. Abort the group so they fail at once, naming it.
+            comm.abort_group(self.plan.group_name, e)
+            raise
 
     def describe_failure(self, e: BaseException, layer: Optional[str] = None) -> str:
         layer = layer or failed_layer(e, self.waits, self.waits_in_order)
         where = f"the broadcast of {layer}" if layer else f"one of its {len(self.order)} broadcasts"
         bound = (f"SharedWeightConfig(timeout={self.timeout})" if self.timeout is not None
                  else "the process group's own timeout (set SharedWeightConfig(timeout=...) to bound it)")
+        cause = comm.peer_cause(self.plan.group_name, " (it skipped a forward, ran a different model path, or was "
+                                                      "still compiling when the timeout ran out)")
         return (
             f"compiled graph {self.graph_id} failed in {where} over process group {self.plan.group_name!r} "
-            f"(rank {self.plan.rank} of {self.plan.world_size}): {comm.first_line(e)}. A peer rank died, or it stopped issuing "
-            f"the same collectives (it skipped a forward, or ran a different model path); the wait was bounded by "
+            f"(rank {self.plan.rank} of {self.plan.world_size}): {comm.first_line(e)}. {cause}; the wait was bounded by "
             f"{bound}. The group is unusable after this: restart every rank."
         )
 
@@ -232,12 +239,27 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
 
         options = compile_options()
     opts = CompileOptions.from_dict(options)
+    groups = marker_groups(gm.graph)
+    if not groups:
+        log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)
+        return _lower(get_lowering(opts.lowering), gm, example_inputs, None, opts, mode)
+    try:
+        return _compile_shared(gm, example_inputs, opts, mode)
+    except BaseException as e:
+        import torch._dynamo
+
+        if not torch._dynamo.config.suppress_errors:
+            # This rank's forward stops here while its peers' compiled graphs broadcast: abort the
+            # group so they fail at once naming this rank. (With suppress_errors, Dynamo runs this
+            # forward eagerly instead, and the eager markers issue the same collectives.)
+            for name in sorted(groups):
+                comm.abort_group(name, e)
+        raise
+
+
+def _compile_shared(gm: fx.GraphModule, example_inputs: list, opts: CompileOptions, mode: Optional[str]):
     lowering = get_lowering(opts.lowering)
     plan = make_plan(gm, opts)
-    if plan is None:
-        log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)
-        return _lower(lowering, gm, example_inputs, None, opts, mode)
-
     plan = dataclasses.replace(plan, pin_order=opts.pin_order and lowering.PINS_ORDER,
                                inplace=lowering.INPLACE_BROADCAST,
                                wrap=plan.wrap if getattr(lowering, "WRAP_AROUND", False) else ())

@@ -59,6 +59,50 @@ def group_name(pg: dist.ProcessGroup) -> str:
     return pg.group_name
 
 
+def groups_known() -> int:
+    """How many process groups this process has made (ranks that agree on it name a new group alike)."""
+    from torch.distributed.distributed_c10d import _world
+
+    return len(_world.pg_names)
+
+
+_SHARING_GROUPS: dict = {}  # name of a group of ours -> name of the user's group it was made over
+
+
+def sharing_group(pg: dist.ProcessGroup, timeout: Optional[float], same_names: bool = True) -> dist.ProcessGroup:
+    """A new process group over the ranks of ``pg``, for the shared weights' broadcasts only.
+
+    Every rank of ``pg`` calls it together (at shard time). Its own group means: ``timeout``
+    bounds our broadcasts and nothing of the user's (vLLM's own collectives on its DP group
+    keep their timeout); ``abort_group`` can close it (nobody else holds it); and a sharding's
+    state (windows, formats) is named by a group no other sharding uses. It costs one more
+    communicator (on HCCL: its buffers, ``HCCL_BUFFSIZE``). ``same_names``: the ranks made the
+    same number of groups before, so they name the new one alike (``use_local_synchronization``
+    names it from the ranks and that count); otherwise the broadcasts use ``pg`` itself and a
+    rank that stops inside a forward cannot close it (its peers then fail at its timeout)."""
+    import datetime
+    import logging
+
+    if not same_names:
+        logging.getLogger(__name__).warning(
+            "ascend_compile: the ranks of process group %r made different numbers of process groups before "
+            "shard_model, so they cannot name a new one alike: the shared weights are broadcast over %r itself "
+            "(SharedWeightConfig(timeout) then bounds all of its collectives)", group_name(pg), group_name(pg))
+        if timeout is not None:
+            set_timeout(pg, timeout)
+        return pg
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout is not None else {}
+    ours = dist.new_group(dist.get_process_group_ranks(pg), backend=dist.get_backend(pg),
+                          use_local_synchronization=True, group_desc="ascend_compile_shared_weights", **kwargs)
+    _SHARING_GROUPS[group_name(ours)] = group_name(pg)
+    return ours
+
+
+def sharing_groups_over(user_group: str) -> list:
+    """The names of the groups of ours made over the user's group ``user_group`` (and itself)."""
+    return sorted({n for n, u in _SHARING_GROUPS.items() if u == user_group} | {user_group})
+
+
 def global_rank() -> int:
     return dist.get_rank()
 
@@ -104,6 +148,11 @@ def check_same_across_ranks(obj: Any, pg: Optional[dist.ProcessGroup], what: str
     pg = pg if pg is not None else dist.group.WORLD
     gathered: list[Any] = [None] * dist.get_world_size(pg)
     dist.all_gather_object(gathered, obj, group=pg)
+    raise_if_different(gathered, what)
+
+
+def raise_if_different(gathered: list, what: str) -> None:
+    """Raise RankMismatchError when the values the ranks gathered differ (the same verdict on every rank)."""
     ref = gathered[0]
     bad = [r for r, o in enumerate(gathered) if o != ref]
     if bad:
@@ -117,6 +166,118 @@ def check_same_across_ranks(obj: Any, pg: Optional[dist.ProcessGroup], what: str
 
 class PeerError(RuntimeError):
     """A shared-weight broadcast failed: a peer rank died, or stopped issuing the same collectives."""
+
+
+# -- failing together --------------------------------------------------------------------------
+#
+# A check that can fail on one rank only (its model, its config, its processing) must not leave
+# the other ranks waiting in the next collective: outside a forward, the ranks exchange "ok, or
+# this error" and every rank raises together (``gather_or_fail``); inside a forward, a rank that
+# stops alone aborts the group (``abort_group``), so that its peers' broadcasts fail at once and
+# their ``PeerError`` names it.
+
+def _error_class(name: str) -> type:
+    from ..config import ConfigError
+
+    return {"ConfigError": ConfigError, "RankMismatchError": RankMismatchError}.get(name, ShardingError)
+
+
+def gather_or_fail(pg: dist.ProcessGroup, what: str, compute) -> list:
+    """Run ``compute()`` on this rank, then gather every rank's value (one ``all_gather_object``).
+
+    If ``compute`` raised on any rank, every rank raises: the rank that failed its own error, the
+    others an error of the same ascend_compile class (``ConfigError``, ``RankMismatchError``, else
+    ``ShardingError``) naming the rank and its message. Every rank of ``pg`` must call it at the
+    same point; ``compute`` must not itself run a collective."""
+    error, value = None, None
+    try:
+        value = compute()
+    except Exception as e:  # noqa: BLE001 - any failure is reported to the peers, then re-raised
+        error = e
+    mine = ("ok", value) if error is None else ("error", type(error).__name__, str(error))
+    gathered: list = [None] * dist.get_world_size(pg)
+    dist.all_gather_object(gathered, mine, group=pg)
+    if error is not None:
+        raise error
+    failed = [(r, v) for r, v in enumerate(gathered) if v[0] == "error"]
+    if failed:
+        r, (_, cls, msg) = failed[0]
+        others = f" (and rank(s) {[q for q, _ in failed[1:]]})" if len(failed) > 1 else ""
+        raise _error_class(cls)(
+            f"rank {r}{others} of process group {group_name(pg)!r} failed {what}, so every rank stops here: "
+            f"{cls}: {msg}"
+        )
+    return [v[1] for v in gathered]
+
+
+NO_PEER = "A peer rank died, or it stopped issuing the same collectives"
+
+
+def peer_cause(group: str, hint: str = "") -> str:
+    """Why a collective over ``group`` failed, as far as this rank can tell: the reason a peer
+    published when it aborted the group, else the usual suspects (``hint`` adds to them)."""
+    why = abort_reason(group)
+    return f"{why[0].upper()}{why[1:]}" if why else NO_PEER + hint
+
+
+def peer_error(failed: str, group: str, e: BaseException, hint: str = "") -> "PeerError":
+    """``PeerError("<failed> over process group G failed: <first line of e>. <cause>; restart every rank.")``."""
+    return PeerError(f"{failed} over process group {group!r} failed: {first_line(e)}. {peer_cause(group, hint)}; "
+                     "restart every rank.")
+
+
+def _abort_key(group: str) -> str:
+    return f"ascend_compile/abort/{group}"
+
+
+_ABORT_STORES: list = []  # keeps a store alive that this rank hosts, for its peers to read the reason
+
+
+def abort_group(group: str, reason: BaseException) -> None:
+    """This rank stops inside a forward while its peers may be waiting in a broadcast: publish why
+    (the store; peers name this rank in their ``PeerError``) and destroy the process group, so that
+    its connections close and the peers' collectives fail at once instead of at the group's timeout.
+
+    The group is unusable after a forward stopped half-way (the next collective would pair with
+    another layer's), so nothing is lost. The connections close only when no one else still holds
+    the group object (vLLM's own groups are held by vLLM: there the peers fail at the group's
+    timeout, or when this process exits)."""
+    import gc
+    import traceback
+
+    try:
+        pg = group_from_name(group)
+        rank = dist.get_rank(pg)
+    except Exception:  # noqa: BLE001 - already gone
+        return
+    try:
+        store = _store()
+        _ABORT_STORES.append(store)
+        store.set(_abort_key(group), json.dumps({"rank": rank, "global_rank": dist.get_rank(),
+                                                 "error": f"{type(reason).__name__}: {first_line(reason)}"}))
+    except Exception:  # noqa: BLE001 - best effort: the abort itself matters more
+        pass
+    try:
+        dist.destroy_process_group(pg)
+    except Exception:  # noqa: BLE001
+        pass
+    del pg
+    # the frames of the failure still hold the group in their locals (``pg = group_from_name(...)``)
+    traceback.clear_frames(reason.__traceback__)
+    gc.collect()
+
+
+def abort_reason(group: str) -> Optional[str]:
+    """What a peer that aborted ``group`` published (``abort_group``), or None; never waits."""
+    try:
+        store = _store()
+        key = _abort_key(group)
+        if not store.check([key]):
+            return None
+        info = json.loads(store.get(key))
+    except Exception:  # noqa: BLE001 - the store may be gone with the peer
+        return None
+    return f"rank {info['rank']} (global rank {info['global_rank']}) stopped and aborted the group: {info['error']}"
 
 
 # -- what shard time agreed on, per sharing group -----------------------------------------------
@@ -148,6 +309,10 @@ def shard_formats(group_name: str, generation: int = 0) -> dict:
     sharding ``generation`` (0: the latest over the group)."""
     state = _SHARDINGS.get((group_name, generation)) or _SHARD_STATE.get(group_name) or {}
     return state.get("formats", {})
+
+
+def has_shard_state(group_name: str) -> bool:
+    return group_name in _SHARD_STATE
 
 
 def shard_state(group_name: str, generation: int = 0) -> dict:

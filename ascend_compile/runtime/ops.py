@@ -50,14 +50,11 @@ def shared_weight(
     try:
         dist.broadcast(out, group_src=owner, group=pg)
     except Exception as e:
-        from .comm import PeerError, first_line, is_comm_failure
+        from .comm import is_comm_failure, peer_error
 
         if not is_comm_failure(e):
             raise
-        raise PeerError(
-            f"the broadcast of {layer_name(series, index)} from rank {owner} over process group {group_name!r} "
-            f"failed: {first_line(e)}. A peer rank died, or it stopped issuing the same collectives; restart every rank."
-        ) from e
+        raise peer_error(f"the broadcast of {layer_name(series, index)} from rank {owner}", group_name, e) from e
     return out
 
 

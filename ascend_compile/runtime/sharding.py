@@ -213,50 +213,48 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     """
     if not isinstance(config, SharedWeightConfig):
         raise TypeError(f"config must be an ascend_compile.SharedWeightConfig, got {type(config).__name__}")
-    if hasattr(model, PLAN_ATTR):
-        raise ShardingError(
-            f"{type(model).__name__} is already sharded (series {sorted(getattr(model, PLAN_ATTR).layer_series)}). "
-            "Call shard_model once, with every series in one SharedWeightConfig."
-        )
-    for name, m in model.named_modules():
-        if parametrize.is_parametrized(m) and any(
-            isinstance(p, SharedWeight) for plist in m.parametrizations.values() for p in plist
-        ):
-            raise ShardingError(f"{name or type(model).__name__} already has shared weights; shard a model once")
     pg = comm.resolve_group(config.group)
     rank, world = comm.group_rank(pg), comm.group_size(pg)
     gname = comm.group_name(pg)
     step = config.prefetch_step
     step_value = AUTO_STEP if step == "auto" else step
+    local: dict = {}
 
-    per_layer = series_members(model, config)
-    for layer, members in per_layer.items():
-        if step != "auto" and step > len(members) - 1:
-            raise ConfigError(
-                f"prefetch_step={step} is out of range for series {layer!r}, which has {len(members)} "
-                f"layer(s): use 0..{len(members) - 1}"
-            )
-
-    shared = []
-    for layer, members in per_layer.items():
-        for index, (mname, _, params) in enumerate(members):
-            owner = index % world
-            for pname, p in params.items():
-                shared.append(
-                    SharedParam(
-                        series=f"{layer}.{pname}", index=index, owner=owner, module=mname, param=pname,
+    def plan_here() -> dict:
+        """This rank's plan; what can fail here may fail on one rank only (its model)."""
+        check_not_sharded(model)
+        per_layer = local["per_layer"] = series_members(model, config)
+        for layer, members in per_layer.items():
+            if step != "auto" and step > len(members) - 1:
+                raise ConfigError(
+                    f"prefetch_step={step} is out of range for series {layer!r}, which has {len(members)} "
+                    f"layer(s): use 0..{len(members) - 1}"
+                )
+        shared = []
+        for layer, members in per_layer.items():
+            for index, (mname, _, params) in enumerate(members):
+                for pname, p in params.items():
+                    shared.append(SharedParam(
+                        series=f"{layer}.{pname}", index=index, owner=index % world, module=mname, param=pname,
                         shape=tuple(p.shape), dtype=str(p.dtype).replace("torch.", ""),
                         nbytes=p.numel() * p.element_size(),
-                    )
-                )
-    plan = ShardPlan(gname, rank, world, step_value, {k: [m for m, _, _ in v] for k, v in per_layer.items()}, shared,
-                     wrap_windows=config.wrap_windows())
-    comm.check_same_across_ranks(
-        {k: v for k, v in plan.to_json().items() if k != "rank"}, pg, "sharding plan (model structure and config)"
-    )
-    if config.timeout is not None:
-        comm.set_timeout(pg, config.timeout)
-    agree_at_shard_time(pg, plan, per_layer, timeout=config.timeout)
+                    ))
+        local["plan"] = ShardPlan(gname, rank, world, step_value, {k: [m for m, _, _ in v] for k, v in per_layer.items()},
+                                  shared, wrap_windows=config.wrap_windows())
+        return {"plan": {k: v for k, v in local["plan"].to_json().items() if k != "rank"},
+                "groups": comm.groups_known()}
+
+    # every rank reports its plan or its error: one rank's odd model makes every rank raise, none waits
+    gathered = comm.gather_or_fail(pg, "to plan the sharding", plan_here)
+    comm.raise_if_different([g["plan"] for g in gathered], "sharding plan (model structure and config)")
+    plan, per_layer, shared = local["plan"], local["per_layer"], local["plan"].params
+    # the broadcasts get a group of their own: its timeout bounds only them, and a rank that stops
+    # inside a forward can close it so that its peers fail at once (comm.abort_group)
+    ours = comm.sharing_group(pg, config.timeout, same_names=len({g["groups"] for g in gathered}) == 1)
+    if ours is pg:  # several shardings may share pg: windows are named by their group, so none cross forwards
+        plan.wrap_windows = 0
+    plan.group_name = gname = comm.group_name(ours)
+    agree_at_shard_time(ours, plan, per_layer, timeout=config.timeout)
 
     modules = dict(model.named_modules())
     lengths = plan.series_lengths()
@@ -278,31 +276,42 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     return plan
 
 
+def check_not_sharded(model: nn.Module) -> None:
+    if hasattr(model, PLAN_ATTR):
+        raise ShardingError(
+            f"{type(model).__name__} is already sharded (series {sorted(getattr(model, PLAN_ATTR).layer_series)}). "
+            "Call shard_model once, with every series in one SharedWeightConfig."
+        )
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m) and any(
+            isinstance(p, SharedWeight) for plist in m.parametrizations.values() for p in plist
+        ):
+            raise ShardingError(f"{name or type(model).__name__} already has shared weights; shard a model once")
+
+
 def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[float] = None) -> dict:
     """Settle, while every rank is here, what compiled graphs need the ranks to agree on later:
     the link and matmul measurements of ``prefetch_step="auto"`` (slowest rank wins; taken only
     when the config asks for "auto"), the owners' storage formats, and the sharding generation
     that names this model's entries in the store's order check. One collective exchange (plus
     the link measurement's broadcasts); nothing later needs one."""
-    import torch.distributed as dist
-
     from . import autotune
 
-    by_module = {m: params for members in per_layer.values() for m, _, params in members}
-    owned_formats = {}
-    for sp in plan.params:
-        if sp.owner == plan.rank:
-            fmt = formats.storage_format(by_module[sp.module][sp.param])
-            if formats.special(fmt):
-                owned_formats[layer_name(sp.series, sp.index)] = fmt
     auto = plan.prefetch_step == AUTO_STEP  # measuring costs a layer-sized buffer or two: only for "auto"
-    mine = {
-        "generation": comm.proposed_generation(plan.group_name),
-        "costs": _measure(pg, per_layer) if auto else None,
-        "formats": owned_formats,
-    }
-    gathered: list = [None] * plan.world_size
-    dist.all_gather_object(gathered, mine, group=pg)
+    costs_here = _measure(pg, per_layer) if auto else None  # its collectives: every rank reaches them
+
+    def mine() -> dict:
+        by_module = {m: params for members in per_layer.values() for m, _, params in members}
+        owned_formats = {}
+        for sp in plan.params:
+            if sp.owner == plan.rank:
+                fmt = formats.storage_format(by_module[sp.module][sp.param])
+                if formats.special(fmt):
+                    owned_formats[layer_name(sp.series, sp.index)] = fmt
+        return {"generation": comm.proposed_generation(plan.group_name), "costs": costs_here,
+                "formats": owned_formats}
+
+    gathered = comm.gather_or_fail(pg, "to read its shared weights' storage formats", mine)
     generation = max(g["generation"] for g in gathered)
     costs = autotune.agree([g["costs"] for g in gathered]) if auto else None
     table = {k: v for g in gathered for k, v in g["formats"].items()}
@@ -310,7 +319,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
         formats.check_reproducible(layer, fmt)
     plan.formats = table
     comm.record_shard(plan.group_name, generation, costs, timeout, table)
-    windows.reset(plan.group_name)
+    windows.reset(plan.group_name)  # a new group (its name may be a destroyed one's): nothing of before is in flight
     plan.generation = generation
     return costs
 
@@ -337,19 +346,20 @@ def invalidate_prefetch(model_or_group=None) -> list:
     fetches its first layers again. Call on every rank of the sharing group at the same point
     (after the change, before the next forward): a rank that invalidated waits for its peers to
     do the same before its next broadcast, and raises ``RankMismatchError`` naming the ranks that
-    did not. ``model_or_group``: a sharded model, a process group or its name; ``None`` = the
-    default group. Returns the layers whose windows were dropped."""
+    did not. ``model_or_group``: a sharded model (its windows only), or a process group or its name
+    (the windows of every model sharded over it); ``None`` = the default group. Returns the layers
+    whose windows were dropped."""
     if isinstance(model_or_group, nn.Module):
         plan = get_plan(model_or_group)
         if plan is None:
             raise ShardingError(f"{type(model_or_group).__name__} is not sharded: there is nothing to invalidate")
-        name = plan.group_name
-    elif isinstance(model_or_group, str):
-        name = model_or_group
+        names = [plan.group_name]
     else:
-        name = comm.group_name(comm.resolve_group(model_or_group))
-    comm.shard_state(name)  # raises when nothing was sharded over it
-    return windows.invalidate(name)
+        user = model_or_group if isinstance(model_or_group, str) else comm.group_name(comm.resolve_group(model_or_group))
+        names = [n for n in comm.sharing_groups_over(user) if comm.has_shard_state(n)]
+        if not names:
+            comm.shard_state(user)  # raises: nothing was sharded over it
+    return sorted(layer for name in names for layer in windows.invalidate(name))
 
 
 def get_plan(model: nn.Module) -> Optional[ShardPlan]:

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import formats
-from .comm import PeerError, RankMismatchError, first_line, group_from_name, is_comm_failure, shard_formats
+from .comm import PeerError, RankMismatchError, first_line, group_from_name, is_comm_failure, peer_error, shard_formats
 from .ops import OP_NAMESPACE, layer_name
 
 log = logging.getLogger(__name__)
@@ -51,24 +51,21 @@ def _state(group_name: str) -> dict:
 
 
 def _key(w: torch.Tensor, series: str, index: int) -> tuple:
-    """A window belongs to one model: several models may be sharded over one group, and their
-    layers share names. ``w`` (the owner's parameter, another rank's stand-in) is the model's own."""
-    return (series, index, w.data_ptr())
+    """A window is named by its layer: its group is its sharding's own (``comm.sharing_group``;
+    a sharding that must use a shared group has no windows), so no other model's layer shares it."""
+    return (series, index)
 
 
 def in_flight(group_name: str) -> list:
     """``["series[index]", ...]`` of the windows currently in flight for ``group_name``."""
-    return sorted(layer_name(series, index) for series, index, _ in _state(group_name)["slots"])
+    return sorted(layer_name(series, index) for series, index in _state(group_name)["slots"])
 
 
 def _fail(e: BaseException, series: str, index: int, owner: int, group_name: str, what: str):
     if isinstance(e, PeerError) or not is_comm_failure(e):
         raise e
-    err = PeerError(
-        f"the {what} of {layer_name(series, index)} from rank {owner} over process group {group_name!r} failed: "
-        f"{first_line(e)}. A peer rank died, or it stopped issuing the same collectives (every rank must run the same "
-        "sequence of forwards and call invalidate_prefetch at the same point); restart every rank."
-    )
+    err = peer_error(f"the {what} of {layer_name(series, index)} from rank {owner}", group_name, e,
+                     " (every rank must run the same sequence of forwards and call invalidate_prefetch at the same point)")
     err.layer = layer_name(series, index)  # a compiled graph names itself around it (backend.GuardedGraph)
     raise err from e
 
@@ -93,7 +90,7 @@ def _issue(w: torch.Tensor, series: str, index: int, owner: int, group_name: str
 
 def _drain(slots: dict, group_name: str) -> None:
     """Complete every window in flight (each rank issued them: waiting pairs with nothing new)."""
-    for (series, index, _), (buf, owner) in sorted(slots.items()):
+    for (series, index), (buf, owner) in sorted(slots.items()):
         try:
             torch.ops._c10d_functional.wait_tensor(buf)
         except Exception as e:
@@ -117,12 +114,16 @@ def _confirm_peers(group_name: str, state: dict) -> None:
         store.wait(keys, datetime.timedelta(seconds=INVALIDATE_WAIT_S))
     except Exception as e:
         missing = [peer for peer in range(world) if peer != rank and not store.check([_store_key(group_name, state["epoch"], peer)])]
-        raise RankMismatchError(
+        err = RankMismatchError(
             f"rank {rank} invalidated its prefetched windows over process group {group_name!r} "
             f"(invalidate_prefetch call {state['epoch']}) but rank(s) {missing} did not within {INVALIDATE_WAIT_S:.0f} s "
             f"({first_line(e)}). Call ascend_compile.invalidate_prefetch on every rank of the group, at the same "
             "point (after the weights change, before the next forward)."
-        ) from e
+        )
+        from .comm import abort_group
+
+        abort_group(group_name, err)  # the peers that did not invalidate would pair with the wrong windows
+        raise err from e
     state["confirmed"] = state["epoch"]
 
 
@@ -144,9 +145,9 @@ def invalidate(group_name: str) -> list:
 
 
 def reset(group_name: str) -> None:
-    """A new sharding of ``group_name`` (every rank, together): complete and forget every window."""
-    state = _state(group_name)
-    _drain(state["slots"], group_name)
+    """A new sharding over ``group_name`` (every rank, together): forget what an earlier group of
+    that name left. Its group is gone (c10d names a live group once), so nothing is waited for."""
+    _STATE.pop(group_name, None)
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::window_fetch", mutates_args=())

@@ -1,0 +1,95 @@
+"""A rank that fails alone never leaves its peers waiting.
+
+Outside a forward (``shard_model``) the ranks exchange "ok, or this error" and every rank raises
+together; inside a forward (a one-sided order mismatch, a compile error on one rank) the failing
+rank aborts the group, so its peers' broadcasts fail at once with a ``PeerError`` that names it.
+Each case runs 2 ranks whose group timeout is far longer than the deadline the test allows.
+"""
+
+import time
+
+import pytest
+import torch
+
+import ascend_compile as ac
+from ascend_compile.models import StackShape, build_stack, make_input
+from ranks import run_fresh
+
+GROUP_TIMEOUT = 600  # what a waiting peer would sit out without the exchange / the abort
+DEADLINE = 60  # what each rank may take to raise here
+
+
+def _timed(fn):
+    start = time.monotonic()
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the test asserts on the type and message
+        return type(e).__name__, str(e), time.monotonic() - start
+    return "no error", "", time.monotonic() - start
+
+
+def _odd_model_case(rank, world, what):
+    import torch.distributed as dist
+
+    from ascend_compile.runtime import comm
+
+    comm.set_timeout(dist.group.WORLD, GROUP_TIMEOUT)
+    shape = StackShape(layers=4)
+    model = build_stack(shape)
+    if rank == 1 and what == "shape":  # one layer of the series differs on this rank only
+        model.layers[2].self_attn.o_proj = torch.nn.Linear(shape.heads * shape.head_dim, shape.hidden + 1)
+    layers = ["o_proj", "no_such_layer"] if (rank == 1 and what == "name") else ["o_proj"]
+    return _timed(lambda: ac.shard_model(model, ac.SharedWeightConfig(layers=layers, prefetch_step=1)))
+
+
+@pytest.mark.parametrize("what", ["shape", "name"])
+def test_shard_model_raises_on_every_rank_when_one_rank_s_model_is_odd(what):
+    results = run_fresh(_odd_model_case, 2, what, timeout=120)
+    for rank, (kind, msg, seconds) in enumerate(results):
+        assert kind == "ConfigError", (rank, kind, msg)
+        assert seconds < DEADLINE, (rank, seconds)
+    own = results[1][1]
+    assert ("mixes different layers" if what == "shape" else "no module of") in own
+    peer = results[0][1]
+    assert peer.startswith(f"rank 1 of process group "), peer
+    assert "failed to plan the sharding, so every rank stops here: ConfigError: " in peer
+    assert own in peer  # rank 1's own message, word for word
+
+
+def _one_sided_case(rank, world, how):
+    import torch.distributed as dist
+
+    from ascend_compile.runtime import comm
+
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+    comm.set_timeout(dist.group.WORLD, GROUP_TIMEOUT)
+    options = {"lowering": "aot_eager"}
+    if rank == 1 and how == "compile_error":
+        options["prefetch_step"] = 7  # out of range for 4 layers: a ConfigError while compiling, on rank 1 only
+    if rank == 1 and how == "order_mismatch":
+        def mismatch(*args, **kwargs):
+            raise ac.RankMismatchError("ranks disagree on the collective order (injected on rank 1)")
+        comm.check_published = mismatch
+    fn = torch.compile(model, backend="ascend_compile", options=options)
+    x = make_input(shape)
+    if rank == 1:
+        time.sleep(2)  # rank 0 is inside its first broadcast by now
+    return _timed(lambda: fn(x))
+
+
+@pytest.mark.parametrize("how", ["compile_error", "order_mismatch"])
+def test_a_rank_that_stops_inside_a_forward_aborts_the_group_and_its_peer_names_it(how):
+    results = run_fresh(_one_sided_case, 2, how, timeout=180, allow_dead=True)
+    (s0, (kind0, msg0, seconds0)), (s1, (kind1, msg1, _)) = results
+    assert (s0, s1) == ("ok", "ok"), results
+    if how == "compile_error":
+        assert "out of range" in msg1, msg1
+    else:
+        assert kind1 == "RankMismatchError", (kind1, msg1)
+    assert kind0 == "PeerError", (kind0, msg0)
+    assert "Rank 1 (global rank 1) stopped and aborted the group: " in msg0, msg0
+    assert ("ConfigError" if how == "compile_error" else "RankMismatchError") in msg0, msg0
+    assert seconds0 < DEADLINE, f"rank 0 waited {seconds0:.1f}s (group timeout {GROUP_TIMEOUT}s)"
