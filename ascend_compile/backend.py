@@ -66,8 +66,19 @@ def wrap_around_series(graph: fx.Graph) -> tuple:
             raise ConfigError(f"series {series!r} mixes wrap-around settings {sorted(settings)} in one graph: "
                               "shard each model once, with one SharedWeightConfig")
         ((w, n),) = settings
-        if w > 0 and n >= 2 and {a.index for a in markers} == set(range(n)):
-            out.append((series, min(w, n - 1)))
+        if w <= 0 or n < 2:
+            continue
+        held = {a.index for a in markers}
+        if held != set(range(n)):
+            # its eager forwards and its other graphs take the first layers from windows that only a
+            # graph holding the whole series sends and consumes: the ranks' collectives would differ
+            raise ConfigError(
+                f"this graph holds {len(held)} of the {n} layers of series {series!r} (a graph break inside the "
+                "model?), but the model was sharded with wrap-around prefetch, which needs every layer of a series "
+                "in one graph. Remove the graph break (torch.compile(..., fullgraph=True) shows where it is), or "
+                "shard with SharedWeightConfig(wrap_around=False)."
+            )
+        out.append((series, min(w, n - 1)))
     return tuple(out)
 
 
@@ -260,9 +271,15 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
 def _compile_shared(gm: fx.GraphModule, example_inputs: list, opts: CompileOptions, mode: Optional[str]):
     lowering = get_lowering(opts.lowering)
     plan = make_plan(gm, opts)
+    if plan.wrap and not getattr(lowering, "WRAP_AROUND", False):
+        raise ConfigError(
+            f"the {opts.lowering} lowering has no wrap-around prefetch (a graph run cannot leave a broadcast in flight "
+            f"for the next one), but series {[s for s, _ in plan.wrap]} were sharded with it, and the model's eager "
+            "forwards would follow it: shard with SharedWeightConfig(wrap_around=False) (the default where torch_npu "
+            "is importable)"
+        )
     plan = dataclasses.replace(plan, pin_order=opts.pin_order and lowering.PINS_ORDER,
-                               inplace=lowering.INPLACE_BROADCAST,
-                               wrap=plan.wrap if getattr(lowering, "WRAP_AROUND", False) else ())
+                               inplace=lowering.INPLACE_BROADCAST)
     plan, explanation = resolve_auto_step(gm, plan, opts)
     # Directories by global rank: with several sharing groups (one per data-parallel replica,
     # say) group ranks repeat across processes and would overwrite each other's dumps.

@@ -56,7 +56,10 @@ class SharedWeightConfig:
     persist between forwards (``w`` = ``prefetch_step``, 1 for ``"auto"``, none for ``0``), so
     the next forward does not wait for them at its entry. Costs ``w`` layers of memory held
     between forwards. After changing weights call ``invalidate_prefetch`` on every rank.
-    ``False`` fetches every layer within its own forward.
+    ``False`` fetches every layer within its own forward. ``None`` (the default): on, unless the
+    default lowering is ``torchair`` (an NPU stack is importable), which has no wrap-around.
+    Every forward of the model, compiled or eager, then follows the same schedule; a compiled
+    graph must hold each series whole (no graph break inside it), or shard with ``False``.
     """
 
     layers: Sequence[str]
@@ -64,7 +67,7 @@ class SharedWeightConfig:
     group: Any = None
     params: Optional[Sequence[str]] = None
     timeout: Optional[float] = None
-    wrap_around: bool = True
+    wrap_around: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -85,6 +88,8 @@ class SharedWeightConfig:
             raise ConfigError(
                 f"timeout must be a number of seconds > 0 (or None for the process group's own), got {self.timeout!r}"
             )
+        if self.wrap_around is None:
+            self.wrap_around = default_lowering() != "torchair"
         if not isinstance(self.wrap_around, bool):
             raise ConfigError(f"wrap_around must be True or False, got {self.wrap_around!r}")
 

@@ -310,3 +310,71 @@ def test_two_models_over_one_group_keep_their_own_windows_and_settings(tmp_path)
         # the second model's wrap_around=False does not switch the first one's off: each carries its own
         assert sum(o.endswith("(next step)") for o in wrapped) == len(SERIES)
         assert not any("(" in o for o in plain)
+
+
+# -- eager forwards beside compiled ones (one rank eager, the other compiled) ----------------------
+
+# per rank, what runs each forward: "c" the compiled model, "e" the sharded model eagerly
+PATTERNS = {0: "cecec", 1: "ccccc"}
+
+
+def _eager_beside_compiled_case(rank, world, k, lowering):
+    torch._dynamo.reset()
+    shape = StackShape(layers=5)
+    reference = build_stack(shape)
+    model = build_stack(shape)
+    sp = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, prefetch_step=k, timeout=60))
+    fn = torch.compile(model, backend="ascend_compile", fullgraph=True, options={"lowering": lowering})
+    diffs = []
+    for step, how in enumerate(PATTERNS[rank]):
+        x = make_input(shape, 4 + step)
+        out = (fn if how == "c" else model)(x)
+        diffs.append((out - reference(x)).abs().max().item())
+    from ascend_compile.runtime import windows
+
+    return {"diffs": diffs, "in_flight": windows.in_flight(sp.group_name)}
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_an_eager_forward_takes_and_sends_the_windows_as_a_compiled_one(k):
+    results = run_fresh(_eager_beside_compiled_case, 2, k, "aot_eager", timeout=240)
+    for rank, r in enumerate(results):
+        # the eager marker computes the same matmuls on the same fetched weights: equal up to the
+        # compiled graph's own rounding (without windows, rank 1 was 1.38 off with k=1)
+        assert max(r["diffs"]) < 1e-5, (rank, r["diffs"])
+        assert r["in_flight"] == sorted(f"{s}.weight[{i}]" for s in SERIES for i in range(k)), (rank, r)
+
+
+def _eager_only_case(rank, world):
+    from ascend_compile.runtime import windows
+
+    shape = StackShape(layers=3)
+    reference, model = build_stack(shape), build_stack(shape)
+    sp = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+    x = make_input(shape, 3)
+    equal = [torch.equal(model(x), reference(x)) for _ in range(3)]
+    return equal, windows.in_flight(sp.group_name)
+
+
+def test_eager_forwards_alone_keep_the_windows_going():
+    for equal, in_flight in run_ranks(_eager_only_case, 2):
+        assert equal == [True] * 3  # the eager marker's own broadcasts: bitwise
+        assert in_flight == ["o_proj.weight[0]"]
+
+
+def test_a_graph_holding_part_of_a_wrapped_series_is_refused():
+    part = stack_graph(3, wrap=1, layers={"o_proj": 4})  # the markers say: 4 layers, 1 window; the graph holds 3
+    with pytest.raises(ac.ConfigError, match=r"holds 3 of the 4 layers of series 'o_proj.weight'.*wrap_around=False"):
+        wrap_around_series(part.graph)
+    assert wrap_around_series(stack_graph(3, wrap=0, layers={"o_proj": 4}).graph) == ()  # without wrap-around: fine
+    assert wrap_around_series(stack_graph(4, wrap=1).graph) == (("o_proj.weight", 1),)  # whole: wrapped
+
+
+def test_wrap_around_defaults_off_where_torchair_is_the_default_lowering(monkeypatch):
+    from ascend_compile import config
+
+    monkeypatch.setattr(config, "default_lowering", lambda: "torchair")
+    assert ac.SharedWeightConfig(layers=["o_proj"]).wrap_around is False
+    assert ac.SharedWeightConfig(layers=["o_proj"], wrap_around=True).wrap_around is True
+    monkeypatch.setattr(config, "default_lowering", lambda: "inductor")
+    assert ac.SharedWeightConfig(layers=["o_proj"]).wrap_around is True

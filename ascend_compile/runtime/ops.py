@@ -41,21 +41,28 @@ def shared_weight(
     w: torch.Tensor, series: str, index: int, owner: int, group_name: str, prefetch_step: int,
     wrap_windows: int = 0, layers: int = 0, generation: int = 0,
 ) -> torch.Tensor:
-    pg = group_from_name(group_name)
-    if dist.get_rank(pg) == owner:
-        out = w.clone(memory_format=torch.contiguous_format)
-    else:
-        fmt = shard_formats(group_name, generation).get(layer_name(series, index))
-        out = formats.empty_in_format(w.shape, w.dtype, w.device, fmt)
-    try:
-        dist.broadcast(out, group_src=owner, group=pg)
-    except Exception as e:
-        from .comm import is_comm_failure, peer_error
+    def read_sync() -> torch.Tensor:
+        pg = group_from_name(group_name)
+        if dist.get_rank(pg) == owner:
+            out = w.clone(memory_format=torch.contiguous_format)
+        else:
+            fmt = shard_formats(group_name, generation).get(layer_name(series, index))
+            out = formats.empty_in_format(w.shape, w.dtype, w.device, fmt)
+        try:
+            dist.broadcast(out, group_src=owner, group=pg)
+        except Exception as e:
+            from .comm import is_comm_failure, peer_error
 
-        if not is_comm_failure(e):
-            raise
-        raise peer_error(f"the broadcast of {layer_name(series, index)} from rank {owner}", group_name, e) from e
-    return out
+            if not is_comm_failure(e):
+                raise
+            raise peer_error(f"the broadcast of {layer_name(series, index)} from rank {owner}", group_name, e) from e
+        return out
+
+    if wrap_windows > 0:  # the windows a compiled forward would use and send (wrap-around)
+        from .windows import eager_read
+
+        return eager_read(w, series, index, owner, group_name, wrap_windows, read_sync)
+    return read_sync()
 
 
 @shared_weight.register_fake

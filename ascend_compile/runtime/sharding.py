@@ -319,7 +319,8 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
         formats.check_reproducible(layer, fmt)
     plan.formats = table
     comm.record_shard(plan.group_name, generation, costs, timeout, table)
-    windows.reset(plan.group_name)  # a new group (its name may be a destroyed one's): nothing of before is in flight
+    lengths = plan.series_lengths()  # a new group (its name may be a destroyed one's): nothing of before is in flight
+    windows.reset(plan.group_name, {s: (n, min(plan.wrap_windows, n - 1)) for s, n in lengths.items()})
     plan.generation = generation
     return costs
 

@@ -144,10 +144,69 @@ def invalidate(group_name: str) -> list:
     return dropped
 
 
-def reset(group_name: str) -> None:
+def reset(group_name: str, series: Optional[dict] = None) -> None:
     """A new sharding over ``group_name`` (every rank, together): forget what an earlier group of
-    that name left. Its group is gone (c10d names a live group once), so nothing is waited for."""
+    that name left. Its group is gone (c10d names a live group once), so nothing is waited for.
+    ``series``: ``{series: (layers, w)}`` of the sharding, for its eager forwards (``eager_read``)."""
     _STATE.pop(group_name, None)
+    _state(group_name)["series"] = dict(series or {})
+
+
+# -- eager forwards ------------------------------------------------------------------------------
+#
+# A rank may run a forward eagerly while its peers run compiled graphs (Dynamo's recompile limit,
+# suppress_errors, a warm-up, a user's uncompiled call). Its collectives must be the compiled
+# graph's: the first w layers of a series come from the windows in flight (fetched at their read
+# when none is), every other layer is broadcast at its read (the compiled order of fetching at
+# use), and once every layer of the sharding was read, the next forward's windows are sent in the
+# compiled graph's order (by the read of their anchor layer N - w + j, then series, then index).
+# The fetches of windows not in flight go at their read, where the compiled graph puts them all at
+# its entry: the same order for models whose series' first w layers are read before any other
+# shared layer (every series spanning the same decoder layers, as DeepSeek's o_proj and q_b_proj).
+
+def eager_read(w: torch.Tensor, series: str, index: int, owner: int, group_name: str, wrap: int,
+               read_sync) -> torch.Tensor:
+    """The value of ``series[index]`` in an eager forward under wrap-around (``wrap`` windows of its
+    series); ``read_sync()`` is the marker's own synchronous broadcast for a layer no window holds."""
+    state = _state(group_name)
+    reads = state.setdefault("reads", [])
+    if any(r[:2] == (series, index) for r in reads):  # read again: a new forward (one left half-way)
+        reads.clear()
+    reads.append((series, index, owner, w))
+    if index < wrap:
+        slot = state["slots"].pop((series, index), None)
+        if slot is None:
+            slot = _issue(w, series, index, owner, group_name)
+        buf = slot[0]
+        try:
+            torch.ops._c10d_functional.wait_tensor(buf)
+        except Exception as e:
+            _fail(e, series, index, owner, group_name, "broadcast")
+        out = buf
+    else:
+        out = read_sync()
+    done = {r[:2] for r in reads}
+    if all((name, i) in done for name, (n, _) in state["series"].items() for i in range(n)):
+        _send_next_windows(state, group_name)
+    return out
+
+
+def _send_next_windows(state: dict, group_name: str) -> None:
+    """End of an eager forward: the next forward's windows, in the compiled graph's order."""
+    reads, state["reads"] = state["reads"], []
+    pos = {r[:2]: i for i, r in enumerate(reads)}
+    todo = []
+    for name, (n, w) in state["series"].items():
+        if w <= 0:
+            continue
+        order = sorted((r for r in reads if r[0] == name), key=lambda r: pos[r[:2]])
+        for j in range(w):
+            todo.append((pos[order[n - w + j][:2]], name, order[j][1], order[j]))
+    for _, name, index, (_, _, owner, weight) in sorted(todo, key=lambda t: t[:3]):
+        old = state["slots"].pop((name, index), None)
+        if old is not None:
+            _drain({(name, index): old}, group_name)
+        state["slots"][(name, index)] = _issue(weight, name, index, owner, group_name)
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::window_fetch", mutates_args=())
