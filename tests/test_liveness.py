@@ -53,16 +53,17 @@ def _different_calls_case(rank, world, lowering, dynamic, k, dump_root):
     names = ["all_gather_object", "all_gather", "barrier", "broadcast", "broadcast_object_list", "all_reduce",
              "gather_object", "scatter_object_list"]
     saved = _no_collectives_after_shard(names)
+    rank_dir = os.path.join(dump, f"rank_{rank}")
     try:
         results = []
         for tokens in TOKENS[rank]:
             x = make_input(shape, tokens)
             out, ref = fn(x), reference(x)
-            results.append((tokens, torch.equal(out, ref), float((out - ref).abs().max())))
+            graphs = len([d for d in os.listdir(rank_dir) if d.startswith("graph_")])  # compiled so far
+            results.append((tokens, torch.equal(out, ref), float((out - ref).abs().max()), graphs))
     finally:
         for name, f in saved.items():
             setattr(dist, name, f)
-    rank_dir = os.path.join(dump, f"rank_{rank}")
     tables = [json.load(open(os.path.join(rank_dir, d, "schedule.json")))
               for d in sorted(os.listdir(rank_dir)) if d.startswith("graph_")]
     return results, [(t["order"], t["prefetch_step"]) for t in tables]
@@ -76,7 +77,7 @@ def test_ranks_compiling_at_different_calls_match_the_unsharded_model(lowering, 
     results = run_ranks(_different_calls_case, 2, lowering, dynamic, k, str(tmp_path))
     orders = []
     for rank, (calls, tables) in enumerate(results):
-        for tokens, equal, diff in calls:
+        for tokens, equal, diff, _ in calls:
             assert equal, f"rank {rank}, {tokens} tokens: max |diff| {diff}"
         assert len(tables) >= 2 if dynamic is not True else len(tables) >= 1, f"rank {rank}: {len(tables)} graphs"
         orders += [order for order, _ in tables]
@@ -86,8 +87,12 @@ def test_ranks_compiling_at_different_calls_match_the_unsharded_model(lowering, 
     # each layer of each series, and layer 0 of each again: sent for the next forward (wrap-around)
     assert len(orders[0]) == 6 * len(SERIES) + (len(SERIES) if k != 0 else 0)
     assert all(order == orders[0] for order in orders)
-    # the ranks compiled at different calls: rank 1 met 13 tokens on its 2nd call, rank 0 on its 3rd
-    assert TOKENS[0].index(13) != TOKENS[1].index(13)
+    # the ranks compiled at different calls: the calls after which a rank's dump has a new graph, each at
+    # a token count that rank had not run before (e.g. dynamic=False: [[0, 2, 4, 6], [0, 1, 3, 5]])
+    compiled_at = [[i for i, c in enumerate(calls) if c[3] > (calls[i - 1][3] if i else 0)] for calls, _ in results]
+    for rank, at in enumerate(compiled_at):
+        assert len(at) >= 2 and at[0] == 0 and all(TOKENS[rank][i] not in TOKENS[rank][:i] for i in at), (rank, at)
+    assert compiled_at[0] != compiled_at[1], compiled_at
 
 
 def _dead_peer_case(rank, world, timeout):
