@@ -44,35 +44,56 @@ def test_memory_budget_caps_k():
 
 
 def _auto_case(rank, world, overrides, wrap=True):
+    from ascend_compile.runtime import comm
+
     torch._dynamo.reset()
     shape = StackShape(layers=4)
     model = build_stack(shape)
-    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step="auto", wrap_around=wrap))
+    plan = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step="auto", wrap_around=wrap))
     ref = build_stack(shape)(make_input(shape))
     d = tempfile.mkdtemp()
     out = torch.compile(model, backend="ascend_compile",
                         options={"lowering": "aot_eager", "dump_dir": d, "cost_model": overrides})(make_input(shape))
     table = json.load(open(os.path.join(d, f"rank_{rank}", "schedule.json")))
-    return torch.equal(out, ref), table["prefetch_step"], table.get("explain", "")
+    costs = comm.shard_state(plan.group_name, plan.generation)["costs"]  # what the ranks measured and agreed
+    return torch.equal(out, ref), table["prefetch_step"], table.get("explain", ""), costs
+
+
+def _expected_step(costs, layers=4, tokens=16):
+    """The step the cost model must pick for ``_auto_case``'s graph from the agreed measurements: its
+    documented inputs (o_proj bytes per layer, the layer's matmul FLOPs at the agreed matmul rate, the
+    agreed link, one window per series for the next forward) through ``choose_prefetch_step``."""
+    shape = StackShape(layers=layers)
+    layer = build_stack(shape).layers[0]
+    flops = sum(2 * tokens * m.in_features * m.out_features for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    o_proj = layer.self_attn.o_proj.weight
+    nbytes = o_proj.numel() * o_proj.element_size()
+    return choose_prefetch_step(CostInputs(
+        layers=shape.layers, layer_bytes=nbytes, window_bytes=nbytes, bandwidth=costs["bandwidth"],
+        compute_s=flops / costs["flops_per_s"], latency_s=costs["latency_s"], wrap_windows=1)).k
 
 
 def test_auto_step_is_measured_and_agreed_across_ranks():
     results = run_ranks(_auto_case, 2, {})
-    assert all(equal for equal, _, _ in results)
-    steps = {k for _, k, _ in results}
-    assert len(steps) == 1 and 0 <= steps.pop() <= 3
-    assert all("simulated forward" in why for _, _, why in results)
+    assert all(equal for equal, _, _, _ in results)
+    (costs,) = {tuple(sorted(c.items())) for *_, c in results}  # the same measurements on every rank
+    costs = dict(costs)
+    assert costs["bandwidth"] > 0 and costs["flops_per_s"] > 0 and costs["latency_s"] >= 0, costs
+    expected = _expected_step(costs)
+    for _, k, why, _ in results:
+        assert k == expected, (k, expected, costs, why)
+        assert why.startswith(f"k={expected}: ") and "simulated forward" in why, why
 
 
 def test_auto_step_follows_given_costs():
     # o_proj is 64 x 96 fp32 = 24576 B: at this bandwidth a transfer takes half a layer's compute
     given = {"bandwidth": 24576 / 0.5e-3, "latency_s": 0.0, "compute_s": 1e-3}
-    assert [k for _, k, _ in run_ranks(_auto_case, 2, given)] == [1, 1]
-    assert [k for _, k, _ in run_ranks(_auto_case, 2, dict(given, bandwidth=1e15))] == [0, 0]
-    assert [k for _, k, _ in run_ranks(_auto_case, 2, dict(given, memory_budget=24576), False)] == [0, 0]
+    assert [k for _, k, _, _ in run_ranks(_auto_case, 2, given)] == [1, 1]
+    assert [k for _, k, _, _ in run_ranks(_auto_case, 2, dict(given, bandwidth=1e15))] == [0, 0]
+    assert [k for _, k, _, _ in run_ranks(_auto_case, 2, dict(given, memory_budget=24576), False)] == [0, 0]
     # with wrap-around every step holds 2 windows (the next forward's and the one in use): none fits
     # a budget of one; the smallest step is taken, saying so
-    for _, k, why in run_ranks(_auto_case, 2, dict(given, memory_budget=24576)):
+    for _, k, why, _ in run_ranks(_auto_case, 2, dict(given, memory_budget=24576)):
         assert k == 0 and "no step fits the memory budget" in why and "wrap_around=False" in why
 
 
