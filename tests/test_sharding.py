@@ -128,3 +128,41 @@ def test_other_backends_stay_correct(backend):
     # the marker is opaque to them: it runs its eager broadcast, never the stand-in
     for equal, diff in run_ranks(_other_backend_case, 2, backend):
         assert equal, f"{backend}: max |diff| {diff}"
+
+
+def _default_device_case(rank, world, step):
+    """The model on the CPU, the default device elsewhere (meta) while sharding and running: every
+    tensor the project makes must take its device from the model's own tensors."""
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    x = make_input(shape)
+    ref = build_stack(shape)(x)
+    model = build_stack(shape)
+    devices = {name: p.device for name, p in model.named_parameters()}
+    with torch.device("meta"):  # what torch.set_default_device("meta") sets
+        plan = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, prefetch_step=step))
+        eager = model(x)
+        compiled = torch.compile(model, backend="ascend_compile", fullgraph=True,
+                                 options={"lowering": "aot_eager"})
+        outs = [compiled(x) for _ in range(3)]  # the windows sent for the next forward, taken twice
+    modules = dict(model.named_modules())
+    standins = {}
+    for sp in plan.params:
+        p = getattr(modules[sp.module].parametrizations, sp.param).original
+        if sp.owner != rank:
+            standins[f"{sp.module}.{sp.param}"] = (str(p.device), str(devices[f"{sp.module}.{sp.param}"]),
+                                                   is_standin(p))
+    return {"standins": standins, "eager": torch.equal(eager, ref), "compiled": [torch.equal(o, ref) for o in outs],
+            "devices": sorted({str(t.device) for t in [eager, *outs]})}
+
+
+@pytest.mark.parametrize("step", [1, "auto"])
+def test_standins_and_buffers_take_the_models_device_not_the_default_one(step):
+    # "auto" measures the link at shard time with buffers on the weights' device
+    for rank, r in enumerate(run_ranks(_default_device_case, 2, step)):
+        assert r["standins"], "no layer is a stand-in on this rank"
+        for name, (device, expected, standin) in r["standins"].items():
+            assert device == expected, f"rank {rank}: stand-in of {name} on {device}, its parameter was on {expected}"
+            assert standin, name
+        assert r["devices"] == ["cpu"]
+        assert r["eager"] and all(r["compiled"]), r

@@ -60,7 +60,7 @@ def test_real_vllm_layers(lowering):
 
 class _Cfg:
     def __init__(self, additional, mode=2, backend="ascend_compile", tp=1, pp=1, dp=2,
-                 launcher="external_launcher", moe=False):
+                 launcher="external_launcher", moe=False, enforce_eager=False):
         from types import SimpleNamespace
 
         self.additional_config = additional
@@ -68,7 +68,7 @@ class _Cfg:
                                                   cudagraph_mode=None)
         self.parallel_config = SimpleNamespace(tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                                data_parallel_size=dp, distributed_executor_backend=launcher)
-        self.model_config = SimpleNamespace(is_moe=moe)
+        self.model_config = SimpleNamespace(is_moe=moe, enforce_eager=enforce_eager)
 
 
 def test_parallel_layouts_that_would_be_wrong_or_hang_are_refused():
@@ -111,6 +111,58 @@ def test_config_errors_name_the_key_and_the_fix():
     integ.check_config(_Cfg(sw, mode=2))
     integ.check_config(_Cfg(sw, mode=1))
     integ.check_config(_Cfg({}, mode=3))  # nothing shared: nothing to refuse
+    integ.check_config(_Cfg({}, mode=0, enforce_eager=True))
+
+
+def test_eager_mode_with_shared_weights_is_refused(monkeypatch):
+    """Mode 0 (NONE) never calls our backend: one synchronous broadcast per layer, nothing
+    prefetched. Refused like mode 3, naming what made it eager (enforce_eager=True, which vLLM
+    0.23 turns into mode 0 in VllmConfig.__post_init__, or an environment variable) and the fix."""
+    from ascend_compile.integrations import vllm as integ
+
+    sw = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
+    monkeypatch.delenv("VLLM_USE_BREAKABLE_CUDAGRAPH", raising=False)
+    with pytest.raises(ConfigError, match=re.escape(
+            "need compilation_config mode 1 or 2 with backend='ascend_compile': enforce_eager=True (vLLM then sets "
+            "compilation mode 0, NONE), so vLLM runs the model eagerly and never calls our backend: every shared "
+            "layer would be broadcast synchronously right before it is used, one broadcast per layer, nothing "
+            "prefetched. Use compilation_config={'mode': 2, 'backend': 'ascend_compile'} and drop "
+            "enforce_eager=True (--enforce-eager).")):
+        integ.check_config(_Cfg(sw, mode=0, enforce_eager=True))
+    with pytest.raises(ConfigError, match=r": compilation mode 0 \(NONE\), so vLLM runs the model eagerly.*"
+                                          r"'backend': 'ascend_compile'}\.$"):
+        integ.check_config(_Cfg(sw, mode=0))
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
+    with pytest.raises(ConfigError, match=r": TORCH_COMPILE_DISABLE=1 \(vLLM then sets compilation mode 0, NONE\).*"
+                                          r"and unset TORCH_COMPILE_DISABLE\.$"):
+        integ.check_config(_Cfg(sw, mode=0))
+
+
+def test_enforce_eager_as_vllm_sets_it_is_refused(tmp_path):
+    """Through vLLM's own configs: ``enforce_eager=True`` with mode 2 and our backend is mode 0 by
+    the time the loader checks the config."""
+    from transformers import LlamaConfig
+    from vllm.config import CompilationConfig, DeviceConfig, ModelConfig, VllmConfig
+
+    from ascend_compile.integrations import vllm as integ
+
+    LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, max_position_embeddings=64).save_pretrained(tmp_path)
+    extra = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}
+
+    def config(enforce_eager):
+        return VllmConfig(model_config=ModelConfig(model=str(tmp_path), skip_tokenizer_init=True, dtype="float32",
+                                                   max_model_len=64, enforce_eager=enforce_eager),
+                          device_config=DeviceConfig(device="cpu"), additional_config=extra,
+                          compilation_config=CompilationConfig(mode=2, backend="ascend_compile"))
+
+    eager = config(True)
+    assert int(eager.compilation_config.mode) == 0  # vLLM 0.23: enforce_eager means mode NONE
+    with pytest.raises(ConfigError, match=r"enforce_eager=True \(vLLM then sets compilation mode 0.*drop "
+                                          r"enforce_eager"):
+        integ.check_config(eager)
+    integ.check_config(config(False))
 
 
 def test_vllm_ascend_layer_sharding_next_to_ours_is_refused():
@@ -313,6 +365,59 @@ def _packed_case(rank, world, meta_reads_weight):
         ctx.__exit__(None, None, None)
 
 
+def _default_device_case(rank, world, quantized):
+    """vLLM's load-time path (``skip_non_owned``, processing, ``finish_non_owned``, ``shard_model``)
+    and the forward with the default device elsewhere (meta) than the model (CPU): every stand-in
+    must be on the device of the parameter it stands for."""
+    import vllm_model
+
+    from ascend_compile.integrations import vllm as integ
+
+    cfg, ctx = vllm_model.setup_vllm(rank, world)
+    try:
+        torch._dynamo.reset()
+        positions, x = vllm_model.inputs()
+        if quantized:  # processing changes the weight's layout: the stand-ins take the owners' processed shapes
+            series, args = ["o_proj"], (x,)
+            reference = vllm_model.build_quant()
+            torch.manual_seed(0)  # the same values as build_quant's, not yet processed
+            model = vllm_model.QuantStack(3)
+        else:
+            series, args = SERIES, (positions, x)
+            reference, model = vllm_model.build(), vllm_model.build(processed=False)
+        ref = reference(*args)
+        devices = {name: p.device for name, p in model.named_parameters()}
+        shared = ac.SharedWeightConfig(layers=series, prefetch_step=1)
+        with torch.device("meta"):  # what torch.set_default_device("meta") sets
+            skipped = integ.skip_non_owned(model, shared)
+            vllm_model.process(model, onednn=False)  # what vLLM's loader does after reading the checkpoint
+            integ.finish_non_owned(model, shared, skipped)
+            plan = ac.shard_model(model, shared)
+            try:
+                out = model(*args)
+                error = None
+            except Exception as e:  # reported with the devices, which say why
+                out, error = None, f"{type(e).__name__}: {str(e)[:300]}"
+        modules = dict(model.named_modules())
+        standins = {}
+        for sp in plan.params:
+            if sp.owner != rank:
+                p = getattr(modules[sp.module].parametrizations, sp.param).original
+                standins[f"{sp.module}.{sp.param}"] = (str(p.device), str(devices[f"{sp.module}.{sp.param}"]))
+        return {"standins": standins, "error": error, "equal": out is not None and torch.equal(out, ref)}
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_load_time_standins_take_the_models_device_not_the_default_one(quantized):
+    for rank, r in enumerate(run_ranks(_default_device_case, 2, quantized)):
+        assert r["standins"], "no layer is a stand-in on this rank"
+        wrong = {name: d for name, d in r["standins"].items() if d[0] != d[1]}
+        assert not wrong, f"rank {rank}: stand-ins not on their parameter's device (stand-in, parameter): {wrong}"
+        assert r["error"] is None and r["equal"], r["error"]
+
+
 def test_a_weight_packed_into_a_kernel_handle_stays_a_shared_parameter():
     """vLLM CPU's oneDNN dispatch: processing without values reads the weight, so owners keep it."""
     for rank, r in enumerate(run_ranks(_packed_case, 2, True)):
@@ -444,6 +549,91 @@ def test_load_time_sharding_never_materialises_non_owned_layers(monkeypatch):
 def test_load_time_sharding_of_a_quantized_layer():
     for r in run_ranks(_load_case, 2, True, True):
         assert r["plan"] and r["equal"]
+
+
+def _vllm_ready_case(rank, world):
+    import vllm_model
+
+    cfg, ctx = vllm_model.setup_vllm(rank, world)
+    ctx.__exit__(None, None, None)
+
+
+def _fails_alone_case(rank, world, where):
+    """Load through vLLM's ``BaseModelLoader.load_model`` (wrapped by our plugin) where rank 1 alone
+    fails: in the owner-only ``process_weights_after_loading`` of the layer it owns (``"process"``),
+    or while reading the checkpoint (``"load"``). Returns what each rank raised, and when."""
+    import time
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import vllm_model
+    from vllm.config import CompilationConfig, DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    from ascend_compile.integrations import vllm as integ
+
+    extra = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "prefetch_step": 1}}}
+    cfg = VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config=extra,
+                     compilation_config=CompilationConfig(mode=2, backend="ascend_compile"))
+    with set_current_vllm_config(cfg):
+        if not ps.model_parallel_is_initialized():
+            ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
+                                            distributed_init_method=None, backend="gloo")
+            ps.initialize_model_parallel(1, 1)
+        integ.register()
+        failing = where == "process"
+        quant = vllm_model.raising_config(1, "cannot repack this weight for the device") if failing else None
+
+        def create_model(vllm_config, model_config, prefix=""):
+            return vllm_model.QuantStack(3, quant or vllm_model.int8_config())
+
+        class Loader(BaseModelLoader):
+            def download_model(self, model_config):
+                pass
+
+            def load_weights(self, model, model_config):
+                if where == "load" and rank == 1:
+                    raise FileNotFoundError("model-00002-of-00002.safetensors: no such file")
+                for _, p in model.named_parameters():
+                    getattr(p, "weight_loader", lambda p, t: None)(p, torch.zeros(p.shape, dtype=p.dtype))
+
+        model_config = SimpleNamespace(dtype=torch.float32, hf_config=None, word_embeddings_untied_by_checkpoint=False,
+                                       quantization=None)
+        start = time.monotonic()
+        with mock.patch("vllm.model_executor.model_loader.base_loader.initialize_model", create_model):
+            try:
+                Loader(LoadConfig()).load_model(cfg, model_config)
+            except Exception as e:
+                cause = e.__cause__
+                return {"error": f"{type(e).__name__}: {e}", "ours": isinstance(e, (ac.ShardingError, ConfigError)),
+                        "cause": f"{type(cause).__name__}" if cause else None,
+                        "seconds": time.monotonic() - start}
+        return {"error": None, "seconds": time.monotonic() - start}
+
+
+@pytest.mark.parametrize("where", ["process", "load"])
+def test_a_rank_that_fails_alone_while_loading_stops_every_rank_at_once(where):
+    """Rank 1 alone raises between building the model and the ranks' exchange (its owner-only
+    processing, or reading the checkpoint) while rank 0 goes on to the exchange: both raise an
+    ascend_compile error within seconds naming rank 1 and what it raised, instead of rank 0
+    waiting in the exchange for the group's timeout (30 minutes; the deadline here is 120 s)."""
+    problem = ("ValueError: cannot repack this weight for the device" if where == "process" else
+               "FileNotFoundError: model-00002-of-00002.safetensors: no such file")
+    run_ranks(_vllm_ready_case, 2)  # vLLM imported and its groups made before the deadline starts
+    results = run_ranks(_fails_alone_case, 2, where, timeout=120)  # the exchange completes: the pool stays usable
+    print({rank: round(r["seconds"], 2) for rank, r in enumerate(results)})
+    for rank, r in enumerate(results):
+        assert r["error"] is not None, f"rank {rank} did not raise"
+        assert r["ours"], r["error"]
+        assert r["seconds"] < 30, r
+        assert problem in r["error"], r["error"]
+        if where == "process":  # the layer rank 1 owns and failed to process
+            assert "layers.1.o_proj: process_weights_after_loading raised " + problem in r["error"], r["error"]
+    assert results[1]["error"].startswith("ShardingError: rank 1: "), results[1]["error"]
+    assert results[1]["cause"] == ("ShardingError" if where == "process" else "FileNotFoundError")
+    assert re.match(r"ShardingError: rank 1 of process group '\w+' failed loading the model with shared weights, so "
+                    r"every rank stops here: ShardingError: rank 1: ", results[0]["error"]), results[0]["error"]
 
 
 def test_vllm_plugins_selects_us_by_name(monkeypatch):

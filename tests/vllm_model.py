@@ -82,9 +82,10 @@ class VllmStack(nn.Module):
         return h
 
 
-def build(layers: int = 4, seed: int = 0) -> VllmStack:
+def build(layers: int = 4, seed: int = 0, processed: bool = True) -> VllmStack:
     """Built, filled and processed as vLLM's loader would, with the plain GEMM for every layer
-    (vLLM CPU's oneDNN handles off), so that sharded and unsharded models run the same kernels."""
+    (vLLM CPU's oneDNN handles off), so that sharded and unsharded models run the same kernels.
+    ``processed=False``: filled but not processed (as after vLLM's ``load_weights``)."""
     torch.manual_seed(seed)
     model = VllmStack(layers)
     g = torch.Generator().manual_seed(seed)
@@ -92,7 +93,8 @@ def build(layers: int = 4, seed: int = 0) -> VllmStack:
         for p in model.parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1.0 + 0.1 * noise if p.dim() == 1 else noise / p.shape[-1] ** 0.5)
-    process(model, onednn=False)
+    if processed:
+        process(model, onednn=False)
     return model.eval().requires_grad_(False)
 
 
@@ -195,6 +197,24 @@ def packing_config(meta_reads_weight: bool = False):
             return layer.cpu_linear(x, layer.weight, bias)
 
     return _quant_config(Packing())
+
+
+def raising_config(rank: int, message: str):
+    """Unquantized linear layers whose ``process_weights_after_loading`` raises ``ValueError(message)``
+    on global rank ``rank`` when it processes values (an owned layer), as a platform's repacking
+    can fail on one device only; elsewhere, and without values (meta), it does nothing."""
+    import torch.distributed as dist
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    class RaisingOnOneRank(UnquantizedLinearMethod):
+        def process_weights_after_loading(self, layer):
+            if dist.get_rank() == rank and not layer.weight.is_meta:
+                raise ValueError(message)
+
+        def apply(self, layer, x, bias=None):
+            return torch.nn.functional.linear(x, layer.weight, bias)
+
+    return _quant_config(RaisingOnOneRank())
 
 
 class QuantStack(nn.Module):

@@ -15,28 +15,38 @@ model and reading the checkpoint, the layers this rank does not own become stand
 weight loader drops the checkpoint tensor and whose ``process_weights_after_loading`` runs
 on meta tensors, so a non-owner never materialises, loads or processes their values, yet
 has whatever else processing sets (the kernel a layer calls). Owners load and process as
-usual (quantized layers and layout changes keep working); afterwards the owners' processed
-parameter shapes and dtypes are exchanged, the non-owners' stand-ins take them, and the
-model is sharded: what is shared is what the kernels read. The backend reads the compile
-options and vLLM's ``debug_dump_path`` from the current vLLM config.
+usual (quantized layers and layout changes keep working); afterwards the ranks exchange "ok,
+or this error" together with the owners' processed parameter shapes and dtypes (one
+``all_gather_object`` that every rank reaches: a rank that failed to build, load or process
+alone makes every rank raise there, naming it), the non-owners' stand-ins take those shapes
+on the device of the parameters they replace, and the model is sharded: what is shared is
+what the kernels read. The backend reads the compile options and vLLM's ``debug_dump_path``
+from the current vLLM config.
 
 Weight updates: ``register()`` also wraps the model runner's ``reload_weights``
 (``llm.collective_rpc("reload_weights")``): for a sharded model the shared layers are
 un-shared for vLLM's layerwise reload and shared again after it, with the same objects, and
-the prefetched windows are dropped (``invalidate_after_load_weights``). Kernel-format reloads
-and vLLM's weight-transfer sessions (``start_weight_update``) are refused on a sharded model.
+the prefetched windows are dropped (``invalidate_after_load_weights``). Refused on a sharded
+model, on every worker before anything changes: kernel-format reloads
+(``reload_weights(is_checkpoint_format=False)``) and vLLM's weight-transfer sessions
+(``Worker.start_weight_update``, in either format). In vLLM 0.23 ``update_weights`` only runs
+inside such a session, so on a sharded model it never runs (vLLM raises "start_weight_update
+must be called before update_weights").
 
 Modes: 1 (STOCK_TORCH_COMPILE) and 2 (DYNAMO_TRACE_ONCE) hand the whole model graph to the
 backend named in ``compilation_config["backend"]``: use ``"ascend_compile"``. Mode 3
 (VLLM_COMPILE) compiles pieces split at attention with vLLM's own backend and never calls
-ours: the shared weights stay correct (each marker broadcasts synchronously inside the
-piece) but nothing is prefetched; ``check_config`` refuses that combination so nobody gets
-the slow path by accident. Platforms that turn modes 1/2 into NONE (vLLM-Ascend's
-``NPUPlatform``) get the user's mode back when shared weights are configured
-(``keep_whole_graph_mode``). ``VLLM_USE_AOT_COMPILE``: our compiled graphs hold a process
-group and a first-call cross-rank check and cannot be serialised, so when shared weights are
-configured the loader sets ``VLLM_USE_AOT_COMPILE=0`` unless the user set it (with 1, torch
-fails when it tries to serialise the compiled graph).
+ours, and mode 0 (NONE; vLLM sets it for ``enforce_eager=True``, ``TORCH_COMPILE_DISABLE=1``
+and ``VLLM_USE_BREAKABLE_CUDAGRAPH=1``) compiles nothing: the shared weights would stay
+correct (each marker broadcasts synchronously, one layer at a time) but nothing would be
+prefetched; ``check_config`` refuses both so nobody gets the slow path by accident. Platforms
+that turn modes 1/2 into NONE (vLLM-Ascend's ``NPUPlatform``) get the user's mode back when
+shared weights are configured (``keep_whole_graph_mode``; not when ``enforce_eager`` made it
+NONE: vLLM does that before the platform's check, and mode 0 is then refused).
+``VLLM_USE_AOT_COMPILE``: our compiled graphs hold a process group and a first-call cross-rank
+check and cannot be serialised, so when shared weights are configured the loader sets
+``VLLM_USE_AOT_COMPILE=0`` unless the user set it (with 1, torch fails when it tries to
+serialise the compiled graph).
 """
 
 from __future__ import annotations
@@ -117,12 +127,33 @@ def check_config(vllm_config) -> None:
             "mode 3 (VLLM_COMPILE) splits the graph at attention and compiles it with vLLM's own backend, so "
             "the broadcasts could not be prefetched. Use compilation_config={'mode': 2, 'backend': 'ascend_compile'}."
         )
+    if cc.mode is not None and mode == 0:  # None: vLLM has not decided yet (it does in VllmConfig.__post_init__)
+        why, undo = _why_eager(vllm_config)
+        raise ConfigError(
+            f"ascend_compile shared weights need compilation_config mode 1 or 2 with backend='ascend_compile': "
+            f"{why}, so vLLM runs the model eagerly and never calls our backend: every shared layer would be "
+            "broadcast synchronously right before it is used, one broadcast per layer, nothing prefetched. Use "
+            f"compilation_config={{'mode': 2, 'backend': 'ascend_compile'}}{undo}."
+        )
     if mode in (1, 2) and cc.backend not in BACKEND_NAMES:
         raise ConfigError(
             f"compilation_config backend {cc.backend!r} would run the shared weights without prefetching; "
             "set compilation_config={'mode': %d, 'backend': 'ascend_compile'}" % mode
         )
     check_parallelism(vllm_config, ours.get("group", "world"))
+
+
+def _why_eager(vllm_config) -> tuple:
+    """``(why vLLM's config says mode 0, what to undo)``. vLLM 0.23's ``VllmConfig.__post_init__``
+    sets mode 0 (NONE) for ``model_config.enforce_eager`` (``LLM(enforce_eager=True)``,
+    ``--enforce-eager``), ``TORCH_COMPILE_DISABLE=1`` and ``VLLM_USE_BREAKABLE_CUDAGRAPH=1``."""
+    if getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False):
+        return ("enforce_eager=True (vLLM then sets compilation mode 0, NONE)",
+                " and drop enforce_eager=True (--enforce-eager)")
+    for var in ("TORCH_COMPILE_DISABLE", "VLLM_USE_BREAKABLE_CUDAGRAPH"):
+        if os.environ.get(var) == "1":
+            return f"{var}=1 (vLLM then sets compilation mode 0, NONE)", f" and unset {var}"
+    return "compilation mode 0 (NONE)", ""
 
 
 ASCEND_LAYER_SHARDING = "layer_sharding"  # vLLM-Ascend 0.23's own eager layer sharding (additional_config)
@@ -237,8 +268,10 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
     meta tensors (``_process_without_values``). The layers this rank owns process as usual,
     except that a shared parameter the processing would move into a kernel handle stays a
     parameter (``_process_keeping_weights``).
-    Returns ``[(name, module, original quant method, owned)]`` for ``finish_non_owned``, which
-    puts the quant methods back.
+    Returns ``[(name, module, original quant method, owned, devices)]`` for ``finish_non_owned``,
+    which puts the quant methods back; ``devices`` maps each parameter of a non-owned layer to
+    its device before loading (processing without values leaves them on meta): the stand-ins
+    made after processing go there, never to the default device.
     """
     import copy
 
@@ -251,6 +284,7 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
     for members in series_members(model, cfg).values():
         for index, (name, module, params) in enumerate(members):
             owned = index % world == rank
+            devices = {} if owned else {k: p.device for k, p in module.named_parameters(recurse=False)}
             if not owned:
                 for pname, p in params.items():
                     p.data = standin_like(p).data  # frees the (never written) allocation
@@ -269,7 +303,7 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
                 wrapped.process_weights_after_loading = functools.partial(process, qm, name, list(params))
                 module.quant_method = wrapped
             if qm is not None or not owned:
-                skipped.append((name, module, qm, owned))
+                skipped.append((name, module, qm, owned, devices))
     return skipped
 
 
@@ -307,8 +341,13 @@ def _process_keeping_weights(quant_method, name: str, shared: list, layer) -> No
     processing changes a shape or dtype the layer is left emptied, and ``finish_non_owned``
     refuses it on every rank.
     """
+    from ..runtime.comm import ShardingError
+
     loaded = {p: layer._parameters[p] for p in shared if layer._parameters.get(p) is not None}
-    quant_method.process_weights_after_loading(layer)
+    try:
+        quant_method.process_weights_after_loading(layer)
+    except Exception as e:  # noqa: BLE001 - named for the peers, who see only the message (finish_non_owned)
+        raise ShardingError(f"{name}: process_weights_after_loading raised {type(e).__name__}: {e}") from e
     emptied = [p for p, t in loaded.items()
                if t.numel() > 0 and (layer._parameters.get(p) is None or layer._parameters[p].numel() == 0)]
     if not emptied:
@@ -330,26 +369,46 @@ def _drop_weight(param, loaded_weight, *args, **kwargs) -> None:
     """The weight loader of a layer this rank does not own: the checkpoint tensor is dropped."""
 
 
-def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
-    """After loading: give every non-owned layer stand-ins shaped like the owner's processed params."""
-    import torch.distributed as dist
+LOADING = "loading the model with shared weights"
 
+
+def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list, error: Optional[BaseException] = None) -> None:
+    """After loading, on every rank of the sharing group together: exchange "ok, or this error"
+    along with the owners' processed parameter shapes and dtypes, then give every non-owned
+    layer stand-ins shaped like the owner's processed parameters.
+
+    ``error``: what this rank raised since the model was built (``load_model`` catches it:
+    ``skip_non_owned``'s checks, loading, the owners' processing). The exchange is one
+    ``all_gather_object`` (``comm.gather_or_fail``) that every rank reaches whatever happened,
+    so a rank that failed alone makes every rank raise there together, naming that rank and its
+    error, instead of leaving its peers in the collective until the group's timeout.
+
+    Each stand-in goes to the device its parameter had before loading (recorded by
+    ``skip_non_owned``; processing without values left it on meta), or, for a parameter that
+    processing added, to the device of another parameter of the same layer: never to the
+    default device."""
     from ..runtime import comm
     from ..runtime.comm import ShardingError
     from ..runtime.sharding import find_series, standin_like
 
     pg = comm.resolve_group(cfg.group)
-    skipped_names = {name for name, _, _, owned in skipped if not owned}
-    modules = dict(model.named_modules())
-    mine = {}
-    for members in find_series(model, cfg.layers).values():  # processing may have changed the params
-        for name in members:
-            if name not in skipped_names:
-                params = dict(modules[name].named_parameters(recurse=False))
-                mine[name] = {k: (tuple(p.shape), p.dtype) for k, p in params.items()
-                              if cfg.params is None or k in cfg.params}
-    gathered: list = [None] * comm.group_size(pg)
-    dist.all_gather_object(gathered, mine, group=pg)
+    rank = comm.group_rank(pg)
+
+    def processed_here() -> dict:
+        if error is not None:
+            raise _failed_here(error, rank) from error
+        skipped_names = {name for name, _, _, owned, _ in skipped if not owned}
+        modules = dict(model.named_modules())
+        mine = {}
+        for members in find_series(model, cfg.layers).values():  # processing may have changed the params
+            for name in members:
+                if name not in skipped_names:
+                    params = dict(modules[name].named_parameters(recurse=False))
+                    mine[name] = {k: (tuple(p.shape), p.dtype) for k, p in params.items()
+                                  if cfg.params is None or k in cfg.params}
+        return mine
+
+    gathered = comm.gather_or_fail(pg, LOADING, processed_here)
     processed = {k: v for g in gathered for k, v in g.items()}
     for name, meta in sorted(processed.items()):
         emptied = [p for p, (shape, _) in meta.items() if 0 in shape]
@@ -360,7 +419,7 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
                 "forward no longer reads the parameter and it cannot be shared. Leave this series out, or "
                 "use a platform whose linear layers read their weights."
             )
-    for name, module, qm, owned in skipped:
+    for name, module, qm, owned, devices in skipped:
         if qm is not None:
             module.quant_method = qm
         if owned:
@@ -370,8 +429,20 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list) -> None:
             if p is not None and pname not in meta and (cfg.params is None or pname in cfg.params):
                 del module._parameters[pname]  # processing on the owner dropped it
         for pname, (shape, dtype) in meta.items():
-            like = torch.empty((), dtype=dtype)
-            module._parameters[pname] = standin_like(like.expand(shape))
+            device = devices[pname] if pname in devices else next(iter(devices.values()))
+            module._parameters[pname] = standin_like(torch.empty((), dtype=dtype, device=device).expand(shape))
+
+
+def _failed_here(error: BaseException, rank: int) -> Exception:
+    """What this rank raised while loading, as the ascend_compile error every rank will raise: its
+    own class when it is one of ours (``ConfigError``, ``ShardingError``, ``RankMismatchError``),
+    else ``ShardingError``, naming this rank and the error."""
+    from ..runtime.comm import RankMismatchError, ShardingError
+
+    for cls in (ConfigError, ShardingError, RankMismatchError):
+        if isinstance(error, cls):
+            return cls(f"rank {rank}: {error}")
+    return ShardingError(f"rank {rank}: {type(error).__name__}: {error}")
 
 
 def shard_loaded_model(model, vllm_config):
@@ -391,9 +462,12 @@ def shard_loaded_model(model, vllm_config):
 def invalidate_after_load_weights(model) -> None:
     """Drop the windows prefetched for the next forward whenever ``model.load_weights`` runs again.
 
-    vLLM updates weights through ``model.load_weights`` on every worker at the same point
-    (``reload_weights``, ``update_weights`` in checkpoint format, RL frameworks' ``collective_rpc``),
-    which is what ``invalidate_prefetch`` needs: every rank of the sharing group, together.
+    On a sharded model vLLM 0.23 calls ``model.load_weights`` again in checkpoint-format
+    ``reload_weights`` (``llm.collective_rpc("reload_weights", ...)``, RL frameworks'
+    ``collective_rpc``), on every worker at the same point, which is what ``invalidate_prefetch``
+    needs: every rank of the sharing group, together. (Its checkpoint-format ``update_weights``
+    calls it too, but only inside a weight-transfer session, which ``refuse_weight_update``
+    refuses on a sharded model.)
     """
     from ..runtime.sharding import invalidate_prefetch
 
@@ -646,11 +720,14 @@ def register() -> None:
             return loader_load_weights(model, model_config)
 
         self.load_weights = load_weights
+        model, failed = None, None
         try:
             model = original(self, vllm_config, model_config, prefix)
+        except Exception as e:  # noqa: BLE001 - carried to the ranks' exchange, where every rank raises together
+            failed = e
         finally:
             del self.load_weights
-        finish_non_owned(model, cfg, skipped)
+        finish_non_owned(model, cfg, skipped, failed)  # every rank gets here, whatever happened above
         return shard_loaded_model(model, vllm_config)
 
     setattr(load_model, _LOADER_PATCHED, True)
