@@ -16,7 +16,10 @@ GPU runner does): once with nothing shared, once with the series of ``--layers``
 the data-parallel ranks (``additional_config["ascend_compile"]``; with ``--tp 2`` over vLLM's
 DP group, ``"group": "dp"``, so each TP shard is shared between the two ranks that hold it).
 Greedy tokens must be equal on every rank; the script prints them, the weight memory each rank
-holds with and without sharing, and what the plan saved.
+holds with and without sharing, and what the plan saved. It also counts what each rank's engine
+ran during the (first) generate: model forwards, how many of them were vLLM's 1-token dummy
+forwards (a rank whose requests are done runs one whenever a peer still has a step to run, so
+the ranks' forwards pair up), and the tokens it generated (``count_forwards``).
 
 ``--reload``: after generating, every rank reloads the weights through vLLM's own path
 (``llm.collective_rpc("reload_weights")``: ``Worker.reload_weights`` -> ``GPUModelRunner.reload_weights``,
@@ -139,6 +142,35 @@ def perturbed_weights(worker, scale: float = 0.5):
     runner.reload_weights(weights_iterator=changed())
 
 
+def count_forwards(runner) -> dict:
+    """Count what this rank's engine actually ran: ``forwards`` (every call of the model, the
+    requests' steps and vLLM's dummy forwards alike) and ``dummy`` (vLLM's 1-token dummy batches,
+    ``execute_dummy_batch`` -> ``_dummy_run``, which a data-parallel rank runs while it has no
+    request and a peer still has some). Counted outside anything compiled: mode 1 compiles the
+    model's whole call (``_compiled_call_impl``), so the count wraps that; mode 2 compiles the
+    inner model, so a forward pre-hook on the outer one runs eagerly. Reset the values to 0
+    before what you want to count."""
+    counts = {"forwards": 0, "dummy": 0}
+    model = runner.model
+    compiled = getattr(model, "_compiled_call_impl", None)
+    if compiled is not None:
+        def compiled_call(*args, **kwargs):
+            counts["forwards"] += 1
+            return compiled(*args, **kwargs)
+
+        model._compiled_call_impl = compiled_call
+    else:
+        model.register_forward_pre_hook(lambda module, args: counts.__setitem__("forwards", counts["forwards"] + 1))
+    dummy_run = runner._dummy_run
+
+    def counted_dummy_run(*args, **kwargs):
+        counts["dummy"] += 1
+        return dummy_run(*args, **kwargs)
+
+    runner._dummy_run = counted_dummy_run
+    return counts
+
+
 class _Invalidations(logging.Handler):
     """Collects our plugin's "weights loaded again; dropped the prefetched windows [...]" lines."""
 
@@ -170,16 +202,23 @@ def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None,
     token_ids, max_tokens = prompts(dp_rank)
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True, detokenize=False) for m in max_tokens]
 
+    counts = count_forwards(runner)  # after loading and warm-up: only what generate runs
+
     def run() -> list:
         outs = llm.generate([{"prompt_token_ids": t} for t in token_ids], params, use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
+    counts.update(forwards=0, dummy=0)
     tokens = run()
     model = runner.model
     from ascend_compile import get_plan
 
     plan = get_plan(model)
-    result = {"tokens": tokens, "weight_bytes": weight_bytes(model), "plan": None}
+    result = {"tokens": tokens, "weight_bytes": weight_bytes(model), "plan": None,
+              # what the engine did on this rank in that generate: model forwards (dummy ones
+              # included), vLLM's dummy forwards, and the tokens it generated
+              "forwards": counts["forwards"], "dummy_forwards": counts["dummy"],
+              "generated": sum(len(t) for t in tokens)}
     if reload:
         # vLLM's own reload path (Worker.reload_weights -> GPUModelRunner.reload_weights, which the CPU
         # runner inherits) on every rank between generates: the checkpoint (tokens must not change),
@@ -298,6 +337,9 @@ def main(argv=None) -> int:
         ok &= equal
         print(f"rank {rank} (DP rank {s['dp_rank']}): tokens unshared {u['tokens']}")
         print(f"rank {rank}: tokens shared   {s['tokens']}")
+        for name, r in (("unshared", u), ("shared", s)):
+            print(f"rank {rank}: {name}: {r['forwards']} forwards ({r['dummy_forwards']} of them vLLM's dummy "
+                  f"forwards), {r['generated']} tokens generated")
         print(f"rank {rank}: equal={equal}; shared {plan['series']} over {plan['world_size']} ranks: this rank holds "
               f"{s['weight_bytes'] / 2**20:.2f} MiB of weights instead of {u['weight_bytes'] / 2**20:.2f} MiB "
               f"(saved {(u['weight_bytes'] - s['weight_bytes']) / 2**20:.2f} MiB; plan: "

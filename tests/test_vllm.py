@@ -675,6 +675,29 @@ def _run_example(tmp_path, *args) -> tuple:
         return out, json.load(f)
 
 
+def _assert_ranks_ran_in_lockstep(results: dict, ranks: int, idle: list) -> None:
+    """What each rank's engine ran during the generate (counted by the example, ``count_forwards``):
+    every rank ran the same number of model forwards, with and without sharing (each forward's
+    broadcasts pair with a peer's); the ranks in ``idle`` (those whose requests finished first)
+    made up the difference with vLLM's dummy forwards, the others ran none; and the tokens each
+    rank generated are the tokens it returned, the same without sharing."""
+    for run in ("unshared", "shared"):
+        r = [results[f"{run}_rank{rank}"] for rank in range(ranks)]
+        forwards = [x["forwards"] for x in r]
+        dummy = [x["dummy_forwards"] for x in r]
+        real = [f - d for f, d in zip(forwards, dummy)]
+        assert len(set(forwards)) == 1, f"{run}: forwards per rank {forwards} (dummy {dummy})"
+        assert [d > 0 for d in dummy] == [rank in idle for rank in range(ranks)], f"{run}: dummy forwards {dummy}"
+        for rank, x in enumerate(r):
+            # a request's tokens take one forward each (the first comes from its prefill)
+            assert real[rank] >= max(len(t) for t in x["tokens"]), (run, rank, real[rank], x["tokens"])
+            assert x["generated"] == sum(len(t) for t in x["tokens"]) > 0
+    for rank in range(ranks):
+        unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
+        assert (shared["forwards"], shared["dummy_forwards"], shared["generated"]) == (
+            unshared["forwards"], unshared["dummy_forwards"], unshared["generated"])
+
+
 @pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
 @pytest.mark.parametrize("model, step", [("llama", "1"), ("deepseek_v2", "auto")])
 def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_path):
@@ -683,19 +706,19 @@ def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_
     with shared weights equal those without, on every rank (prefill and decode)."""
     out, results = _run_example(tmp_path, "--model", model, "--prefetch-step", step)
     series = ["down_proj", "o_proj"] + (["q_b_proj"] if model == "deepseek_v2" else [])
-    lengths = []
     for rank in range(2):
         unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
         assert unshared["plan"] is None
         assert shared["plan"]["series"] == series and shared["plan"]["world_size"] == 2
         assert shared["tokens"] == unshared["tokens"]
-        lengths.append([len(t) for t in shared["tokens"]])
         # what this rank holds: less by what the plan says it no longer stores (stand-ins keep 1 element each)
         saved = unshared["weight_bytes"] - shared["weight_bytes"]
         assert abs(saved - shared["plan"]["saved_bytes"]) < 0.02 * shared["plan"]["saved_bytes"]
         assert f"rank {rank}: equal=True" in out
-    # the ranks served different requests (counts and max_tokens), so idle ranks ran dummy forwards
-    assert lengths == [[6, 9], [10, 13, 16]]
+    # the ranks served different requests (rank 0 fewer and shorter ones): rank 0 finished first and
+    # ran vLLM's dummy forwards until rank 1 was done, the same number of forwards on both ranks
+    _assert_ranks_ran_in_lockstep(results, 2, idle=[0])
+    assert results["shared_rank0"]["tokens"] != results["shared_rank1"]["tokens"]
 
 
 @pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
@@ -705,7 +728,6 @@ def test_generate_with_tp2_x_dp2_equals_the_unshared_run(tmp_path):
     compiled by vLLM (mode 2) with our backend. Each TP shard is shared between the 2 ranks that
     hold it (``"group": "dp"``): greedy tokens equal those without sharing, on every rank."""
     out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--tp", "2")
-    lengths = []
     for rank in range(4):
         unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
         assert unshared["plan"] is None
@@ -713,13 +735,14 @@ def test_generate_with_tp2_x_dp2_equals_the_unshared_run(tmp_path):
         # shared over the DP group (2 ranks), not the world of 4: each rank's TP shard of every layer
         assert shared["plan"]["series"] == ["down_proj", "o_proj"] and shared["plan"]["world_size"] == 2
         assert shared["tokens"] == unshared["tokens"]
-        lengths.append([len(t) for t in shared["tokens"]])
         saved = unshared["weight_bytes"] - shared["weight_bytes"]
         assert abs(saved - shared["plan"]["saved_bytes"]) < 0.02 * shared["plan"]["saved_bytes"]
         assert f"rank {rank}: equal=True" in out
-    # the TP ranks of a replica served its requests together; the replicas served different ones
-    assert lengths == [[6, 9], [6, 9], [10, 13, 16], [10, 13, 16]]
+    # the TP ranks of a replica served its requests together; the replicas served different ones, and
+    # replica 0 (ranks 0, 1), done first, ran dummy forwards until replica 1 was done
+    assert results["shared_rank0"]["tokens"] == results["shared_rank1"]["tokens"]
     assert results["shared_rank0"]["tokens"] != results["shared_rank2"]["tokens"]
+    _assert_ranks_ran_in_lockstep(results, 4, idle=[0, 1])
 
 
 @pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
@@ -735,6 +758,7 @@ def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_ru
     _, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "1")
     for rank in range(2):
         assert results[f"shared_rank{rank}"]["tokens"] == results[f"unshared_rank{rank}"]["tokens"]
+    _assert_ranks_ran_in_lockstep(results, 2, idle=[0])  # counted around the model's compiled call
     graphs = {}
     for path in glob.glob(str(tmp_path / "dumps" / "**" / "rank_*" / "graph_*" / "schedule.json"), recursive=True):
         rank = int(path.split("rank_")[-1].split(os.sep)[0])
