@@ -2,10 +2,19 @@
 
 ``install()`` puts modules named ``torch_npu`` and ``torchair`` into ``sys.modules`` and
 defines ``torch.ops.air`` (``scope_enter``, ``scope_exit``, ``record``, ``wait``) with the
-schemas torchair gives them and no-op CPU kernels. ``get_npu_backend`` runs AOTAutograd
-like the real one, calls the config's ``post_grad_custom_post_pass(gm, example_inputs,
-config)`` on the aten graph, records that graph in ``RECORDED`` and runs it op by op, so a
-test can check both what GE would have been handed and the numbers.
+schemas torchair gives them. ``get_npu_backend`` runs AOTAutograd like the real one, calls the
+config's ``post_grad_custom_post_pass(gm, example_inputs, config)`` on the aten graph, records
+that graph in ``RECORDED`` and runs it op by op with ``StreamChecker``, so a test can check both
+what GE would have been handed and the numbers.
+
+``StreamChecker`` runs the graph as the NPU would order it on its streams and raises
+``StreamOrderError`` where the device would go wrong or torchair would refuse: a stream scope
+(``scope_enter(["_user_stream_label", ...], [label, ...])`` ... ``scope_exit()``) that is not
+closed, or closed twice; an ``air.wait`` on anything but an event token that an ``air.record``
+of this same graph run returned (no token, one from another graph or an earlier run, a plain
+tensor); and a read of a collective's result on another stream than the one that issued it
+without an ``air.wait`` on an event recorded after the collective on its stream (a missing or
+misplaced record/wait: on the device the read could overtake the transfer).
 """
 
 from __future__ import annotations
@@ -17,6 +26,13 @@ import torch
 
 RECORDED: list = []  # {"config": CompilerConfig, "graph": GraphModule} per compiled graph
 _LIB = None
+COMPUTE = "<compute stream>"  # the stream outside every scope
+STREAM_LABEL_KEY = "_user_stream_label"
+COLLECTIVES = ("broadcast", "broadcast_", "all_reduce", "all_reduce_", "all_gather_into_tensor", "reduce_scatter_tensor")
+
+
+class StreamOrderError(RuntimeError):
+    """What the fake refuses: see the module docstring."""
 
 
 def _define_air_ops() -> None:
@@ -29,6 +45,7 @@ def _define_air_ops() -> None:
     _LIB.define("scope_exit(bool need_execute=False) -> ()")
     _LIB.define("record(*, Device? device=None) -> Tensor")
     _LIB.define("wait(Tensor[] x) -> ()")
+    # kernels for the ops run outside StreamChecker (which handles them itself): nothing to check there
     for name, fn in {
         "scope_enter": lambda keys, values, need_execute=False: None,
         "scope_exit": lambda need_execute=False: None,
@@ -43,6 +60,87 @@ def _define_air_ops() -> None:
     @torch.library.register_fake("air::record", lib=_LIB)
     def _(device=None):
         return torch.empty(0)
+
+
+class StreamChecker(torch.fx.Interpreter):
+    """Runs a graph node by node, tracking streams and events (see the module docstring).
+
+    Each stream keeps a vector clock: its own count of collectives issued on it, and for every
+    other stream the count it has waited for through events. ``record`` snapshots the clock of its
+    stream into a fresh token; ``wait`` merges the tokens' snapshots into the waiting stream."""
+
+    def run(self, *args, **kwargs):
+        air, c10d = torch.ops.air, torch.ops._c10d_functional
+        self._ops = {air.scope_enter.default: self._scope_enter, air.scope_exit.default: self._scope_exit,
+                     air.record.default: self._record, air.wait.default: self._wait}
+        self._collectives = {getattr(c10d, name).default for name in COLLECTIVES if hasattr(c10d, name)}
+        self.scopes: list = []
+        self.clocks: dict = {COMPUTE: {COMPUTE: 0}}
+        self.tokens: dict = {}  # id(token) -> (token, stream, clock snapshot); the token is kept alive
+        self.issued: dict = {}  # id(collective result) -> (result, stream, its count on that stream)
+        out = super().run(*args, **kwargs)
+        if self.scopes:
+            raise StreamOrderError(f"the graph ends inside stream scope(s) {self.scopes}: scope_enter without scope_exit")
+        return out
+
+    def _stream(self) -> str:
+        return self.scopes[-1] if self.scopes else COMPUTE
+
+    def _clock(self) -> dict:
+        return self.clocks.setdefault(self._stream(), {self._stream(): 0})
+
+    def run_node(self, n):
+        if n.op != "call_function":
+            return super().run_node(n)
+        if n.target in self._ops:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return self._ops[n.target](n, *args, **kwargs)
+        self._check_reads(n)
+        out = super().run_node(n)
+        if n.target in self._collectives:
+            clock = self._clock()
+            clock[self._stream()] += 1
+            for t in out if isinstance(out, (list, tuple)) else [out]:
+                self.issued[id(t)] = (t, self._stream(), clock[self._stream()])
+        return out
+
+    def _check_reads(self, n) -> None:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        here, clock = self._stream(), self._clock()
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            hit = self.issued.get(id(t)) if isinstance(t, torch.Tensor) else None
+            if hit is None or hit[1] == here:
+                continue
+            _, stream, count = hit
+            if clock.get(stream, 0) < count:
+                raise StreamOrderError(
+                    f"{n.format_node()}: reads the result of a collective issued on stream {stream!r}, but stream "
+                    f"{here!r} waited on no event recorded there after it: the read may overtake the transfer")
+
+    def _scope_enter(self, n, keys, values, need_execute=False):
+        if len(keys) != len(values) or STREAM_LABEL_KEY not in keys:
+            raise StreamOrderError(f"{n.format_node()}: scope_enter needs {STREAM_LABEL_KEY!r} and a value per key")
+        self.scopes.append(str(values[list(keys).index(STREAM_LABEL_KEY)]))
+
+    def _scope_exit(self, n, need_execute=False):
+        if not self.scopes:
+            raise StreamOrderError(f"{n.format_node()}: scope_exit outside any stream scope")
+        self.scopes.pop()
+
+    def _record(self, n, device=None):
+        token = torch.empty(0)
+        self.tokens[id(token)] = (token, self._stream(), dict(self._clock()))
+        return token
+
+    def _wait(self, n, x):
+        clock = self._clock()
+        for t in x:
+            hit = self.tokens.get(id(t))
+            if hit is None or hit[0] is not t:
+                raise StreamOrderError(f"{n.format_node()}: waits on a tensor that no air.record of this graph run "
+                                       "returned (an event never recorded, or one from another graph or run)")
+            for stream, count in hit[2].items():
+                clock[stream] = max(clock.get(stream, 0), count)
 
 
 class _Namespace:
@@ -77,7 +175,7 @@ def get_npu_backend(compiler_config=None):
         if config.post_grad_custom_post_pass is not None:
             config.post_grad_custom_post_pass(gm, example_inputs, config)
         RECORDED.append({"config": config, "graph": gm})
-        return make_boxed_func(gm.forward)
+        return make_boxed_func(lambda *args: StreamChecker(gm).run(*args))
 
     return aot_autograd(fw_compiler=fw_compiler)
 

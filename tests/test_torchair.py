@@ -109,3 +109,47 @@ def test_graph_handed_to_torchair(k):
     # functional broadcasts: owners and receivers run the same ops, so the same collectives and
     # events in the same order on every rank
     assert results[0]["ops"] == results[1]["ops"]
+
+
+def _stream_checker_case(rank, world):
+    import torch.distributed as dist
+    from torch import fx
+
+    fake_torchair.install()
+    try:
+        air, c10d = torch.ops.air, torch.ops._c10d_functional
+
+        def graph(variant):  # a broadcast on a side stream, its event, the compute stream's wait, its read
+            g = fx.Graph()
+            w, foreign = g.placeholder("w"), g.placeholder("foreign")
+            g.call_function(air.scope_enter.default, (["_user_stream_label", "_user_stream_priority"], ["s", "0"]))
+            early = g.call_function(air.record.default, ()) if variant == "record before the broadcast" else None
+            out = g.call_function(c10d.broadcast.default, (w, 0, dist.group.WORLD.group_name))
+            done = g.call_function(air.record.default, ())
+            if variant != "no scope_exit":
+                g.call_function(air.scope_exit.default, ())
+            if variant != "no wait":
+                token = {"record before the broadcast": early, "a token from elsewhere": foreign}.get(variant, done)
+                g.call_function(air.wait.default, ([token],))
+            g.output(g.call_function(c10d.wait_tensor.default, (out,)))
+            return fx.GraphModule(torch.nn.Module(), g)
+
+        said = {}
+        for variant in ("right", "no wait", "record before the broadcast", "a token from elsewhere", "no scope_exit"):
+            try:  # every rank runs the same variants: the broadcasts pair
+                got = fake_torchair.StreamChecker(graph(variant)).run(torch.full((4,), float(rank)), torch.empty(0))
+                said[variant] = got.tolist()
+            except fake_torchair.StreamOrderError as e:
+                said[variant] = str(e)
+        return said
+    finally:
+        fake_torchair.uninstall()
+
+
+def test_the_fake_refuses_what_the_npu_would_get_wrong():
+    for said in run_ranks(_stream_checker_case, 2):
+        assert said["right"] == [0.0] * 4  # rank 0's values on every rank
+        assert "waited on no event recorded there after it" in said["no wait"]
+        assert "waited on no event recorded there after it" in said["record before the broadcast"]
+        assert "waits on a tensor that no air.record of this graph run returned" in said["a token from elsewhere"]
+        assert "scope_enter without scope_exit" in said["no scope_exit"]
