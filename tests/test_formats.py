@@ -1,9 +1,16 @@
 """Receive buffers in the owner's NPU storage format (FRACTAL_NZ), against a fake torch_npu format API.
 
-The fake keeps a format per tensor (by storage pointer) on CPU: ``npu_format_cast`` marks a
-tensor, ``get_npu_format`` reads the mark (ND when unmarked), ``empty_with_format`` makes a
-marked empty tensor and logs the call. ``formats.NPU_DEVICE_TYPE`` is pointed at "cpu" so the
-project asks the fake about CPU tensors as it would ask torch_npu about NPU ones.
+The fake keeps a format per storage on CPU, and its NZ bytes are not ND bytes: ``npu_format_cast``
+(in place here) rewrites a tensor's elements in another order (reversed, standing for NZ's tiles) and
+marks its storage; ``get_npu_format`` reads the mark (ND when unmarked); ``empty_with_format``
+makes a marked empty tensor and logs the call; ``torch.ops.fake_npu.nz_read`` reads a weight the
+way an NPU kernel would, by its storage's format. As torch_npu's, ``Tensor.clone`` keeps the format
+and ``Tensor.copy_`` between formats converts (both patched while the fake is installed); only a
+collective moves raw bytes. The sharded model's ``o_proj`` layers read their weight through
+``nz_read``, so NZ bytes broadcast into an ND buffer (or ND bytes into an NZ one) give wrong
+outputs, as on the device, instead of equal values. Marked storages are kept alive, so a freed
+address cannot pass its mark on. ``formats.NPU_DEVICE_TYPE`` is pointed at "cpu" so the project
+asks the fake about CPU tensors as it would ask torch_npu about NPU ones.
 """
 
 import sys
@@ -16,34 +23,93 @@ import ascend_compile as ac
 from ascend_compile.models import StackShape, build_stack, make_input
 from ranks import run_ranks
 
-FRACTAL_NZ, FRACTAL_Z = 29, 4
+FRACTAL_NZ, FRACTAL_Z, ND = 29, 4, 2
+_ACTIVE: list = [None]  # the installed FakeFormats, for nz_read
+_CLONE, _COPY = torch.Tensor.clone, torch.Tensor.copy_
+
+
+def _reorder(t: torch.Tensor) -> torch.Tensor:
+    """The fake's NZ byte order: the elements reversed (its own inverse)."""
+    return t.detach().flatten().flip(0).reshape(t.shape)
 
 
 class FakeFormats(types.ModuleType):
     def __init__(self):
         super().__init__("torch_npu")
-        self.marks, self.allocated = {}, []
+        self.marks, self.allocated, self.keep = {}, [], []
+
+    def _mark(self, t, fmt):
+        self.keep.append(t.untyped_storage())  # alive: its address is never reused with a stale mark
+        self.marks[t.untyped_storage().data_ptr()] = fmt
 
     def npu_format_cast(self, t, fmt):
-        self.marks[t.untyped_storage().data_ptr()] = fmt
+        """In place (processing on the device leaves the parameter in ``fmt``): ND <-> another format
+        reorders the elements."""
+        if (self.get_npu_format(t) == ND) != (fmt == ND):
+            with torch.no_grad():
+                _COPY(t, _reorder(t))
+        self._mark(t, fmt)
         return t
 
     def get_npu_format(self, t):
-        return self.marks.get(t.untyped_storage().data_ptr(), 2)
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):  # fake tensors while tracing: no storage
+            return ND
+        return self.marks.get(t.untyped_storage().data_ptr(), ND)
 
-    def empty_with_format(self, size, dtype=None, device=None, acl_format=2):
+    def clone(self, t, *args, **kwargs):  # torch_npu: the clone has the source's format
+        out = _CLONE(t, *args, **kwargs)
+        if self.get_npu_format(t) != ND:
+            self._mark(out, self.get_npu_format(t))
+        return out
+
+    def copy_(self, dst, src, *args, **kwargs):  # torch_npu: a copy between formats converts
+        _COPY(dst, src, *args, **kwargs)
+        if (self.get_npu_format(dst) == ND) != (self.get_npu_format(src) == ND):
+            with torch.no_grad():
+                _COPY(dst, _reorder(dst))
+        return dst
+
+    def empty_with_format(self, size, dtype=None, device=None, acl_format=ND):
         t = torch.empty(size, dtype=dtype, device=device)
         self.allocated.append((tuple(size), acl_format))
-        return self.npu_format_cast(t, acl_format)
+        self._mark(t, acl_format)
+        return t
+
+
+def _define_nz_read():
+    if hasattr(torch.ops, "fake_npu") and hasattr(torch.ops.fake_npu, "nz_read"):
+        return
+
+    @torch.library.custom_op("fake_npu::nz_read", mutates_args=())
+    def nz_read(w: torch.Tensor) -> torch.Tensor:
+        """``w``'s values as a kernel on the device reads them: by the format of its storage."""
+        return _reorder(w).clone() if _ACTIVE[0].get_npu_format(w) != ND else w.clone()
+
+    @nz_read.register_fake
+    def _(w):
+        return torch.empty_like(w)
+
+
+def _read_o_proj_by_format(model):
+    """Every o_proj of ``model`` reads its weight through ``fake_npu::nz_read``."""
+    import torch.nn.functional as F
+
+    for layer in model.layers:
+        proj = layer.self_attn.o_proj
+        proj.forward = lambda x, proj=proj: F.linear(x, torch.ops.fake_npu.nz_read(proj.weight), proj.bias)
 
 
 def _install():
     from ascend_compile.runtime import formats
 
+    _define_nz_read()
     fake = FakeFormats()
-    saved = (sys.modules.get("torch_npu"), formats.NPU_DEVICE_TYPE)
+    saved = (sys.modules.get("torch_npu"), formats.NPU_DEVICE_TYPE, _ACTIVE[0])
     sys.modules["torch_npu"] = fake
     formats.NPU_DEVICE_TYPE = "cpu"
+    _ACTIVE[0] = fake
+    torch.Tensor.clone = lambda t, *a, **k: fake.clone(t, *a, **k)
+    torch.Tensor.copy_ = lambda dst, src, *a, **k: fake.copy_(dst, src, *a, **k)
     return fake, saved
 
 
@@ -55,6 +121,8 @@ def _uninstall(saved):
     else:
         sys.modules["torch_npu"] = saved[0]
     formats.NPU_DEVICE_TYPE = saved[1]
+    _ACTIVE[0] = saved[2]
+    torch.Tensor.clone, torch.Tensor.copy_ = _CLONE, _COPY
 
 
 def _nz_case(rank, world, lowering, fmt):
@@ -71,9 +139,12 @@ def _nz_case(rank, world, lowering, fmt):
         for layer in model.layers:
             fake.npu_format_cast(layer.self_attn.o_proj.weight, fmt)
         try:
-            plan = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj", "q_b_proj"], prefetch_step=1))
+            # wrap-around explicitly: its default is off where torch_npu is importable (the fake is)
+            config = ac.SharedWeightConfig(layers=["o_proj", "q_b_proj"], prefetch_step=1, wrap_around=True)
+            plan = ac.shard_model(model, config)
         except ac.ShardingError as e:
             return {"error": str(e)}
+        _read_o_proj_by_format(model)  # NZ bytes are read as NZ, ND bytes as ND
         eager = model(x)
         eager_allocs = list(fake.allocated)
         fake.allocated.clear()
@@ -93,14 +164,13 @@ def test_nz_weights_are_received_into_nz_buffers(lowering):
     for rank, r in enumerate(run_ranks(_nz_case, 2, lowering, FRACTAL_NZ)):
         assert r["formats"] == {f"o_proj.weight[{i}]": FRACTAL_NZ for i in range(4)}  # every rank knows all owners'
         assert r["eager"] and r["compiled"]
-        not_owned = [i for i in range(4) if i % 2 != rank]
         o_proj = (64, 96)  # o_proj weight: hidden x heads*v_dim
-        # one NZ buffer per o_proj layer this rank receives; q_b_proj (ND) in plain buffers
-        assert r["eager_allocs"] == [(o_proj, FRACTAL_NZ)] * len(not_owned)
-        # compiled, layer 0 comes from a window (wrap-around) that every rank, its owner too, allocates
-        # in NZ: once at the first forward's entry, once for the next forward
-        received = [i for i in not_owned if i != 0]
-        assert r["compiled_allocs"] == [(o_proj, FRACTAL_NZ)] * (len(received) + 2)
+        # one NZ buffer per o_proj layer 1..3 this rank receives; q_b_proj (ND) in plain buffers. Layer 0
+        # comes from a window (wrap-around) that every rank, its owner too, allocates in NZ: the eager
+        # forward fetches it at entry and sends it for the next forward, which is the compiled one
+        received = [i for i in range(1, 4) if i % 2 != rank]
+        assert r["eager_allocs"] == [(o_proj, FRACTAL_NZ)] * (1 + len(received) + 1)
+        assert r["compiled_allocs"] == [(o_proj, FRACTAL_NZ)] * (len(received) + 1)
 
 
 def test_a_format_we_cannot_reproduce_is_refused_on_every_rank():
