@@ -93,8 +93,8 @@ def test_graph_handed_to_torchair(k):
         assert not any("ascend_compile.shared_weight" in o for o in ops)
         assert not any(o.startswith("aten.set_") for o in ops)
         assert ops.count("_c10d_functional.broadcast.default") == 8  # functional: torchair converts it
-        # sharded with wrap-around on (the default), yet no window op: a GE graph run or an
-        # aclgraph replay cannot leave a broadcast in flight for the next one
+        # no window op: a GE graph run or an aclgraph replay cannot leave a broadcast in flight for the
+        # next one (wrap-around is off by default where torch_npu imports, and refused: see below)
         assert not any("ascend_compile.window_" in o for o in ops)
         assert ops.count("_c10d_functional.broadcast_.default") == 0
         # every broadcast inside a scope on our stream, a record after it, waited for before its wait
@@ -109,6 +109,29 @@ def test_graph_handed_to_torchair(k):
     # functional broadcasts: owners and receivers run the same ops, so the same collectives and
     # events in the same order on every rank
     assert results[0]["ops"] == results[1]["ops"]
+
+
+def _torchair_wrap_case(rank, world):
+    fake_torchair.install()
+    try:
+        torch._dynamo.reset()
+        shape = StackShape(layers=4)
+        model = build_stack(shape)
+        ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1, wrap_around=True))
+        try:
+            torch.compile(model, backend="ascend_compile", fullgraph=True, options={"lowering": "torchair"})(
+                make_input(shape))
+        except Exception as e:  # Dynamo wraps what a backend raises
+            return str(e)
+        return "no error"
+    finally:
+        fake_torchair.uninstall()
+
+
+def test_torchair_refuses_a_model_sharded_with_wrap_around():
+    for msg in run_ranks(_torchair_wrap_case, 2):
+        assert "the torchair lowering has no wrap-around prefetch" in msg, msg
+        assert "SharedWeightConfig(wrap_around=False)" in msg, msg
 
 
 def _stream_checker_case(rank, world):
