@@ -10,7 +10,7 @@ broadcasts it to the other ranks just in time, prefetched ``k`` layers ahead.
 
 from .config import CompileOptions, ConfigError, SharedWeightConfig
 from .runtime.comm import PeerError, RankMismatchError, ShardingError
-from .runtime.sharding import ShardPlan, get_plan, invalidate_prefetch, parameter_storage_bytes, shard_model
+from .runtime.sharding import ShardPlan, drain_prefetch, get_plan, invalidate_prefetch, parameter_storage_bytes, shard_model
 from .passes.verify import ScheduleError
 
 __version__ = "0.1.0"
@@ -25,5 +25,5 @@ def backend(gm, example_inputs, **kwargs):
 
 __all__ = [
     "CompileOptions", "ConfigError", "PeerError", "RankMismatchError", "ScheduleError", "ShardPlan", "ShardingError",
-    "SharedWeightConfig", "backend", "get_plan", "invalidate_prefetch", "parameter_storage_bytes", "shard_model",
+    "SharedWeightConfig", "backend", "drain_prefetch", "get_plan", "invalidate_prefetch", "parameter_storage_bytes", "shard_model",
 ]

@@ -144,8 +144,13 @@ class GuardedGraph:
       compared with every peer's order for the same layers, at compile time and at calls 1, 2,
       4, 8, ... until every peer has published (a non-blocking store lookup): a difference
       raises ``RankMismatchError`` before this graph issues a broadcast.
+    - Its broadcasts wait for peers that are still compiling (ranks compile at different calls):
+      ``SharedWeightConfig(timeout)`` must exceed the longest compile; ``_compile_shared`` warns
+      when a compile took more than half of it. (Waiting on the store for a peer's compile
+      instead cannot tell a slow peer from one that runs the forward eagerly, or died.)
     - A broadcast that fails (a peer died, or timed out because it stopped issuing the same
-      collectives) raises ``PeerError`` naming the graph, the group and the layer.
+      collectives) raises ``PeerError`` naming the graph, the group and the layer; any error
+      aborts the group (``comm.abort_group``) so that the peers fail at once, naming this rank.
     """
 
     def __init__(self, compiled, *, order: list, key: str, plan: CompilePlan, graph_id: str,
@@ -244,12 +249,28 @@ def schedule_table(plan: CompilePlan, rows: list) -> dict:
     }
 
 
+def check_mode(lowering: str, mode: Optional[str]) -> None:
+    """``torch.compile(mode=...)`` reaches a backend as ``mode``: Inductor's presets
+    (``torch._inductor.list_mode_options``). Only the Inductor lowering uses them; under any other
+    the mode would be dropped without a word, so it is refused, naming the knob that lowering reads."""
+    if mode is None or lowering == "inductor":
+        return
+    if lowering == "torchair":
+        fix = ("torchair's graph modes are set through the options: torch.compile(model, backend=\"ascend_compile\", "
+               "options={\"torchair\": {\"mode\": \"reduce-overhead\"}}) (or \"max-autotune\", the default)")
+    else:
+        fix = f"drop mode= (the {lowering} lowering has no presets), or lower with options={{\"lowering\": \"inductor\"}}"
+    raise ConfigError(f"torch.compile(mode={mode!r}) selects Inductor presets, but this graph is lowered with "
+                      f"{lowering!r}, which does not use them: {fix}")
+
+
 def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: Any = None, mode: Optional[str] = None):
     if options is None:  # inside vLLM: additional_config["ascend_compile"]["compile"] and debug_dump_path
         from .integrations.vllm import compile_options
 
         options = compile_options()
     opts = CompileOptions.from_dict(options)
+    check_mode(opts.lowering, mode)
     groups = marker_groups(gm.graph)
     if not groups:
         log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)
@@ -269,6 +290,9 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
 
 
 def _compile_shared(gm: fx.GraphModule, example_inputs: list, opts: CompileOptions, mode: Optional[str]):
+    import time
+
+    start = time.monotonic()
     lowering = get_lowering(opts.lowering)
     plan = make_plan(gm, opts)
     if plan.wrap and not getattr(lowering, "WRAP_AROUND", False):
@@ -301,8 +325,14 @@ def _compile_shared(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
     table["order"] = order = collective_order(planned)
     dumper.schedule(table)
     state = comm.shard_state(plan.group_name, plan.generation)
+    seconds = time.monotonic() - start
+    if state.get("timeout") is not None and seconds > 0.5 * state["timeout"]:
+        log.warning("ascend_compile: compiled graph %s took %.1f s to compile, more than half of "
+                    "SharedWeightConfig(timeout=%s): when this rank recompiles at a call where its peers do not, they "
+                    "wait that long in a broadcast and may give up (PeerError). Set the timeout well above the longest "
+                    "compile.", dumper.graph_id, seconds, state["timeout"])
     return GuardedGraph(
-        compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], order, plan.wrap),
+        compiled, order=order, key=comm.order_key(plan.group_name, state["generation"], order, plan.wrap, state.get("token", "")),
         plan=plan, graph_id=dumper.graph_id, waits=pipeline.layer_nodes, timeout=state.get("timeout"),
         # the c10d waits only (Inductor's wrapper shows them as wait_tensor; window ops name their layer)
         waits_in_order=[layer_name(r["series"], r["index"]) for r in sorted(pipeline.final_schedule or planned,

@@ -58,6 +58,7 @@ def _rank_main(rank: int, world_size: int, args: DemoArgs) -> dict:
         # 3 forwards: the first fetches its first layers at entry, the next ones take them from the
         # windows the forward before sent during its last layers (wrap-around)
         steps = [fn(x) for _ in range(3)]
+    in_flight = ac.drain_prefetch(model)  # the last forward sent the next one's windows: wait for them before exiting
     with open(os.path.join(args.dump_dir, f"rank_{rank}", "schedule.json")) as f:
         schedule = json.load(f)
     return {
@@ -70,6 +71,7 @@ def _rank_main(rank: int, world_size: int, args: DemoArgs) -> dict:
         "compiled_max_abs_diff": max(float((c.float() - ref_compiled.float()).abs().max()) for c in steps),
         "compiled_bitwise": all(bool(torch.equal(c, ref_compiled)) for c in steps),
         "window_bytes": plan.window_bytes(),
+        "drained": in_flight,
         "schedule": schedule,
     }
 
@@ -112,7 +114,8 @@ def report(args: DemoArgs, results: list) -> tuple:
     lines += ["", f"expected saving per rank ~ series bytes x (K-1)/K = {(k - 1) / k:.1%} of "
                   f"{results[0]['series_bytes'] * mib:.3f} MiB",
               f"wrap-around: the first layers of each series are sent during the previous forward's last layers; "
-              f"windows held between forwards: {results[0]['window_bytes'] * mib:.3f} MiB per rank", "",
+              f"windows held between forwards: {results[0]['window_bytes'] * mib:.3f} MiB per rank "
+              f"({len(results[0]['drained'])} in flight after the last forward, waited for by ac.drain_prefetch)", "",
               "collective schedule of rank 0's compiled graph (positions are node indices):",
               format_schedule(results[0]["schedule"]), "", f"dumps: {args.dump_dir}",
               "result: " + ("OK - sharded model matches the unsharded model" if ok else "FAILED")]

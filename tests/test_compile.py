@@ -279,3 +279,59 @@ def test_per_pass_dumps_are_written_on_a_warm_cache(tmp_path):
         assert first == second
         assert "01_shared_weight.before.py" in second and "04_verify.after.py" in second
         assert "schedule.json" in second and "timeline.svg" in second
+
+
+def test_a_mode_is_refused_where_the_lowering_does_not_use_it():
+    from ascend_compile.backend import check_mode
+
+    check_mode("inductor", "reduce-overhead")  # Inductor's own presets
+    for lowering in ("torchair", "aot_eager", "eager"):
+        check_mode(lowering, None)
+    with pytest.raises(ac.ConfigError, match=r"mode='reduce-overhead'.*lowered with 'torchair'.*"
+                                             r"options=\{\"torchair\": \{\"mode\": \"reduce-overhead\"\}\}"):
+        check_mode("torchair", "reduce-overhead")
+    for lowering in ("aot_eager", "eager"):
+        with pytest.raises(ac.ConfigError, match=rf"lowered with '{lowering}', which does not use them: drop mode="):
+            check_mode(lowering, "max-autotune")
+
+
+def test_graph_capture_of_window_ops_is_refused():
+    from types import SimpleNamespace
+
+    from torch._inductor import list_mode_options
+
+    from ascend_compile.lowering.inductor import check_capture
+
+    windows = SimpleNamespace(plan=SimpleNamespace(wrap=(("o_proj.weight", 1),)))
+    plain = SimpleNamespace(plan=SimpleNamespace(wrap=()))
+    for mode in ("reduce-overhead", "max-autotune"):
+        check_capture(list_mode_options(mode), plain)  # c10d collectives only: capturable
+        check_capture(list_mode_options(mode), None)  # a graph without shared weights
+        with pytest.raises(ac.ConfigError, match=r"series \['o_proj.weight'\] across forwards.*CUDA-graph capture"):
+            check_capture(list_mode_options(mode), windows)
+    check_capture(list_mode_options("max-autotune-no-cudagraphs"), windows)
+    with pytest.raises(ac.ConfigError, match="CUDA-graph capture"):
+        check_capture({"triton.cudagraphs": True}, windows)  # options["inductor"] turns it on too
+
+
+def _mode_case(rank, world, mode, wrap):
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    x = make_input(shape)
+    ref = build_stack(shape)(x)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1, wrap_around=wrap))
+    fn = torch.compile(model, backend="ascend_compile", mode=mode)  # options=None: the default lowering
+    try:
+        return float(max((fn(x) - ref).abs().max() for _ in range(2)))
+    except Exception as e:  # noqa: BLE001 - Dynamo wraps what the backend raised
+        return str(e)
+
+
+def test_torch_compile_mode_reaches_inductor_and_capture_of_windows_is_refused_on_every_rank():
+    for msg in run_ranks(_mode_case, 2, "reduce-overhead", True):
+        assert isinstance(msg, str) and "ConfigError" in msg and "CUDA-graph capture" in msg, msg
+    # without window ops the mode is Inductor's (on CPU its graph capture does not apply); the
+    # group the refusal aborted is gone, and this sharding gets a new one
+    for diff in run_ranks(_mode_case, 2, "reduce-overhead", False):
+        assert diff <= 1e-5, diff

@@ -93,3 +93,50 @@ def test_a_rank_that_stops_inside_a_forward_aborts_the_group_and_its_peer_names_
     assert "Rank 1 (global rank 1) stopped and aborted the group: " in msg0, msg0
     assert ("ConfigError" if how == "compile_error" else "RankMismatchError") in msg0, msg0
     assert seconds0 < DEADLINE, f"rank 0 waited {seconds0:.1f}s (group timeout {GROUP_TIMEOUT}s)"
+
+
+def _reload_alone_case(rank, world):
+    """vLLM's ``reload_weights`` (wrapped by the plugin) failing on rank 1 only: a checkpoint file
+    missing on its node. A fake runner: the wrapper needs only ``get_model``."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from ascend_compile.integrations import vllm as integ
+    from ascend_compile.runtime import comm
+
+    comm.set_timeout(dist.group.WORLD, GROUP_TIMEOUT)
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    x = make_input(shape)
+    ref = build_stack(shape)(x)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+    calls = []
+
+    def original(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True):  # vLLM 0.23's
+        calls.append(type(self.get_model().layers[0].self_attn.o_proj).__name__)  # un-shared while it runs
+        if rank == 1:
+            raise FileNotFoundError("model-00002-of-00002.safetensors")
+        return "reloaded"
+
+    reload_weights = integ.reload_unshared(original)
+    runner = SimpleNamespace(get_model=lambda: model)
+    failed = _timed(lambda: reload_weights(runner))
+    # both ranks stopped at the reload, the layers are shared again: the next forward is the old one
+    return {"failed": failed, "calls": calls, "after": torch.equal(model(x), ref),
+            "shared": type(model.layers[0].self_attn.o_proj).__name__}
+
+
+def test_a_reload_that_fails_on_one_rank_raises_on_every_rank():
+    results = run_fresh(_reload_alone_case, 2, timeout=120)
+    for rank, r in enumerate(results):
+        kind, msg, seconds = r["failed"]
+        assert seconds < DEADLINE, (rank, r)
+        assert r["calls"] == ["Linear"] and r["after"], (rank, r)
+        assert r["shared"].startswith("Parametrized"), (rank, r)
+    assert results[1]["failed"][:2] == ("FileNotFoundError", "model-00002-of-00002.safetensors")
+    kind, msg, _ = results[0]["failed"]
+    assert kind == "ShardingError" and msg.startswith("rank 1 of process group "), msg
+    assert msg.endswith("failed to reload its weights, so every rank stops here: "
+                        "FileNotFoundError: model-00002-of-00002.safetensors"), msg

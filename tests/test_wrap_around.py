@@ -110,9 +110,12 @@ def test_verifier_refuses_a_next_forward_broadcast_out_of_place():
 def test_only_a_graph_holding_a_whole_series_wraps_around():
     both = ("o_proj", "q_b_proj")
     assert wrap_around_series(stack_graph(4, both, k=1, wrap=1).graph) == (("o_proj.weight", 1), ("q_b_proj.weight", 1))
-    # the model's o_proj series has 8 layers: this graph holds half of it (a graph break, piecewise)
+    # the model's o_proj series has 8 layers: this graph holds half of it (a graph break, piecewise):
+    # its other graphs and eager forwards would take layers from windows only a whole-series graph sends
     split = stack_graph(4, both, k=1, wrap=1, layers={"o_proj": 8})
-    assert wrap_around_series(split.graph) == (("q_b_proj.weight", 1),)
+    with pytest.raises(ac.ConfigError, match=r"holds 4 of the 8 layers of series 'o_proj.weight'.*fullgraph=True"):
+        wrap_around_series(split.graph)
+    assert wrap_around_series(stack_graph(4, both, k=1, wrap=0, layers={"o_proj": 8}).graph) == ()
     assert wrap_around_series(stack_graph(4, both, k=1, wrap=0).graph) == ()
     assert wrap_around_series(stack_graph(4, both, k=1, wrap=5).graph) == (("o_proj.weight", 3), ("q_b_proj.weight", 3))
 
@@ -378,3 +381,106 @@ def test_wrap_around_defaults_off_where_torchair_is_the_default_lowering(monkeyp
     assert ac.SharedWeightConfig(layers=["o_proj"], wrap_around=True).wrap_around is True
     monkeypatch.setattr(config, "default_lowering", lambda: "inductor")
     assert ac.SharedWeightConfig(layers=["o_proj"]).wrap_around is True
+
+
+def _drain_case(rank, world):
+    from ascend_compile.runtime import windows
+
+    pending = torch._C._distributed_c10d._get_work_registry_size  # collectives issued and not yet waited for
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    x = make_input(shape)
+    ref = build_stack(shape)(x)
+    model = build_stack(shape)
+    sp = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+    fn = torch.compile(model, backend="ascend_compile", options={"lowering": "aot_eager"})
+    before = pending()
+    outs = [fn(x)]
+    sent = pending() - before
+    drained = ac.drain_prefetch(model) if rank == 1 else []  # one rank alone: nothing to agree on
+    left = pending() - before
+    outs += [fn(x) for _ in range(2)]  # the drained window still feeds the next forward
+    last = windows.in_flight(sp.group_name)
+    done = ac.drain_prefetch(model)
+    return {"sent": sent, "drained": drained, "left": left, "equal": [torch.equal(o, ref) for o in outs],
+            "last": last, "done": done, "after": pending() - before}
+
+
+def test_drain_prefetch_waits_for_the_windows_in_flight_and_keeps_them():
+    results = run_ranks(_drain_case, 2)
+    for rank, r in enumerate(results):
+        assert r["equal"] == [True] * 3, (rank, r)
+        assert r["sent"] == 1, (rank, r)  # the next forward's o_proj.weight[0], broadcast and not waited for
+        assert r["left"] == (0 if rank == 1 else 1), (rank, r)
+        assert r["drained"] == (["o_proj.weight[0]"] if rank == 1 else []), (rank, r)
+        assert r["last"] == r["done"] == ["o_proj.weight[0]"] and r["after"] == 0, (rank, r)
+
+
+def test_drain_prefetch_needs_a_sharded_model():
+    with pytest.raises(ac.ShardingError, match="Linear is not sharded: there is nothing to drain"):
+        ac.drain_prefetch(torch.nn.Linear(2, 2))
+
+
+def _two_models_case(rank, world):
+    from ascend_compile.runtime import windows
+
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    x = make_input(shape)
+    ref_a, ref_b = build_stack(shape, seed=0)(x), build_stack(shape, seed=3)(x)
+    a, b = build_stack(shape, seed=0), build_stack(shape, seed=3)
+    sa = ac.shard_model(a, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+    sb = ac.shard_model(b, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+    fa = torch.compile(a, backend="ascend_compile", options={"lowering": "aot_eager"})
+    fb = torch.compile(b, backend="ascend_compile", options={"lowering": "aot_eager"})
+    equal = [torch.equal(fa(x), ref_a), torch.equal(fb(x), ref_b)]
+    dropped = ac.invalidate_prefetch(a)  # a's weights changed: b's windows stay in flight
+    kept = (windows.in_flight(sa.group_name), windows.in_flight(sb.group_name))
+    equal += [torch.equal(fb(x), ref_b), torch.equal(fa(x), ref_a), torch.equal(fb(x), ref_b)]
+    both = ac.invalidate_prefetch()  # the default group: every model sharded over it
+    equal += [torch.equal(fa(x), ref_a), torch.equal(fb(x), ref_b)]
+    ac.drain_prefetch()
+    return {"groups": (sa.group_name, sb.group_name), "equal": equal, "dropped": dropped, "kept": kept, "both": both}
+
+
+def test_invalidating_one_model_keeps_the_other_models_windows():
+    for rank, r in enumerate(run_fresh(_two_models_case, 2)):  # no other test's sharding over the default group
+        assert r["groups"][0] != r["groups"][1], r  # each sharding broadcasts over a group of its own
+        assert r["equal"] == [True] * 7, (rank, r)
+        assert r["dropped"] == ["o_proj.weight[0]"] and r["kept"] == ([], ["o_proj.weight[0]"]), (rank, r)
+        assert r["both"] == ["o_proj.weight[0]", "o_proj.weight[0]"], (rank, r)
+
+
+def _reinit_case(rank, world, port):
+    import torch.distributed as dist
+
+    from ascend_compile.launch import init_gloo
+    from ascend_compile.runtime import windows
+
+    torch._dynamo.reset()
+    shape = StackShape(layers=4)
+    x = make_input(shape)
+    ref = build_stack(shape)(x)
+    first = build_stack(shape)
+    s1 = ac.shard_model(first, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+    torch.compile(first, backend="ascend_compile", options={"lowering": "aot_eager"})(x)
+    left = windows.in_flight(s1.group_name)  # the next forward's window, never waited for
+    dist.destroy_process_group()  # every group goes; c10d will hand the same names out again
+    init_gloo(rank, world, port)
+    torch._dynamo.reset()
+    second = build_stack(shape)
+    s2 = ac.shard_model(second, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+    fresh = windows.in_flight(s2.group_name)
+    fn = torch.compile(second, backend="ascend_compile", options={"lowering": "aot_eager"})
+    equal = [torch.equal(fn(x), ref) for _ in range(3)]
+    ac.drain_prefetch(second)
+    return {"names": (s1.group_name, s2.group_name), "left": left, "fresh": fresh, "equal": equal}
+
+
+def test_a_new_group_under_a_reused_name_starts_clean():
+    from ascend_compile.launch import free_port
+
+    for rank, r in enumerate(run_fresh(_reinit_case, 2, free_port(), timeout=240)):
+        assert r["names"][0] == r["names"][1], r  # the situation under test: c10d reused the name
+        assert r["left"] == ["o_proj.weight[0]"] and r["fresh"] == [], (rank, r)
+        assert r["equal"] == [True] * 3, (rank, r)

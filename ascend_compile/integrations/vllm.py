@@ -545,7 +545,10 @@ def reload_unshared(original):
     into the tensors the model held). On a model we sharded it runs between
     ``unshare_for_reload`` and ``reshare_after_reload``. Kernel format
     (``is_checkpoint_format=False``) copies into ``model.get_parameter(name)``, which a shared
-    weight is not (a parametrization reads it from its owner): refused on every rank."""
+    weight is not (a parametrization reads it from its owner): refused on every rank. A reload
+    that fails on some ranks only (a checkpoint file missing on one node) makes every rank
+    raise (``comm.gather_or_fail`` over the group the model was sharded over), so no rank goes
+    on into a forward whose broadcasts its peers will never join."""
     if getattr(original, _RELOAD_PATCHED, False):
         return original
 
@@ -569,11 +572,20 @@ def reload_unshared(original):
                 "ascend_compile shares: kernel-format weights are copied into each parameter, and a shared "
                 "layer's weight lives on one rank only. Reload with checkpoint-format weights "
                 "(is_checkpoint_format=True, the default): every rank loads what it owns.")
+        from ..runtime import comm
+
         state = unshare_for_reload(model, plan)
-        try:
-            return original(self, *args, **kwargs)
+        result: dict = {}
+
+        def reload() -> None:
+            result["value"] = original(self, *args, **kwargs)
+
+        try:  # every rank reloads: one that fails alone makes every rank raise, none runs on into a forward
+            comm.gather_or_fail(comm.group_from_name(comm.user_group_of(plan.group_name)), "to reload its weights",
+                                reload)
         finally:
             reshare_after_reload(state)
+        return result.get("value")
 
     setattr(reload_weights, _RELOAD_PATCHED, True)
     return reload_weights

@@ -96,6 +96,25 @@ def config_patches(pipeline, options, mode=None) -> dict:
     return patches
 
 
+def check_capture(patches: dict, pipeline) -> None:
+    """Refuse CUDA-graph capture (``mode="reduce-overhead"``/``"max-autotune"``, or
+    ``options["inductor"]["triton.cudagraphs"]``) of a graph with wrap-around window ops: their
+    bookkeeping (which window is in flight, the next forward's broadcast) is Python that runs
+    once, at capture; every replay would reuse the captured buffers and skip it, and the ranks'
+    collectives would pair with the wrong layers. Graphs without window ops hold only c10d
+    functional collectives, which the capture records like any other kernel."""
+    from ..config import ConfigError
+
+    if pipeline is None or not pipeline.plan.wrap or not patches.get("triton.cudagraphs"):
+        return
+    raise ConfigError(
+        f"this graph prefetches series {[s for s, _ in pipeline.plan.wrap]} across forwards (wrap-around window ops), "
+        "and CUDA-graph capture (mode='reduce-overhead' or 'max-autotune', or triton.cudagraphs) would run their "
+        "bookkeeping once, at capture, and replay stale windows: compile with mode='max-autotune-no-cudagraphs' or "
+        "no mode, or shard with SharedWeightConfig(wrap_around=False)"
+    )
+
+
 def compile(gm, example_inputs, pipeline, options, mode=None):
     import contextlib
 
@@ -103,6 +122,7 @@ def compile(gm, example_inputs, pipeline, options, mode=None):
     from torch._inductor.compile_fx import compile_fx
 
     patches = config_patches(pipeline, options, mode)
+    check_capture(patches, pipeline)
     bypass = contextlib.nullcontext()
     if options.dump_dir and pipeline is not None:
         # A cache hit skips our passes, and with them the per-pass dumps: while dumping, compile

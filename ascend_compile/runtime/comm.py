@@ -98,6 +98,11 @@ def sharing_group(pg: dist.ProcessGroup, timeout: Optional[float], same_names: b
     return ours
 
 
+def user_group_of(group: str) -> str:
+    """The name of the user's group that our group ``group`` was made over (itself if it is the user's)."""
+    return _SHARING_GROUPS.get(group, group)
+
+
 def sharing_groups_over(user_group: str) -> list:
     """The names of the groups of ours made over the user's group ``user_group`` (and itself)."""
     return sorted({n for n, u in _SHARING_GROUPS.items() if u == user_group} | {user_group})
@@ -227,7 +232,9 @@ def peer_error(failed: str, group: str, e: BaseException, hint: str = "") -> "Pe
 
 
 def _abort_key(group: str) -> str:
-    return f"ascend_compile/abort/{group}"
+    """Named by the group and its sharding's token: a store that outlives the group (a torchrun agent's,
+    a re-initialised default group's) or a later group under the same name never reads it as its own."""
+    return f"ascend_compile/abort/{group}/{_SHARD_STATE.get(group, {}).get('token', '')}"
 
 
 _ABORT_STORES: list = []  # keeps a store alive that this rank hosts, for its peers to read the reason
@@ -261,10 +268,43 @@ def abort_group(group: str, reason: BaseException) -> None:
         dist.destroy_process_group(pg)
     except Exception:  # noqa: BLE001
         pass
+    else:
+        _retire_name(group)
     del pg
     # the frames of the failure still hold the group in their locals (``pg = group_from_name(...)``)
     traceback.clear_frames(reason.__traceback__)
     gc.collect()
+
+
+class _RetiredGroup:
+    """Stands in c10d's table of group names for a group of ours that ``abort_group`` destroyed.
+
+    c10d names a group made with ``use_local_synchronization`` from its ranks and the number of
+    groups this process holds; destroying one lowers that number, so the next group over the same
+    ranks would get the destroyed one's name, and its rendezvous would read the dead group's
+    addresses from the store (a hang, or "Connection refused"), and our store keys (its abort
+    reason) would apply to it. Keeping the name taken makes the next group's name new. c10d calls
+    ``shutdown``/``abort`` on every entry when the default group is destroyed: nothing to do."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def shutdown(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<retired ascend_compile group {self.name}>"
+
+
+def _retire_name(group: str) -> None:
+    from torch.distributed.distributed_c10d import _world
+
+    if group not in _world.pg_names.values():
+        _world.pg_names[_RetiredGroup(group)] = group
+    _SHARING_GROUPS.pop(group, None)
 
 
 def abort_reason(group: str) -> Optional[str]:
@@ -297,10 +337,17 @@ def proposed_generation(group_name: str) -> int:
     return state["generation"] + 1 if state else 1
 
 
+def new_token() -> str:
+    """A proposal for a sharding's token (the ranks take rank 0's): it names the sharding's store keys."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
 def record_shard(group_name: str, generation: int, costs: dict, timeout: Optional[float] = None,
-                 formats: Optional[dict] = None) -> None:
+                 formats: Optional[dict] = None, token: str = "") -> None:
     state = {"generation": generation, "costs": dict(costs) if costs is not None else None,
-             "timeout": timeout, "formats": dict(formats or {})}
+             "timeout": timeout, "formats": dict(formats or {}), "token": token}
     _SHARD_STATE[group_name] = _SHARDINGS[(group_name, generation)] = state
 
 
@@ -342,13 +389,14 @@ def _store():
     return _get_default_store()
 
 
-def order_key(group_name: str, generation: int, order: list, wrap: tuple = ()) -> str:
+def order_key(group_name: str, generation: int, order: list, wrap: tuple = (), token: str = "") -> str:
     """Where graphs fetching the same layers (layer, owner, bytes: in any order) with the same
     wrap-around setting (``CompilePlan.wrap``: a model's own, several models may share a group)
     publish their order. Which layers come from windows is not part of the key: a rank that
-    takes another layer first must meet the others' order, and be told."""
+    takes another layer first must meet the others' order, and be told. ``token``: the sharding's
+    (``record_shard``), so that keys left in a store by an earlier group of the same name never match."""
     layers = sorted({entry.split(" (")[0] for entry in order})
-    return f"ascend_compile/order/{group_name}/{generation}/{fingerprint([layers, list(wrap)])}"
+    return f"ascend_compile/order/{group_name}/{generation}{'.' + token if token else ''}/{fingerprint([layers, list(wrap)])}"
 
 
 def publish_order(key: str, rank: int, order: list) -> None:

@@ -309,7 +309,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
                 if formats.special(fmt):
                     owned_formats[layer_name(sp.series, sp.index)] = fmt
         return {"generation": comm.proposed_generation(plan.group_name), "costs": costs_here,
-                "formats": owned_formats}
+                "formats": owned_formats, "token": comm.new_token()}
 
     gathered = comm.gather_or_fail(pg, "to read its shared weights' storage formats", mine)
     generation = max(g["generation"] for g in gathered)
@@ -318,7 +318,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     for layer, fmt in sorted(table.items()):  # the same table on every rank: every rank raises
         formats.check_reproducible(layer, fmt)
     plan.formats = table
-    comm.record_shard(plan.group_name, generation, costs, timeout, table)
+    comm.record_shard(plan.group_name, generation, costs, timeout, table, token=gathered[0]["token"])
     lengths = plan.series_lengths()  # a new group (its name may be a destroyed one's): nothing of before is in flight
     windows.reset(plan.group_name, {s: (n, min(plan.wrap_windows, n - 1)) for s, n in lengths.items()})
     plan.generation = generation
@@ -350,17 +350,33 @@ def invalidate_prefetch(model_or_group=None) -> list:
     did not. ``model_or_group``: a sharded model (its windows only), or a process group or its name
     (the windows of every model sharded over it); ``None`` = the default group. Returns the layers
     whose windows were dropped."""
+    return sorted(layer for name in _sharding_groups(model_or_group, "invalidate") for layer in windows.invalidate(name))
+
+
+def _sharding_groups(model_or_group, what: str) -> list:
+    """The names of our groups that ``model_or_group`` (a sharded model, a process group or its name,
+    None = the default group) covers."""
     if isinstance(model_or_group, nn.Module):
         plan = get_plan(model_or_group)
         if plan is None:
-            raise ShardingError(f"{type(model_or_group).__name__} is not sharded: there is nothing to invalidate")
-        names = [plan.group_name]
-    else:
-        user = model_or_group if isinstance(model_or_group, str) else comm.group_name(comm.resolve_group(model_or_group))
-        names = [n for n in comm.sharing_groups_over(user) if comm.has_shard_state(n)]
-        if not names:
-            comm.shard_state(user)  # raises: nothing was sharded over it
-    return sorted(layer for name in names for layer in windows.invalidate(name))
+            raise ShardingError(f"{type(model_or_group).__name__} is not sharded: there is nothing to {what}")
+        return [plan.group_name]
+    user = model_or_group if isinstance(model_or_group, str) else comm.group_name(comm.resolve_group(model_or_group))
+    names = [n for n in comm.sharing_groups_over(user) if comm.has_shard_state(n)]
+    if not names:
+        comm.shard_state(user)  # raises: nothing was sharded over it
+    return names
+
+
+def drain_prefetch(model_or_group=None) -> list:
+    """Wait for the broadcasts that the last forward left in flight for the next one (wrap-around
+    windows), and keep their windows: the next forward uses them as usual. Call it before the
+    process stops (torch warns about collectives never waited for), before timing something else,
+    or before tearing the process group down. It issues no collective and changes nothing the
+    ranks must agree on: a rank may call it alone. A broadcast that cannot complete (a peer died)
+    raises ``PeerError``. ``model_or_group`` as in ``invalidate_prefetch``. Returns the layers
+    whose windows were waited for."""
+    return sorted(layer for name in _sharding_groups(model_or_group, "drain") for layer in windows.complete(name))
 
 
 def get_plan(model: nn.Module) -> Optional[ShardPlan]:
@@ -380,6 +396,6 @@ def parameter_storage_bytes(model: nn.Module) -> int:
 
 
 __all__ = [
-    "SharedParam", "ShardPlan", "SharedWeight", "shard_model", "get_plan", "parameter_storage_bytes",
+    "SharedParam", "ShardPlan", "SharedWeight", "shard_model", "get_plan", "drain_prefetch", "invalidate_prefetch", "parameter_storage_bytes",
     "find_series", "is_standin", "series_members", "layer_params", "check_series", "standin_like",
 ]

@@ -144,6 +144,19 @@ def invalidate(group_name: str) -> list:
     return dropped
 
 
+def complete(group_name: str) -> list:
+    """Wait for the windows of ``group_name`` in flight, keeping them for the next forward (which
+    waits on them again at no cost). Issues nothing: any rank may call it at any point. Returns
+    the layers waited for."""
+    slots = _state(group_name)["slots"]
+    for (series, index), (buf, owner) in sorted(slots.items()):
+        try:
+            torch.ops._c10d_functional.wait_tensor(buf)
+        except Exception as e:
+            _fail(e, series, index, owner, group_name, "prefetched broadcast")
+    return in_flight(group_name)
+
+
 def reset(group_name: str, series: Optional[dict] = None) -> None:
     """A new sharding over ``group_name`` (every rank, together): forget what an earlier group of
     that name left. Its group is gone (c10d names a live group once), so nothing is waited for.
