@@ -140,3 +140,36 @@ def test_a_reload_that_fails_on_one_rank_raises_on_every_rank():
     assert kind == "ShardingError" and msg.startswith("rank 1 of process group "), msg
     assert msg.endswith("failed to reload its weights, so every rank stops here: "
                         "FileNotFoundError: model-00002-of-00002.safetensors"), msg
+
+
+def _fallback_case(rank, world):
+    import logging
+
+    import torch.distributed as dist
+
+    from ascend_compile.runtime import comm
+
+    if rank == 1:  # a group only this rank made: the ranks no longer name a new group alike
+        dist.new_group([1], use_local_synchronization=True)
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger(comm.__name__).addHandler(handler)
+    shape = StackShape(layers=4)
+    x = make_input(shape)
+    model = build_stack(shape)
+    plan = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
+    eager = torch.equal(model(x), build_stack(shape)(x))
+    comm.abort_group(plan.group_name, RuntimeError("stopped"))  # the user's group: published, not destroyed
+    alive = torch.ones(1)
+    dist.all_reduce(alive)
+    return {"group": plan.group_name, "world": comm.group_name(dist.group.WORLD), "wrap": plan.wrap_windows,
+            "eager": eager, "alive": float(alive), "reason": comm.abort_reason(plan.group_name), "warnings": warnings}
+
+
+def test_without_a_group_of_its_own_sharing_uses_the_users_and_never_destroys_it():
+    for rank, r in enumerate(run_fresh(_fallback_case, 2, timeout=120)):
+        assert r["group"] == r["world"] and r["wrap"] == 0 and r["eager"], (rank, r)
+        assert any("made different numbers of process groups" in w for w in r["warnings"]), (rank, r)
+        assert r["alive"] == 2.0, (rank, r)  # the default group still works on both ranks
+        assert r["reason"].startswith("rank ") and "stopped and aborted the group: RuntimeError: stopped" in r["reason"]

@@ -163,5 +163,8 @@ def test_the_edge_count_sees_what_inductor_drops():
                       fx_graph_cache=False):
         torch.compile(f, backend="inductor")(torch.randn(8, 8), torch.randn(8, 8))
     report = pipeline.ordering_report
-    assert report["requested"] == 2 and report["reached_scheduler"] == 1
-    assert report["dropped"] == [["sort", "mm"]]
+    # torch 2.10-2.12 skip a dependency that lowers to a list (sort's two outputs); from 2.13,
+    # control_deps' lowering flattens it and the edge holds (run on 2.15.0; 2.13.0's lowering reads the same)
+    drops_lists = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+    assert report["requested"] == 2 and report["reached_scheduler"] == (1 if drops_lists else 2), report
+    assert report["dropped"] == ([["sort", "mm"]] if drops_lists else []), report

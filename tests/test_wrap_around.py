@@ -421,7 +421,7 @@ def test_drain_prefetch_needs_a_sharded_model():
         ac.drain_prefetch(torch.nn.Linear(2, 2))
 
 
-def _two_models_case(rank, world):
+def _invalidate_one_case(rank, world):
     from ascend_compile.runtime import windows
 
     torch._dynamo.reset()
@@ -444,7 +444,7 @@ def _two_models_case(rank, world):
 
 
 def test_invalidating_one_model_keeps_the_other_models_windows():
-    for rank, r in enumerate(run_fresh(_two_models_case, 2)):  # no other test's sharding over the default group
+    for rank, r in enumerate(run_fresh(_invalidate_one_case, 2)):  # no other test's sharding over the default group
         assert r["groups"][0] != r["groups"][1], r  # each sharding broadcasts over a group of its own
         assert r["equal"] == [True] * 7, (rank, r)
         assert r["dropped"] == ["o_proj.weight[0]"] and r["kept"] == ([], ["o_proj.weight[0]"]), (rank, r)

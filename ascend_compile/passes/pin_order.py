@@ -16,7 +16,8 @@ wait we add ordering-only edges with ``control_deps`` (``preserve_node_ordering`
   collective (``passes/prefetch.py``).
 
 An edge only holds if Inductor's lowering of ``control_deps`` can carry it, on every torch we
-support (2.10-2.15), so the ends of an edge are chosen with that in mind:
+support (2.10-2.15; CI runs 2.10.0 and 2.11.0, the ordering tests were run by hand on 2.15.0),
+so the ends of an edge are chosen with that in mind:
 
 - the node that must wait ("after") is one of our collectives or a node Inductor lowers to a
   kernel of its own (matmul-like extern kernels, custom ops): the lowering attaches the edge
@@ -24,8 +25,9 @@ support (2.10-2.15), so the ends of an edge are chosen with that in mind:
   into its reader, creates none (the edge would be dropped without a word);
 - its tensor inputs are top-level arguments: torch 2.10's ``preserve_node_ordering`` passes
   only those to the wrapped op (``aten.cat([w, x])`` fails there with ``KeyError``);
-- the node waited for ("before") returns one tensor: the lowering skips dependencies that
-  lower to a list (``split`` and other multi-output ops);
+- the node waited for ("before") returns one tensor: up to torch 2.12 the lowering skips
+  dependencies that lower to a list (``split`` and other multi-output ops; from 2.13 it
+  flattens them);
 - both return a tensor: the lowering asserts the wrapped op has an output.
 
 ``ordering_edges`` records the edges it asked for in ``gm.meta[EDGES_META]`` (node names), so

@@ -246,9 +246,10 @@ def abort_group(group: str, reason: BaseException) -> None:
     its connections close and the peers' collectives fail at once instead of at the group's timeout.
 
     The group is unusable after a forward stopped half-way (the next collective would pair with
-    another layer's), so nothing is lost. The connections close only when no one else still holds
-    the group object (vLLM's own groups are held by vLLM: there the peers fail at the group's
-    timeout, or when this process exits)."""
+    another layer's), so nothing is lost. Only a group of ours (``sharing_group``) is destroyed:
+    where the broadcasts had to use the user's group (the fallback), the reason is published but
+    the group, which the user and torch hold, is left alone, and the peers fail at its timeout or
+    when this process exits."""
     import gc
     import traceback
 
@@ -259,11 +260,14 @@ def abort_group(group: str, reason: BaseException) -> None:
         return
     try:
         store = _store()
-        _ABORT_STORES.append(store)
+        if not any(kept is store for kept in _ABORT_STORES):
+            _ABORT_STORES.append(store)
         store.set(_abort_key(group), json.dumps({"rank": rank, "global_rank": dist.get_rank(),
                                                  "error": f"{type(reason).__name__}: {first_line(reason)}"}))
     except Exception:  # noqa: BLE001 - best effort: the abort itself matters more
         pass
+    if group not in _SHARING_GROUPS:  # the user's group (or vLLM's): not ours to destroy
+        return
     try:
         dist.destroy_process_group(pg)
     except Exception:  # noqa: BLE001
