@@ -41,8 +41,7 @@ def _rank_main(rank: int, world_size: int, args: DemoArgs) -> dict:
     reference = build_stack(shape, dtype=dtype)
     with torch.no_grad():
         ref_eager = reference(x)
-        ref_compiled = torch.compile(reference, backend="inductor" if args.lowering == "inductor" else args.lowering)(x) \
-            if args.lowering != "torchair" else ref_eager
+        ref_compiled = torch.compile(reference, backend=args.lowering)(x) if args.lowering != "torchair" else ref_eager
     del reference
 
     model = build_stack(shape, dtype=dtype)

@@ -68,7 +68,7 @@ def _rank(rank, world, mode, k, layers, dim, tokens):
     if mode == "shared":
         ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=k))
     elif mode == "hooks":
-        from ascend_compile.runtime.eager_hooks import EagerHookSharing
+        from eager_hooks import EagerHookSharing  # benchmarks/: the reference design's baseline
 
         EagerHookSharing(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=k))
     elif mode == "fsdp2":

@@ -73,7 +73,7 @@ def _rank(rank, world, regime, rounds, steps):
 
     import ascend_compile as ac
     from ascend_compile.models import build_stack, make_input
-    from ascend_compile.runtime.eager_hooks import EagerHookSharing
+    from eager_hooks import EagerHookSharing  # benchmarks/: the reference design's baseline
 
     torch._dynamo.config.recompile_limit = 64  # one process compiles every configuration of the same model class
     r = REGIMES[regime]

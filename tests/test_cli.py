@@ -8,7 +8,7 @@ import sys
 from ascend_compile import cli
 from ascend_compile.debug.dump import GraphDumper
 from ascend_compile.passes import PassPipeline, default_passes
-from ascend_compile.backend import schedule_table
+from ascend_compile.debug.dump import schedule_table
 from graphs import plan, stack_graph
 from ranks import run_command
 
@@ -123,3 +123,25 @@ def test_plan_at_deepseek_v3_scale(capsys):
 def test_plan_rejects_a_bad_series(capsys):
     assert cli.main(["plan", "--series", "o_proj=16384"]) == 2
     assert "use NAME=INxOUT" in capsys.readouterr().err
+
+
+def test_explain_compares_only_graphs_of_one_sharding(tmp_path, capsys):
+    """Two models over the same layer names, one with wrap-around and one without (each with its
+    own sharding, so its own order key), fetch in different orders: no deadlock, as the runtime
+    check's key says. Under one key the same two orders are a problem."""
+    import dataclasses
+
+    for key, expect in (("two", 0), ("one", 1)):
+        root = tmp_path / key
+        for rank in range(2):
+            for graph_id, wrap in (("0_0", 0), ("1_0", 1)):
+                p = dataclasses.replace(plan(rank=rank), wrap=(("o_proj.weight", 1),) if wrap else ())
+                dumper = GraphDumper(str(root), rank, graph_id)
+                pipe = PassPipeline(p, default_passes(pin=False), observer=dumper.graph)
+                pipe(stack_graph(3, ("o_proj",), 1, wrap=wrap))
+                table = schedule_table(p, pipe.final_schedule)
+                table["order_key"] = f"ascend_compile/order/g/{graph_id if key == 'two' else 'same'}"
+                dumper.schedule(table)
+        assert cli.main(["explain", str(root), "--all-graphs"]) == expect, capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert ("fetch the same layers in different orders" in out) == bool(expect), out

@@ -201,7 +201,7 @@ def test_the_store_is_asked_at_calls_1_2_4_8_until_every_peer_published(monkeypa
     from ascend_compile.runtime import comm
     from graphs import plan
 
-    backend = importlib.import_module("ascend_compile.backend")  # ac.backend is the backend callable
+    guard = importlib.import_module("ascend_compile.runtime.guard")
 
     asked = []
     answers = iter([False, False, False, True])  # the peers have all published by the 4th lookup
@@ -213,7 +213,9 @@ def test_the_store_is_asked_at_calls_1_2_4_8_until_every_peer_published(monkeypa
         calls[0] += 1
         return x
 
-    g = backend.GuardedGraph(compiled, order=["o_proj.weight[0] owner=0 bytes=4"], key="k", plan=plan(),
+    from ascend_compile.passes.prefetch import Collective
+
+    g = guard.GuardedGraph(compiled, order=[Collective("o_proj.weight", 0, 0, 4)], key="k", plan=plan(),
                              graph_id="0_0", waits={}, waits_in_order=[])
     for _ in range(20):
         g(1)

@@ -202,7 +202,7 @@ def test_cache_key_covers_rank_world_step_and_group():
 
 
 def test_prefetch_step_option_out_of_range_names_the_series():
-    from ascend_compile.backend import make_plan
+    from ascend_compile.passes.planning import make_plan
     from ascend_compile.config import CompileOptions, ConfigError
 
     gm = stack_graph(3, ("o_proj", "q_b_proj"), k=1)

@@ -261,6 +261,31 @@ def test_plugin_is_an_entry_point_and_wraps_the_loader(monkeypatch):
     assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"  # the user's choice stands
 
 
+def test_on_another_vllm_nothing_is_patched_and_shared_weights_are_refused_at_load(monkeypatch):
+    import vllm
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.platforms import current_platform
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from ascend_compile.config import ConfigError
+    from ascend_compile.integrations import vllm as integ
+
+    platform = type(current_platform)
+    for cls, name in ((BaseModelLoader, "load_model"), (GPUModelRunner, "reload_weights"),
+                      (platform, "check_and_update_config")):
+        monkeypatch.setattr(cls, name, getattr(cls, name))
+    loads = []
+    monkeypatch.setattr(BaseModelLoader, "load_model", lambda self, *a: loads.append(a) or "model")
+    before = (GPUModelRunner.reload_weights, platform.__dict__["check_and_update_config"])
+    monkeypatch.setattr(vllm, "__version__", "0.24.0")
+    integ.register()
+    assert (GPUModelRunner.reload_weights, platform.__dict__["check_and_update_config"]) == before
+    assert BaseModelLoader.load_model(None, _Cfg({}), "model_config") == "model"  # nothing shared: loads
+    with pytest.raises(ConfigError, match=r"written against vLLM 0\.23\.x .* this is vLLM 0\.24\.0: .* Run vLLM 0\.23"):
+        BaseModelLoader.load_model(None, _Cfg({"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}), "m")
+    assert len(loads) == 1
+
+
 def test_weight_updates_a_sharded_model_cannot_take_are_refused(monkeypatch):
     """``reload_weights(is_checkpoint_format=False)`` and ``start_weight_update`` on a model we
     sharded raise before vLLM changes anything, naming the fix; an unsharded model goes straight

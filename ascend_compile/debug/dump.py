@@ -22,7 +22,7 @@ from typing import Optional
 from torch import fx
 from torch._logging import trace_structured
 
-from ..passes.prefetch import collective_order
+from ..passes.prefetch import collective_order, order_layers
 from ..runtime.ops import layer_name
 
 
@@ -159,8 +159,9 @@ def format_schedule(table: dict) -> str:
 
 def schedule_problems(tables: dict) -> list:
     """What looks wrong in dumped schedules ``{name: schedule.json}``: a broadcast issued after
-    its wait or its first use; graphs over the same layers (any rank) whose collective orders
-    differ, which would pair the wrong broadcasts across ranks and deadlock."""
+    its wait or its first use; graphs of one sharding over the same layers (any rank; the runtime
+    check's ``order_key``) whose collective orders differ, which would pair the wrong broadcasts
+    across ranks and deadlock. Graphs of different models (their own sharing groups) never pair."""
     problems = []
     for name, table in sorted(tables.items()):
         for r in table.get("collectives", []):
@@ -173,11 +174,12 @@ def schedule_problems(tables: dict) -> list:
                                 f"(node {r['first_use']}): nothing of the transfer is hidden")
             if r.get("first_use") is not None and r.get("wait") is not None and r["wait"] >= r["first_use"]:
                 problems.append(f"{name}: {layer} is used (node {r['first_use']}) before its wait (node {r['wait']})")
-    by_layers: dict = {}
+    by_key: dict = {}  # graphs whose orders the runtime check compares: the same sharding and layers
     for name, table in sorted(tables.items()):
-        order = table["order"] if "order" in table else collective_order(table.get("collectives", []))
-        by_layers.setdefault(tuple(sorted({o.split(" ")[0] for o in order})), []).append((name, order))
-    for graphs in by_layers.values():
+        order = collective_order(table.get("collectives", []))
+        key = table.get("order_key") or (table.get("group"), tuple(order_layers(order)))
+        by_key.setdefault(key, []).append((name, [str(c) for c in order]))
+    for graphs in by_key.values():
         ref_name, ref = graphs[0]
         for name, order in graphs[1:]:
             if order != ref:
@@ -188,3 +190,14 @@ def schedule_problems(tables: dict) -> list:
                     "ranks running them together would deadlock"
                 )
     return problems
+
+
+def schedule_table(plan, rows: list) -> dict:
+    """``schedule.json``: the plan's ranks and group, and each collective of ``rows`` (``collective_schedule``)."""
+    steps = sorted({r["prefetch_step"] for r in rows})
+    return {
+        "rank": plan.rank, "world_size": plan.world_size, "group": plan.group_name,
+        "prefetch_step": steps[0] if len(steps) == 1 else steps,
+        "collectives": [{k: r[k] for k in ("series", "index", "owner", "bytes", "issue", "wait", "first_use", "last_use", "kind")}
+                        for r in rows],
+    }

@@ -120,6 +120,8 @@ def register_converters(torchair) -> None:
     broadcast = torch.ops._c10d_functional.broadcast.default
 
     @torchair.register_fx_node_ge_converter(marker)
+    # torchair binds a converter's parameters by the op's schema, so they are spelled out here
+    # (tests/test_layout.py holds them equal to ``Marker``'s fields)
     def convert_shared_weight(w, series, index, owner, group_name, prefetch_step, wrap_windows=0, layers=0,
                               generation=0, meta_outputs=None):
         converter = _broadcast_converter(fx2ge_converter, broadcast)

@@ -15,12 +15,11 @@ from typing import Iterable, Optional
 import torch
 from torch import fx
 
-from ..runtime.ops import shared_weight_targets
+from ..runtime.ops import Marker, shared_weight_targets
 from ..runtime.windows import window_targets
 
 TAG = "ascend_compile"
 ISSUE, WAIT, NEXT, BUFFER = "issue", "wait", "next", "buffer"
-ISSUES = (ISSUE, NEXT)  # roles that may start a collective
 
 _c10d = torch.ops._c10d_functional
 _windows = window_targets()
@@ -38,16 +37,10 @@ VIEW_TARGETS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class MarkerArgs:
-    weight: fx.Node
-    series: str
-    index: int
-    owner: int
-    group_name: str
-    prefetch_step: int
-    wrap_windows: int = 0
-    layers: int = 0
-    generation: int = 0
+class MarkerArgs(Marker):
+    """A marker node's ``Marker`` and the node of the weight it reads."""
+
+    weight: Optional[fx.Node] = None
 
 
 def _control_deps():
@@ -87,12 +80,8 @@ def is_marker(node: fx.Node) -> bool:
 
 
 def marker_args(node: fx.Node) -> MarkerArgs:
-    names = ("w", "series", "index", "owner", "group_name", "prefetch_step", "wrap_windows", "layers", "generation")
-    values = dict(zip(names, node.args))
-    values.update(node.kwargs)
-    return MarkerArgs(values["w"], values["series"], values["index"], values["owner"],
-                      values["group_name"], values["prefetch_step"], values.get("wrap_windows", 0),
-                      values.get("layers", 0), values.get("generation", 0))
+    weight, marker = Marker.from_call(node.args, node.kwargs)
+    return MarkerArgs(weight=weight, **dataclasses.asdict(marker))
 
 
 def is_broadcast(node: fx.Node) -> bool:

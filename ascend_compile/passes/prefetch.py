@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Optional
+from typing import ClassVar, Optional
 
 from torch import fx
 
@@ -212,13 +212,39 @@ def collective_schedule(graph: fx.Graph) -> list:
     return rows
 
 
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One broadcast of a graph's collective order. ``kind``: ``"fetch"`` (this forward's),
+    ``"window"`` (a layer that came from the previous forward: broadcast here only when no window
+    is in flight) or ``"next"`` (sent for the next forward). ``str()`` is how dumps, ``explain``,
+    errors and the runtime check (through the store) show it."""
+
+    series: str
+    index: int
+    owner: int
+    bytes: int
+    kind: str = "fetch"
+
+    MARKS: ClassVar[dict] = {"fetch": "", "window": " (window)", "next": " (next step)"}
+
+    @property
+    def layer(self) -> str:
+        return layer_name(self.series, self.index)
+
+    def __str__(self) -> str:
+        return f"{self.layer} owner={self.owner} bytes={self.bytes}{self.MARKS[self.kind]}"
+
+
 def collective_order(schedule: list) -> list:
     """What must be identical on every rank, for every graph over the same layers: the broadcasts
-    of ``collective_schedule`` rows in issue order (layer, owner, bytes). The step is not part of
-    it: ranks may fetch further ahead or not, as long as they issue the same broadcasts in the
-    same order. Windows are marked: ``(window)`` broadcasts at most on the first forward,
-    ``(next step)`` is the broadcast for the next forward."""
-    rows = sorted(schedule, key=lambda r: r["issue"])
-    marks = {"fetch": "", "window": " (window)", "next": " (next step)"}
-    return [f"{layer_name(r['series'], r['index'])} owner={r['owner']} bytes={r['bytes']}{marks[r.get('kind', 'fetch')]}"
-            for r in rows]
+    of ``collective_schedule`` rows (or a ``schedule.json``'s ``collectives``) as ``Collective``
+    values, in issue order. The step is not part of it: ranks may fetch further ahead or not, as
+    long as they issue the same broadcasts in the same order."""
+    return [Collective(r["series"], r["index"], r["owner"], r["bytes"], r.get("kind", "fetch"))
+            for r in sorted(schedule, key=lambda r: r["issue"])]
+
+
+def order_layers(order: list) -> list:
+    """The layers an order fetches, sorted: with the sharding and its wrap-around setting, what
+    names the graphs whose orders must be equal (``comm.order_key``)."""
+    return sorted({c.layer for c in order})

@@ -393,13 +393,12 @@ def _store():
     return _get_default_store()
 
 
-def order_key(group_name: str, generation: int, order: list, wrap: tuple = (), token: str = "") -> str:
-    """Where graphs fetching the same layers (layer, owner, bytes: in any order) with the same
+def order_key(group_name: str, generation: int, layers: list, wrap: tuple = (), token: str = "") -> str:
+    """Where graphs fetching the same ``layers`` (``["series[index]", ...]``, sorted) with the same
     wrap-around setting (``CompilePlan.wrap``: a model's own, several models may share a group)
     publish their order. Which layers come from windows is not part of the key: a rank that
     takes another layer first must meet the others' order, and be told. ``token``: the sharding's
     (``record_shard``), so that keys left in a store by an earlier group of the same name never match."""
-    layers = sorted({entry.split(" (")[0] for entry in order})
     return f"ascend_compile/order/{group_name}/{generation}{'.' + token if token else ''}/{fingerprint([layers, list(wrap)])}"
 
 

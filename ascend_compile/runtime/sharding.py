@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 from ..config import ConfigError, SharedWeightConfig
 from . import comm, formats, windows
 from .comm import ShardingError
-from .ops import AUTO_STEP, layer_name
+from .ops import AUTO_STEP, Marker, layer_name, series_windows
 
 PLAN_ATTR = "_ascend_compile_plan"
 
@@ -53,9 +53,6 @@ class ShardPlan:
     wrap_windows: int = 0  # windows per series prefetched for the next forward (wrap-around)
     generation: int = 0  # this sharding's number over its group (agreed at shard time)
 
-    def series_names(self) -> list:
-        return sorted({p.series for p in self.params})
-
     def series_bytes(self) -> int:
         """Bytes of all shared parameters, as a replicated model holds them on every rank."""
         return sum(p.nbytes for p in self.params)
@@ -72,7 +69,7 @@ class ShardPlan:
         """Bytes of the wrap-around windows held between forwards (the first ``wrap_windows``
         layers of every series; a rank holds them whether it owns them or not)."""
         lengths = self.series_lengths()
-        return sum(p.nbytes for p in self.params if p.index < min(self.wrap_windows, lengths[p.series] - 1))
+        return sum(p.nbytes for p in self.params if p.index < series_windows(self.wrap_windows, lengths[p.series]))
 
     def series_lengths(self) -> dict:
         """``{series: layers}`` of every shared parameter series (``"o_proj.weight"``)."""
@@ -90,18 +87,15 @@ class ShardPlan:
 class SharedWeight(nn.Module):
     """Parametrization: the parameter's value is the owner's tensor, fetched by the marker op."""
 
-    def __init__(self, series: str, index: int, owner: int, group_name: str, prefetch_step: int,
-                 wrap_windows: int = 0, layers: int = 0, generation: int = 0):
+    def __init__(self, marker: Marker):
         super().__init__()
-        self.series, self.index, self.owner = series, index, owner
-        self.group_name, self.prefetch_step = group_name, prefetch_step
-        self.wrap_windows, self.layers, self.generation = wrap_windows, layers, generation
+        self.marker = marker
+        self.args = marker.args()  # plain values: what Dynamo traces into the graph
+        for f in dataclasses.fields(marker):  # series, index, owner, ... as attributes, for readers
+            setattr(self, f.name, getattr(marker, f.name))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.ascend_compile.shared_weight(
-            w, self.series, self.index, self.owner, self.group_name, self.prefetch_step, self.wrap_windows, self.layers,
-            self.generation,
-        )
+        return torch.ops.ascend_compile.shared_weight(w, *self.args)
 
     def extra_repr(self) -> str:
         return f"series={self.series!r}, index={self.index}, owner={self.owner}"
@@ -268,8 +262,9 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
         del p
         parametrize.register_parametrization(
             module, sp.param,
-            SharedWeight(sp.series, sp.index, sp.owner, gname, step_value,
-                         min(plan.wrap_windows, lengths[sp.series] - 1), lengths[sp.series], plan.generation),
+            SharedWeight(Marker(sp.series, sp.index, sp.owner, gname, step_value,
+                                series_windows(plan.wrap_windows, lengths[sp.series]), lengths[sp.series],
+                                plan.generation)),
             unsafe=True
         )
     setattr(model, PLAN_ATTR, plan)
@@ -295,7 +290,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     when the config asks for "auto"), the owners' storage formats, and the sharding generation
     that names this model's entries in the store's order check. One collective exchange (plus
     the link measurement's broadcasts); nothing later needs one."""
-    from . import autotune
+    from . import measure
 
     auto = plan.prefetch_step == AUTO_STEP  # measuring costs a layer-sized buffer or two: only for "auto"
     costs_here = _measure(pg, per_layer) if auto else None  # its collectives: every rank reaches them
@@ -313,14 +308,14 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
 
     gathered = comm.gather_or_fail(pg, "to read its shared weights' storage formats", mine)
     generation = max(g["generation"] for g in gathered)
-    costs = autotune.agree([g["costs"] for g in gathered]) if auto else None
+    costs = measure.agree([g["costs"] for g in gathered]) if auto else None
     table = {k: v for g in gathered for k, v in g["formats"].items()}
     for layer, fmt in sorted(table.items()):  # the same table on every rank: every rank raises
         formats.check_reproducible(layer, fmt)
     plan.formats = table
     comm.record_shard(plan.group_name, generation, costs, timeout, table, token=gathered[0]["token"])
     lengths = plan.series_lengths()  # a new group (its name may be a destroyed one's): nothing of before is in flight
-    windows.reset(plan.group_name, {s: (n, min(plan.wrap_windows, n - 1)) for s, n in lengths.items()})
+    windows.reset(plan.group_name, {s: (n, series_windows(plan.wrap_windows, n)) for s, n in lengths.items()})
     plan.generation = generation
     return costs
 
@@ -328,7 +323,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
 def _measure(pg, per_layer: dict) -> dict:
     """This rank's ``"auto"`` measurements: broadcasts of one decoder layer's bytes (all series)
     and a matmul shaped like the largest shared weight, on the weights' device."""
-    from . import autotune
+    from . import measure
 
     params = [p for members in per_layer.values() for _, _, ps in members for p in ps.values()]
     layer_bytes = sum(
@@ -338,7 +333,7 @@ def _measure(pg, per_layer: dict) -> dict:
     weights = [p for p in params if p.dim() >= 2]
     ref = max(weights, key=lambda p: p.numel()) if weights else params[0]
     device = ref.device if ref.device.type != "meta" else torch.device("cpu")
-    return autotune.measure_at_shard(pg, layer_bytes, tuple(ref.shape), ref.dtype, device)
+    return measure.measure_at_shard(pg, layer_bytes, tuple(ref.shape), ref.dtype, device)
 
 
 def invalidate_prefetch(model_or_group=None) -> list:

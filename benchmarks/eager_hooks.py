@@ -12,9 +12,9 @@ from torch import nn
 
 import torch.distributed as dist
 
-from ..config import SharedWeightConfig
-from . import comm
-from .sharding import series_members, standin_like
+from ascend_compile.config import SharedWeightConfig
+from ascend_compile.runtime import comm
+from ascend_compile.runtime.sharding import series_members, standin_like
 
 
 class EagerHookSharing:

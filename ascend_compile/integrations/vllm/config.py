@@ -1,0 +1,197 @@
+"""vLLM config checks: the ``additional_config["ascend_compile"]`` keys, the compilation modes and
+parallel layouts shared weights work with, refused with the fix otherwise (at load, on every rank)."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from typing import Optional
+
+from ...config import ConfigError, SharedWeightConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG_KEY = "ascend_compile"
+
+KEYS = ("shared_weight", "compile", "group")
+
+GROUPS = ("world", "tp", "dp")
+
+BACKEND_NAMES = ("ascend_compile", "ascend_compile.backend.ascend_compile_backend")
+
+def settings(vllm_config) -> dict:
+    """The validated ``additional_config["ascend_compile"]`` ({} when absent)."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    ours = extra.get(CONFIG_KEY) or {}
+    if not isinstance(ours, dict):
+        raise ConfigError(f"additional_config[{CONFIG_KEY!r}] must be a dict, got {type(ours).__name__}")
+    for key in ours:
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown additional_config[{CONFIG_KEY!r}] key {key!r}; known: {list(KEYS)}.{hint}")
+    if "group" in ours and ours["group"] not in GROUPS:
+        raise ConfigError(f"additional_config[{CONFIG_KEY!r}]['group'] must be one of {list(GROUPS)}, got {ours['group']!r}")
+    return ours
+
+
+def shared_weight_config(vllm_config) -> Optional[SharedWeightConfig]:
+    ours = settings(vllm_config)
+    if "shared_weight" not in ours:
+        return None
+    return SharedWeightConfig.from_dict(dict(ours["shared_weight"], group=_group(ours.get("group", "world"))))
+
+
+def _group(name: str):
+    if name == "world":
+        return None
+    from vllm.distributed import parallel_state as ps
+
+    return (ps.get_tp_group() if name == "tp" else ps.get_dp_group()).device_group
+
+
+def _mode(compilation_config) -> int:
+    """The compilation mode as an int (None, vLLM's default before its config check, is 0)."""
+    return int(compilation_config.mode) if compilation_config.mode is not None else 0
+
+
+def check_config(vllm_config) -> None:
+    """Refuse mode/backend combinations that cannot prefetch shared weights, and parallel layouts
+    that would be wrong or hang (``check_parallelism``), saying what works. Runs no collective
+    and needs no process group."""
+    ours = settings(vllm_config)
+    if "shared_weight" not in ours:
+        return
+    cfg = SharedWeightConfig.from_dict(dict(ours["shared_weight"]))  # its keys and values, before any group exists
+    check_not_double_sharded(vllm_config, cfg)
+    cc = vllm_config.compilation_config
+    mode = _mode(cc)
+    if mode == 3:
+        raise ConfigError(
+            "ascend_compile shared weights need compilation_config mode 1 or 2 with backend='ascend_compile': "
+            "mode 3 (VLLM_COMPILE) splits the graph at attention and compiles it with vLLM's own backend, so "
+            "the broadcasts could not be prefetched. Use compilation_config={'mode': 2, 'backend': 'ascend_compile'}."
+        )
+    if cc.mode is not None and mode == 0:  # None: vLLM has not decided yet (it does in VllmConfig.__post_init__)
+        why, undo = _why_eager(vllm_config)
+        raise ConfigError(
+            f"ascend_compile shared weights need compilation_config mode 1 or 2 with backend='ascend_compile': "
+            f"{why}, so vLLM runs the model eagerly and never calls our backend: every shared layer would be "
+            "broadcast synchronously right before it is used, one broadcast per layer, nothing prefetched. Use "
+            f"compilation_config={{'mode': 2, 'backend': 'ascend_compile'}}{undo}."
+        )
+    if mode in (1, 2) and cc.backend not in BACKEND_NAMES:
+        raise ConfigError(
+            f"compilation_config backend {cc.backend!r} would run the shared weights without prefetching; "
+            "set compilation_config={'mode': %d, 'backend': 'ascend_compile'}" % mode
+        )
+    check_parallelism(vllm_config, ours.get("group", "world"))
+
+
+def _why_eager(vllm_config) -> tuple:
+    """``(why vLLM's config says mode 0, what to undo)``. vLLM 0.23's ``VllmConfig.__post_init__``
+    sets mode 0 (NONE) for ``model_config.enforce_eager`` (``LLM(enforce_eager=True)``,
+    ``--enforce-eager``), ``TORCH_COMPILE_DISABLE=1`` and ``VLLM_USE_BREAKABLE_CUDAGRAPH=1``."""
+    if getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False):
+        return ("enforce_eager=True (vLLM then sets compilation mode 0, NONE)",
+                " and drop enforce_eager=True (--enforce-eager)")
+    for var in ("TORCH_COMPILE_DISABLE", "VLLM_USE_BREAKABLE_CUDAGRAPH"):
+        if os.environ.get(var) == "1":
+            return f"{var}=1 (vLLM then sets compilation mode 0, NONE)", f" and unset {var}"
+    return "compilation mode 0 (NONE)", ""
+
+
+ASCEND_LAYER_SHARDING = "layer_sharding"  # vLLM-Ascend 0.23's own eager layer sharding (additional_config)
+
+def check_not_double_sharded(vllm_config, cfg: SharedWeightConfig) -> None:
+    """Refuse vLLM-Ascend's ``additional_config["layer_sharding"]`` next to our shared weights.
+
+    Both keep each layer's weight on one rank and broadcast it: on the same layers the weights
+    would be split twice. On different layers, vLLM-Ascend's eager hooks (``Tensor.set_`` in
+    forward pre-hooks) would run inside the graphs we compile, where they do not belong. It is
+    not accepted as an alias of ours either: its groups and hooks are vLLM-Ascend's, and one
+    explicit config is easier to check than two spellings."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    theirs = extra.get(ASCEND_LAYER_SHARDING)
+    if not theirs:
+        return
+    theirs = [theirs] if isinstance(theirs, str) else list(theirs)
+    both = sorted(set(theirs) & set(cfg.layers))
+    what = (f"both shard {both}: those weights would be split twice" if both else
+            f"shard different layers ({sorted(theirs)} there, {sorted(cfg.layers)} here): vLLM-Ascend's eager "
+            "hooks would run inside the graphs ascend_compile compiles")
+    merged = sorted(set(theirs) | set(cfg.layers))
+    raise ConfigError(
+        f"additional_config['layer_sharding'] (vLLM-Ascend's layer sharding) and "
+        f"additional_config['{CONFIG_KEY}']['shared_weight'] {what}. Use one: remove 'layer_sharding' and list "
+        f"every layer in ours, additional_config={{'{CONFIG_KEY}': {{'shared_weight': {{'layers': {merged}}}}}}}."
+    )
+
+
+def check_parallelism(vllm_config, group: str) -> None:
+    """Refuse parallel layouts in which sharing would give wrong tokens or hang, saying what works.
+
+    - Tensor parallelism: each TP rank holds another shard of a Row/ColumnParallelLinear, so a
+      shard may only be shared among ranks that hold the same one: the ranks of one TP rank's
+      data-parallel group (``group: "dp"``).
+    - Pipeline parallelism: stages hold different layers; share within a stage (``"dp"``).
+    - Data parallelism in vLLM's multi-process engine (``vllm serve --data-parallel-size``):
+      only MoE models run their DP ranks in lockstep (``DPEngineCoreProc``); other models' DP
+      ranks run independently, and a rank would wait forever in a broadcast the others never
+      join. The external launcher (torchrun, ``distributed_executor_backend="external_launcher"``)
+      keeps every model's DP ranks in lockstep (idle ranks run dummy forwards).
+    """
+    pc = getattr(vllm_config, "parallel_config", None)
+    if pc is None:
+        return
+    tp, pp, dp = (int(getattr(pc, k, 1) or 1) for k in
+                  ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"))
+    fix_dp = ("set additional_config['ascend_compile']['group'] = 'dp' to share among the data-parallel ranks "
+              "that hold the same shard (needs data_parallel_size >= 2)")
+    if tp > 1 and group != "dp":
+        raise ConfigError(
+            f"tensor_parallel_size={tp} with shared weights over group {group!r}: each tensor-parallel rank holds "
+            f"another shard of the layers, so broadcasting one rank's shard to another would give wrong results; "
+            + fix_dp)
+    if pp > 1 and group != "dp":
+        raise ConfigError(
+            f"pipeline_parallel_size={pp} with shared weights over group {group!r}: pipeline stages hold different "
+            "layers; " + fix_dp)
+    if dp < 2 and group == "dp":
+        independent = ""
+        if getattr(pc, "distributed_executor_backend", None) != "external_launcher":
+            # vLLM's multi-process engine resets data_parallel_size to 1 in each engine of a model
+            # without experts (its DP ranks are independent engines); data_parallel_index keeps the rank
+            independent = (" If you started `vllm serve --data-parallel-size N` with a model without experts: vLLM "
+                           "runs each data-parallel rank as an independent engine and sets data_parallel_size to 1 "
+                           "in it, so there is no lockstep to share weights in; start the ranks with torchrun and "
+                           "distributed_executor_backend='external_launcher' instead.")
+        raise ConfigError(
+            f"shared weights over group {group!r} need 2 or more ranks in it: data_parallel_size={dp}, "
+            f"tensor_parallel_size={tp}. Nothing to share with: run data_parallel_size >= 2, or drop "
+            f"shared_weight.{independent}")
+    launcher = getattr(pc, "distributed_executor_backend", None)
+    model_config = getattr(vllm_config, "model_config", None)
+    is_moe = bool(getattr(model_config, "is_moe", False))
+    if dp > 1 and launcher != "external_launcher" and not is_moe:
+        raise ConfigError(
+            f"data_parallel_size={dp} in vLLM's multi-process engine: for a model without experts its data-parallel "
+            "ranks run independently (only MoE models run in lockstep), so a rank would wait forever in a broadcast "
+            "the others never join. Start the ranks with torchrun and distributed_executor_backend="
+            "'external_launcher' (every model's ranks then run in lockstep), or serve a MoE model")
+
+
+def uses_our_backend(vllm_config) -> bool:
+    cc = getattr(vllm_config, "compilation_config", None)
+    return cc is not None and _mode(cc) in (1, 2) and cc.backend in BACKEND_NAMES
+
+
+def _wants_whole_graph(vllm_config) -> Optional[tuple]:
+    """``(mode, backend)`` when the config shares weights and hands the whole graph to us."""
+    cc = getattr(vllm_config, "compilation_config", None)
+    # settings(), not shared_weight_config(): this runs inside VllmConfig's own check, before vLLM
+    # has made its process groups, so group "tp"/"dp" cannot be resolved yet
+    if cc is None or "shared_weight" not in settings(vllm_config):
+        return None
+    return (cc.mode, cc.backend) if _mode(cc) in (1, 2) and cc.backend in BACKEND_NAMES else None

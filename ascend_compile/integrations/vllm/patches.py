@@ -1,0 +1,268 @@
+"""Every change this project makes to vLLM, in one place, behind one version check.
+
+``register()`` (the ``vllm.general_plugins`` entry point) wraps vLLM's model loader
+(``BaseModelLoader.load_model``: sharding at load), the model runner's ``reload_weights``
+(un-share, reload, share again; every rank fails together), the worker's ``start_weight_update``
+(refused on a sharded model) and the platform's ``check_and_update_config`` (keeps modes 1/2 with
+our backend); after loading, the model's own ``load_weights`` (drops the prefetched windows). On
+a vLLM other than the one these were written against, none of them is installed: a config that
+asks for shared weights is refused at load with one message saying so.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+from ...config import ConfigError
+from .config import CONFIG_KEY, _wants_whole_graph, settings, shared_weight_config
+from .loading import finish_non_owned, shard_loaded_model, skip_non_owned
+from .options import prepare
+from .reload import reshare_after_reload, unshare_for_reload
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_VLLM = ("0.23.",)  # the vLLM of vLLM-Ascend 0.23; the patches below follow its code
+
+_LOADER_PATCHED = "_ascend_compile_wrapped"
+
+_PLATFORM_PATCHED = "_ascend_compile_keeps_mode"
+
+_INVALIDATES = "_ascend_compile_invalidates_windows"
+
+_RELOAD_PATCHED = "_ascend_compile_unshares_for_reload"
+
+def invalidate_after_load_weights(model) -> None:
+    """Drop the windows prefetched for the next forward whenever ``model.load_weights`` runs again.
+
+    On a sharded model vLLM 0.23 calls ``model.load_weights`` again in checkpoint-format
+    ``reload_weights`` (``llm.collective_rpc("reload_weights", ...)``, RL frameworks'
+    ``collective_rpc``), on every worker at the same point, which is what ``invalidate_prefetch``
+    needs: every rank of the sharing group, together. (Its checkpoint-format ``update_weights``
+    calls it too, but only inside a weight-transfer session, which ``refuse_weight_update``
+    refuses on a sharded model.)
+    """
+    from ...runtime.sharding import invalidate_prefetch
+
+    original = getattr(model, "load_weights", None)
+    if original is None or getattr(original, _INVALIDATES, False):
+        return
+
+    @functools.wraps(original)
+    def load_weights(*args, **kwargs):
+        loaded = original(*args, **kwargs)
+        dropped = invalidate_prefetch(model)
+        log.info("ascend_compile: weights loaded again; dropped the prefetched windows %s", dropped)
+        return loaded
+
+    setattr(load_weights, _INVALIDATES, True)
+    model.load_weights = load_weights
+
+
+def reload_unshared(original):
+    """Wrap ``GPUModelRunner.reload_weights`` (vLLM's CPU and NPU runners inherit it).
+
+    vLLM 0.23's ``llm.collective_rpc("reload_weights")`` runs it on every worker: in checkpoint
+    format, ``initialize_layerwise_reload(model)`` (load-time parameters back on meta),
+    ``model.load_weights(...)`` (which our ``invalidate_after_load_weights`` wraps: the
+    prefetched windows are dropped), ``finalize_layerwise_reload`` (processing, then a copy
+    into the tensors the model held). On a model we sharded it runs between
+    ``unshare_for_reload`` and ``reshare_after_reload``. Kernel format
+    (``is_checkpoint_format=False``) copies into ``model.get_parameter(name)``, which a shared
+    weight is not (a parametrization reads it from its owner): refused on every rank. A reload
+    that fails on some ranks only (a checkpoint file missing on one node) makes every rank
+    raise (``comm.gather_or_fail`` over the group the model was sharded over), so no rank goes
+    on into a forward whose broadcasts its peers will never join."""
+    if getattr(original, _RELOAD_PATCHED, False):
+        return original
+
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def reload_weights(self, *args, **kwargs):
+        from ...runtime.comm import ShardingError
+        from ...runtime.sharding import get_plan
+
+        model = self.get_model()
+        plan = get_plan(model)
+        if plan is None:
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        if not bound.arguments.get("is_checkpoint_format", True):
+            raise ShardingError(
+                f"reload_weights(is_checkpoint_format=False) on a model whose {sorted(plan.layer_series)} weights "
+                "ascend_compile shares: kernel-format weights are copied into each parameter, and a shared "
+                "layer's weight lives on one rank only. Reload with checkpoint-format weights "
+                "(is_checkpoint_format=True, the default): every rank loads what it owns.")
+        from ...runtime import comm
+
+        state = unshare_for_reload(model, plan)
+        result: dict = {}
+
+        def reload() -> None:
+            result["value"] = original(self, *args, **kwargs)
+
+        try:  # every rank reloads: one that fails alone makes every rank raise, none runs on into a forward
+            comm.gather_or_fail(comm.group_from_name(comm.user_group_of(plan.group_name)), "to reload its weights",
+                                reload)
+        finally:
+            reshare_after_reload(state)
+        return result.get("value")
+
+    setattr(reload_weights, _RELOAD_PATCHED, True)
+    return reload_weights
+
+
+def refuse_weight_update(original):
+    """Wrap ``Worker.start_weight_update``: refused on a model we sharded.
+
+    vLLM's weight-transfer session (``start_weight_update`` / ``update_weights`` /
+    ``finish_weight_update``, RL trainers sending weights) calls ``initialize_layerwise_reload``
+    and ``finalize_layerwise_reload`` in separate calls (or, in kernel format, copies into each
+    parameter), so a shared layer would stay un-shared between calls, or be written where it
+    does not live. Refused before anything changes, on every rank."""
+    if getattr(original, _RELOAD_PATCHED, False):
+        return original
+
+    @functools.wraps(original)
+    def start_weight_update(self, *args, **kwargs):
+        from ...runtime.comm import ShardingError
+        from ...runtime.sharding import get_plan
+
+        plan = get_plan(self.model_runner.get_model())
+        if plan is not None:
+            raise ShardingError(
+                f"start_weight_update on a model whose {sorted(plan.layer_series)} weights ascend_compile shares: "
+                "vLLM's weight-transfer session cannot write weights that live on one rank only. Send the new "
+                "weights through reload_weights with checkpoint-format weights instead (on every worker, e.g. "
+                "llm.collective_rpc(fn) with fn calling worker.model_runner.reload_weights(weights_iterator=...)), "
+                "or drop shared_weight.")
+        return original(self, *args, **kwargs)
+
+    setattr(start_weight_update, _RELOAD_PATCHED, True)
+    return start_weight_update
+
+
+def keep_whole_graph_mode(platform_cls) -> None:
+    """Let ``{"mode": 1 or 2, "backend": "ascend_compile"}`` survive the platform's config check.
+
+    vLLM-Ascend's ``NPUPlatform.check_and_update_config`` turns modes 1 and 2 into NONE ("NPU
+    does not support compilation mode"): vLLM's stock path would run Inductor, which cannot
+    target the NPU. Our backend lowers to torchair itself, so when shared weights are configured
+    the user's mode and backend are put back after the platform's check, and the model runner's
+    own graph capture (``cudagraph_mode``) is switched off: capture belongs to the lowering
+    (``options["torchair"]["mode"] = "reduce-overhead"``). Other configs are left exactly as the
+    platform made them. Safe to call more than once.
+    """
+    original = platform_cls.check_and_update_config  # a bound classmethod
+    if getattr(original, _PLATFORM_PATCHED, False):
+        return
+
+    def check_and_update_config(cls, vllm_config) -> None:
+        wanted = _wants_whole_graph(vllm_config)
+        func = getattr(original, "__func__", None)  # None: the platform's hook is a staticmethod
+        if func is not None:
+            func(cls, vllm_config)
+        else:
+            original(vllm_config)
+        cc = vllm_config.compilation_config
+        if wanted is None or (cc.mode, cc.backend) == wanted:
+            return
+        from vllm.config import CUDAGraphMode
+
+        log.warning("ascend_compile: %s changed compilation mode %s (backend %r) to %s (backend %r); keeping mode "
+                    "%s with backend %r for shared weights, cudagraph_mode NONE", cls.__name__, int(wanted[0]),
+                    wanted[1], cc.mode, cc.backend, int(wanted[0]), wanted[1])
+        cc.mode, cc.backend = wanted
+        cc.cudagraph_mode = CUDAGraphMode.NONE
+
+    setattr(check_and_update_config, _PLATFORM_PATCHED, True)
+    platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def vllm_version_problem(version: str) -> Optional[str]:
+    """Why the patches below cannot be installed on vLLM ``version`` (None: they can)."""
+    if version.startswith(SUPPORTED_VLLM):
+        return None
+    return (f"ascend_compile's vLLM integration is written against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)} "
+            f"(it changes vLLM's model loader, model runner, worker and platform check), and this is vLLM {version}: "
+            "its shared weights are not installed. Run vLLM 0.23 (vLLM-Ascend 0.23), or remove "
+            f"additional_config[{CONFIG_KEY!r}]['shared_weight'].")
+
+
+def _refuse_on_this_vllm(original, problem: str):
+    """``BaseModelLoader.load_model`` for an unsupported vLLM: models without shared weights load as
+    usual; one whose config asks for them is refused before anything is built."""
+    if getattr(original, _LOADER_PATCHED, False):
+        return original
+
+    @functools.wraps(original)
+    def load_model(self, vllm_config, model_config, prefix: str = ""):
+        if "shared_weight" in settings(vllm_config):
+            raise ConfigError(problem)
+        return original(self, vllm_config, model_config, prefix)
+
+    setattr(load_model, _LOADER_PATCHED, True)
+    return load_model
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point. Safe to call more than once; changes nothing
+    for a model whose config does not ask for shared weights."""
+    import vllm
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.platforms import current_platform
+
+    problem = vllm_version_problem(getattr(vllm, "__version__", "unknown"))
+    if problem is not None:
+        log.warning("ascend_compile: %s", problem)
+        BaseModelLoader.load_model = _refuse_on_this_vllm(BaseModelLoader.load_model, problem)
+        return
+    keep_whole_graph_mode(type(current_platform))
+    try:  # weight updates of a sharded model; a platform without these modules keeps vLLM's own
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+        from vllm.v1.worker.gpu_worker import Worker
+    except Exception as e:  # noqa: BLE001 - the plugin must load whatever the platform imports
+        from ...runtime.comm import first_line
+
+        log.warning("ascend_compile: cannot wrap vLLM's reload_weights/start_weight_update (%s): reloading the "
+                    "weights of a model with shared weights will fail in vLLM", first_line(e))
+    else:
+        GPUModelRunner.reload_weights = reload_unshared(GPUModelRunner.reload_weights)
+        Worker.start_weight_update = refuse_weight_update(Worker.start_weight_update)
+
+    original = BaseModelLoader.load_model
+    if getattr(original, _LOADER_PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def load_model(self, vllm_config, model_config, prefix: str = ""):
+        prepare(vllm_config)
+        cfg = shared_weight_config(vllm_config)
+        if cfg is None:
+            return original(self, vllm_config, model_config, prefix)
+        loader_load_weights = self.load_weights
+        skipped: list = []
+
+        def load_weights(model, model_config):
+            skipped.extend(skip_non_owned(model, cfg))  # after create_model, before any weight is read
+            return loader_load_weights(model, model_config)
+
+        self.load_weights = load_weights
+        model, failed = None, None
+        try:
+            model = original(self, vllm_config, model_config, prefix)
+        except Exception as e:  # noqa: BLE001 - carried to the ranks' exchange, where every rank raises together
+            failed = e
+        finally:
+            del self.load_weights
+        finish_non_owned(model, cfg, skipped, failed)  # every rank gets here, whatever happened above
+        model = shard_loaded_model(model, vllm_config)
+        invalidate_after_load_weights(model)  # a later load_weights (a reload) drops the prefetched windows
+        return model
+
+    setattr(load_model, _LOADER_PATCHED, True)
+    BaseModelLoader.load_model = load_model

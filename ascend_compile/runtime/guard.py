@@ -1,0 +1,111 @@
+"""The guard around a compiled graph with shared weights, at run time: the cross-rank order check
+through the store, the layer a failed broadcast belongs to, and the abort of the sharing group
+when this rank stops half-way through a forward."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from . import comm
+
+
+class GuardedGraph:
+    """A compiled graph with shared weights, checked against the other ranks without a collective.
+
+    - Its collective order is published to the process group's store at compile time and
+      compared with every peer's order for the same layers, at compile time and at calls 1, 2,
+      4, 8, ... until every peer has published (a non-blocking store lookup): a difference
+      raises ``RankMismatchError`` before this graph issues a broadcast.
+    - Its broadcasts wait for peers that are still compiling (ranks compile at different calls):
+      ``SharedWeightConfig(timeout)`` must exceed the longest compile; ``_compile_shared`` warns
+      when a compile took more than half of it. (Waiting on the store for a peer's compile
+      instead cannot tell a slow peer from one that runs the forward eagerly, or died.)
+    - A broadcast that fails (a peer died, or timed out because it stopped issuing the same
+      collectives) raises ``PeerError`` naming the graph, the group and the layer; any error
+      aborts the group (``comm.abort_group``) so that the peers fail at once, naming this rank.
+    """
+
+    def __init__(self, compiled, *, order: list, key: str, plan, graph_id: str,
+                 waits: dict, waits_in_order: list, timeout=None, check: bool = True):
+        self.compiled = compiled
+        self.order, self.key, self.plan = order, key, plan
+        self.graph_id = graph_id
+        self.waits = waits  # names of the nodes that wait for / issue a layer -> "series[index]"
+        self.waits_in_order = waits_in_order  # "series[index]" of each wait, in graph order
+        self.timeout = timeout
+        self.verified = not check
+        self.calls = 0
+        self.error = None
+        if check:  # raised at the call (Dynamo would wrap it into BackendCompilerFailed here)
+            try:
+                comm.publish_order(key, plan.rank, [str(c) for c in order])
+            except comm.RankMismatchError as e:
+                self.error = e
+
+    def _verify(self) -> None:
+        if self.error is not None:
+            raise self.error
+        self.verified = comm.check_published(
+            self.key, self.plan.rank, self.plan.world_size, [str(c) for c in self.order],
+            f"compiled graph {self.graph_id} (shared layers {self.order[0].layer}..{self.order[-1].layer})",
+        )
+
+    def __call__(self, *args):
+        try:
+            if not self.verified:
+                self.calls += 1
+                if self.calls & (self.calls - 1) == 0:  # calls 1, 2, 4, 8, ...: a peer that never
+                    self._verify()                      # publishes (another layer set) costs little
+            try:
+                return self.compiled(*args)
+            except Exception as e:
+                layer = getattr(e, "layer", None)  # a window op's PeerError names its layer
+                if layer is not None and isinstance(e, comm.PeerError):
+                    raise comm.PeerError(self.describe_failure(e.__cause__ or e, layer)) from e
+                if isinstance(e, comm.PeerError) or not comm.is_comm_failure(e):
+                    raise
+                raise comm.PeerError(self.describe_failure(e)) from e
+        except BaseException as e:
+            # This rank leaves its forward half-way (or never starts it): its peers are, or will be,
+            # waiting in a broadcast it does not join. Abort the group so they fail at once, naming it.
+            comm.abort_group(self.plan.group_name, e)
+            raise
+
+    def describe_failure(self, e: BaseException, layer: Optional[str] = None) -> str:
+        layer = layer or failed_layer(e, self.waits, self.waits_in_order)
+        where = f"the broadcast of {layer}" if layer else f"one of its {len(self.order)} broadcasts"
+        bound = (f"SharedWeightConfig(timeout={self.timeout})" if self.timeout is not None
+                 else "the process group's own timeout (set SharedWeightConfig(timeout=...) to bound it)")
+        cause = comm.peer_cause(self.plan.group_name, " (it skipped a forward, ran a different model path, or was "
+                                                      "still compiling when the timeout ran out)")
+        return (
+            f"compiled graph {self.graph_id} failed in {where} over process group {self.plan.group_name!r} "
+            f"(rank {self.plan.rank} of {self.plan.world_size}): {comm.first_line(e)}. {cause}; the wait was bounded by "
+            f"{bound}. The group is unusable after this: restart every rank."
+        )
+
+
+def failed_layer(e: BaseException, names: dict, waits_in_order: list) -> Optional[str]:
+    """The layer whose collective raised, read from the innermost traceback frame in generated code:
+    FX code names our nodes; Inductor's wrapper does not, but it keeps the waits in our order, so
+    the n-th ``wait_tensor`` call of its ``call`` is our n-th wait (when the counts agree)."""
+    import linecache
+    import re
+
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append((tb.tb_frame.f_code.co_filename, tb.tb_lineno))
+        tb = tb.tb_next
+    for filename, lineno in reversed(frames):
+        line = linecache.getline(filename, lineno)
+        for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", line):
+            if word in names:
+                return names[word]
+        if "_c10d_functional.wait_tensor" in line:
+            lines = linecache.getlines(filename)
+            calls = [i for i, text in enumerate(lines, start=1) if "_c10d_functional.wait_tensor" in text]
+            if len(calls) == len(waits_in_order) and lineno in calls:
+                return waits_in_order[calls.index(lineno)]
+            return None
+    return None
