@@ -84,7 +84,7 @@ def _plan(ns) -> int:
           f"(owned per device: {total / k_ranks * gib:.2f} GiB)")
     compute_s = ns.compute_us * 1e-6 if ns.compute_us else 2 * ns.tokens * ns.params_per_layer / (ns.tflops * 1e12)
     inputs = CostInputs(
-        layers=ns.layers, layer_bytes=layer_bytes, window_bytes=layer_bytes, bandwidth=ns.bandwidth_gbps * 1e9,
+        layers=ns.layers, layer_bytes=layer_bytes, buffer_bytes=layer_bytes, bandwidth=ns.bandwidth_gbps * 1e9,
         compute_s=compute_s, latency_s=ns.latency_us * 1e-6,
         memory_budget=int(ns.memory_budget_gib * 2**30) if ns.memory_budget_gib else None,
         wrap_windows=ns.wrap_around,
@@ -93,11 +93,11 @@ def _plan(ns) -> int:
     print(f"compute per layer: {compute_s * 1e6:.0f} us"
           + ("" if ns.compute_us else f" (2 x {ns.tokens} tokens x {ns.params_per_layer:.3g} params / {ns.tflops} TFLOPS)"))
     print(f"prefetch_step: {choice.explanation}")
-    windows = inputs.windows(choice.k) * layer_bytes
-    print(f"windows alive: {windows / 2**20:.1f} MiB per device at the peak of a step"
+    buffers = inputs.buffers(choice.k) * layer_bytes
+    print(f"layer buffers alive: {buffers / 2**20:.1f} MiB per device at the peak of a step"
           + (f", {ns.wrap_around * layer_bytes / 2**20:.1f} MiB of them held between steps (wrap-around)"
              if ns.wrap_around else "")
-          + f" (net saving {(total * (k_ranks - 1) / k_ranks - windows) * gib:.2f} GiB)")
+          + f" (net saving {(total * (k_ranks - 1) / k_ranks - buffers) * gib:.2f} GiB)")
     return 0
 
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=256, help="tokens per step, for the compute estimate")
     p.add_argument("--params-per-layer", type=float, default=37e9 / 61, help="active params per layer")
     p.add_argument("--tflops", type=float, default=120.0, help="achieved TFLOPS, for the compute estimate")
-    p.add_argument("--memory-budget-gib", type=float, default=None, help="memory allowed for windows")
+    p.add_argument("--memory-budget-gib", type=float, default=None, help="memory allowed for the fetched layers' buffers")
     p.add_argument("--wrap-around", type=int, default=0,
                    help="layers per series sent during the previous step (default 0: the torchair lowering has none)")
     p.set_defaults(fn=_plan)

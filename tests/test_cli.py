@@ -24,7 +24,7 @@ def test_explain_prints_the_schedule_of_every_rank(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "rank 0 / world 2  prefetch_step=1  collectives=3" in out
     assert "rank 1 / world 2" in out
-    assert "o_proj.weight: at most 2 window(s) alive" in out
+    assert "o_proj.weight: at most 2 layer buffer(s) alive" in out
     table = json.loads((tmp_path / "rank_0" / "schedule.json").read_text())
     assert [c["index"] for c in table["collectives"]] == [0, 1, 2]
     assert set(table["collectives"][0]) >= {"series", "index", "owner", "bytes", "issue", "wait", "first_use"}

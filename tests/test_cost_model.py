@@ -14,7 +14,7 @@ from ranks import run_ranks
 
 
 def inputs(t_comm, t_compute=1e-3, layers=8, budget=None, latency=0.0):
-    return CostInputs(layers=layers, layer_bytes=int(t_comm * 1e9), window_bytes=100, bandwidth=1e9,
+    return CostInputs(layers=layers, layer_bytes=int(t_comm * 1e9), buffer_bytes=100, bandwidth=1e9,
                       compute_s=t_compute, latency_s=latency, memory_budget=budget)
 
 
@@ -39,7 +39,7 @@ def test_choice_is_the_smallest_k_near_the_best():
 
 
 def test_memory_budget_caps_k():
-    c = choose_prefetch_step(inputs(0.5e-3, budget=150))  # one window costs 100 B
+    c = choose_prefetch_step(inputs(0.5e-3, budget=150))  # one layer buffer costs 100 B
     assert c.k == 0 and "memory budget allows k <= 0" in c.explanation
 
 
@@ -69,7 +69,7 @@ def _expected_step(costs, layers=4, tokens=16):
     o_proj = layer.self_attn.o_proj.weight
     nbytes = o_proj.numel() * o_proj.element_size()
     return choose_prefetch_step(CostInputs(
-        layers=shape.layers, layer_bytes=nbytes, window_bytes=nbytes, bandwidth=costs["bandwidth"],
+        layers=shape.layers, layer_bytes=nbytes, buffer_bytes=nbytes, bandwidth=costs["bandwidth"],
         compute_s=flops / costs["flops_per_s"], latency_s=costs["latency_s"], wrap_windows=1)).k
 
 
@@ -91,7 +91,7 @@ def test_auto_step_follows_given_costs():
     assert [k for _, k, _, _ in run_ranks(_auto_case, 2, given)] == [1, 1]
     assert [k for _, k, _, _ in run_ranks(_auto_case, 2, dict(given, bandwidth=1e15))] == [0, 0]
     assert [k for _, k, _, _ in run_ranks(_auto_case, 2, dict(given, memory_budget=24576), False)] == [0, 0]
-    # with wrap-around every step holds 2 windows (the next forward's and the one in use): none fits
+    # with wrap-around every step holds 2 layer buffers (the next forward's window and the one in use): none fits
     # a budget of one; the smallest step is taken, saying so
     for _, k, why, _ in run_ranks(_auto_case, 2, dict(given, memory_budget=24576)):
         assert k == 0 and "no step fits the memory budget" in why and "wrap_around=False" in why

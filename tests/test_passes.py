@@ -92,11 +92,11 @@ def test_schedule_places_issue_after_wait_of_layer_i_minus_k(k, series, inplace)
 
 
 @pytest.mark.parametrize("k", [0, 1, 2, 5])
-def test_at_most_k_plus_one_windows_alive(k):
-    from ascend_compile.debug.dump import windows_alive
+def test_at_most_k_plus_one_buffers_alive(k):
+    from ascend_compile.debug.dump import buffers_alive
 
     rows = collective_schedule(scheduled(6, ("o_proj",), k).graph)
-    peak = max(n for _, n in windows_alive(rows)["o_proj.weight"])
+    peak = max(n for _, n in buffers_alive(rows)["o_proj.weight"])
     assert peak == min(k, 5) + 1
 
 
@@ -146,11 +146,11 @@ def test_verify_rejects_a_prefetch_that_is_not_at_entry():
         verify_schedule(gm, plan())
 
 
-def test_verify_rejects_too_many_windows_alive():
+def test_verify_rejects_too_many_buffers_alive():
     # layer 0's weight is read again at the end: its window stays alive across the stack
     p = plan()
     gm = schedule_prefetch(rewrite_shared_weights(stack_graph(4, ("o_proj",), 1, reuse_first_at_end=True), p), p)
-    with pytest.raises(ScheduleError, match=r"3 windows of series 'o_proj.weight' are alive .* prefetch_step=1 allows 2"):
+    with pytest.raises(ScheduleError, match=r"3 layer buffers of series 'o_proj.weight' are alive .* prefetch_step=1 allows 2"):
         verify_schedule(gm, p)
 
 

@@ -133,13 +133,13 @@ def test_config_switch():
 
 
 def test_cost_model_gains_one_broadcast_per_forward_when_compute_bound():
-    base = dict(layers=8, layer_bytes=1000, window_bytes=1000, bandwidth=1000 / 0.4, compute_s=1.0)
+    base = dict(layers=8, layer_bytes=1000, buffer_bytes=1000, bandwidth=1000 / 0.4, compute_s=1.0)
     plain, wrapped = CostInputs(**base), CostInputs(**base, wrap_windows=1)
     assert simulate(plain, 1) == pytest.approx(8 * 1.0 + 0.4)  # the first layer's broadcast is exposed
     assert simulate(wrapped, 1) == pytest.approx(8 * 1.0)  # it travelled during the previous forward
     assert simulate(wrapped, 0) == pytest.approx(8 * 1.0 + 7 * 0.4)  # k = 0: only layer 0 is hidden
     # memory: max(k, w) + 1 windows during a forward
-    assert wrapped.windows(1) == 2 and wrapped.windows(0) == 2 and CostInputs(**base, wrap_windows=2).windows(1) == 3
+    assert wrapped.buffers(1) == 2 and wrapped.buffers(0) == 2 and CostInputs(**base, wrap_windows=2).buffers(1) == 3
     tight = CostInputs(**dict(base, memory_budget=2 * 1000), wrap_windows=2)
     assert choose_prefetch_step(tight).k == 0  # 3 windows do not fit: the smallest step
     assert "held between forwards" in choose_prefetch_step(wrapped).explanation

@@ -86,8 +86,9 @@ def _end(r: dict, graph_end: int) -> int:
     return r["last_use"] if r["last_use"] is not None else r["wait"]
 
 
-def windows_alive(collectives: list) -> dict:
-    """``{series: [(position, windows alive)]}`` at every issue/last-use event."""
+def buffers_alive(collectives: list) -> dict:
+    """``{series: [(position, layer buffers alive)]}`` at every issue/last-use event (a buffer lives
+    from its broadcast to its last use)."""
     out: dict = {}
     graph_end = max((max(r["issue"], r["last_use"] or 0) for r in collectives), default=0) + 1
     for series in sorted({c["series"] for c in collectives}):
@@ -98,7 +99,7 @@ def windows_alive(collectives: list) -> dict:
 
 
 def timeline_svg(table: dict) -> str:
-    """One row per collective: issue -> wait (in flight), wait -> last use (window in use); a
+    """One row per collective: issue -> wait (in flight), wait -> last use (buffer in use); a
     broadcast for the next forward (wrap-around) runs from its issue to the end, in green."""
     rows = table.get("collectives", [])
     if not rows:
@@ -106,11 +107,11 @@ def timeline_svg(table: dict) -> str:
     end = max(max(r["last_use"] or r["wait"] or r["issue"] for r in rows), 1) + 1
     left, width, row_h = 170, 760, 14
     x = lambda p: left + width * p / end  # noqa: E731
-    alive = windows_alive(rows)
+    alive = buffers_alive(rows)
     height = 50 + row_h * len(rows) + 30 * len(alive) + 20
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 20}" height="{height}" font-family="monospace" font-size="10">',
            f'<text x="10" y="15">rank {table.get("rank")} of {table.get("world_size")}, prefetch_step {table.get("prefetch_step")}: '
-           'grey = broadcast in flight, blue = window in use, | = wait, green = for the next forward</text>']
+           'grey = broadcast in flight, blue = buffer in use, | = wait, green = for the next forward</text>']
     y = 30
     for r in rows:
         label = f'{r["series"]}[{r["index"]}] @{r["owner"]}{" next" if r.get("kind") == "next" else ""}'
@@ -149,8 +150,8 @@ def format_schedule(table: dict) -> str:
     for i, r in enumerate(rows):
         lines.append(fmt((i, r["series"], r["index"], r["owner"], r["bytes"], r["issue"], r["wait"], r["first_use"],
                           r.get("kind", "fetch"))))
-    for series, points in windows_alive(rows).items():
-        lines.append(f"{series}: at most {max(n for _, n in points)} window(s) alive")
+    for series, points in buffers_alive(rows).items():
+        lines.append(f"{series}: at most {max(n for _, n in points)} layer buffer(s) alive")
     for key in ("explain",):
         if table.get(key):
             lines.append(f"{key}: {table[key]}")

@@ -81,7 +81,7 @@ def choose(gm: fx.GraphModule, agreed: dict, overrides: Optional[dict] = None, a
     if compute_s is None:
         compute_s = matmul_flops(gm) / max(layers, 1) / agreed["flops_per_s"]
     inputs = CostInputs(
-        layers=layers, layer_bytes=layer_bytes, window_bytes=layer_bytes,
+        layers=layers, layer_bytes=layer_bytes, buffer_bytes=layer_bytes,
         bandwidth=float(overrides["bandwidth"] if "bandwidth" in overrides else agreed["bandwidth"]),
         compute_s=float(compute_s),
         latency_s=float(overrides["latency_s"] if "latency_s" in overrides else agreed.get("latency_s", 0.0)),

@@ -4,13 +4,14 @@ The model simulates one forward of ``N`` layers with two resources: a compute st
 runs layer ``i`` for ``compute_s`` after its weights arrived, and one link that carries the
 broadcasts one after the other in issue order (``latency_s + bytes / bandwidth`` each). The
 broadcast of layer ``i`` is issued when the wait of layer ``i - k`` is passed (layers
-``< k`` at entry), exactly as ``prefetch.py`` schedules it. ``k`` costs ``(k + 1)`` windows of
-memory per series.
+``< k`` at entry), exactly as ``prefetch.py`` schedules it. ``k`` costs ``(k + 1)`` layer buffers
+of memory per series (a fetched layer's buffer lives from its broadcast to its last use).
 
 With wrap-around (``wrap_windows = w``), the first ``w`` layers of a forward were broadcast during
 the previous forward, each right after the wait of layer ``N - w + j``; the model then simulates
 consecutive forwards and reports the steady one (the first forward, which fetches at entry, is
-the plain schedule). Memory: ``max(k, w) + 1`` windows during a forward, ``w`` held between them.
+the plain schedule). Memory: ``max(k, w) + 1`` buffers during a forward, of which the ``w``
+windows (the buffers that cross forwards) are held between them.
 
 ``choose_prefetch_step`` picks the smallest ``k`` whose simulated time is within ``tolerance`` of
 the best ``k`` that fits the memory budget, and says why.
@@ -26,15 +27,15 @@ from typing import Optional
 class CostInputs:
     layers: int  # N: layers per series
     layer_bytes: int  # bytes broadcast per decoder layer (all series together)
-    window_bytes: int  # bytes of one window of every series (what one more k costs)
+    buffer_bytes: int  # bytes of one layer buffer of every series (what one more k costs)
     bandwidth: float  # bytes / s of the link, as one broadcast sees it
     compute_s: float  # seconds of compute per decoder layer
     latency_s: float = 0.0
-    memory_budget: Optional[int] = None  # bytes available for windows; None = unlimited
+    memory_budget: Optional[int] = None  # bytes available for layer buffers; None = unlimited
     wrap_windows: int = 0  # w: layers per series prefetched for the next forward (wrap-around)
 
-    def windows(self, k: int) -> int:
-        """Windows of every series alive at the peak of a forward with step ``k``."""
+    def buffers(self, k: int) -> int:
+        """Layer buffers of every series alive at the peak of a forward with step ``k``."""
         return max(k, self.wrap_windows) + 1 if self.wrap_windows else k + 1
 
 
@@ -81,8 +82,8 @@ def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01, allowed=No
     """``allowed(k)``, if given, vetoes steps (tried in order of preference; ``k = 0`` is always allowed)."""
     max_k = max(inputs.layers - 1, 0)
     fits = [k for k in range(max_k + 1)
-            if inputs.memory_budget is None or inputs.windows(k) * inputs.window_bytes <= inputs.memory_budget]
-    over_budget = not fits  # even the smallest step holds more windows than the budget allows
+            if inputs.memory_budget is None or inputs.buffers(k) * inputs.buffer_bytes <= inputs.memory_budget]
+    over_budget = not fits  # even the smallest step holds more buffers than the budget allows
     if over_budget:
         fits = [0]
     times = {k: simulate(inputs, k) for k in fits}
@@ -106,11 +107,11 @@ def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01, allowed=No
         f"{inputs.bandwidth / 1e9:.2f} GB/s + {inputs.latency_s * 1e6:.0f} us) vs compute {inputs.compute_s * 1e6:.0f} us "
         f"per layer ({regime}); simulated forward {times[k] * 1e3:.3f} ms vs replicated "
         f"{inputs.layers * inputs.compute_s * 1e3:.3f} ms; smallest k within {tolerance:.0%} of the best "
-        f"({best * 1e3:.3f} ms){budget}; windows {inputs.windows(k) * inputs.window_bytes / 2**20:.2f} MiB"
+        f"({best * 1e3:.3f} ms){budget}; layer buffers {inputs.buffers(k) * inputs.buffer_bytes / 2**20:.2f} MiB"
     )
     if inputs.wrap_windows:
         explanation += (f"; with {inputs.wrap_windows} window(s) per series sent during the previous forward "
-                        f"({inputs.wrap_windows * inputs.window_bytes / 2**20:.2f} MiB held between forwards)")
+                        f"({inputs.wrap_windows * inputs.buffer_bytes / 2**20:.2f} MiB held between forwards)")
     if vetoed:
         explanation += f"; k={vetoed} not taken: they would change the collective order"
     return Choice(k, times, explanation)

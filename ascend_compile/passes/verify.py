@@ -7,8 +7,8 @@ Invariants, per series with prefetch step ``k`` (README, "How it works"):
 3. the wait of a layer sits right before its first use (only our own collectives between);
 4. the broadcast of layer ``i`` is issued right after the wait of layer ``i - k`` (layers
    ``< k``: before any computation; ``k = 0``: right before its own wait);
-5. at most ``k + 1`` windows of a series are alive at any point (``max(k, w) + 1`` with ``w``
-   windows prefetched across steps, counting those from their issue to the end of the graph);
+5. at most ``k + 1`` layer buffers of a series are alive at any point (``max(k, w) + 1`` with ``w``
+   windows, the buffers prefetched across forwards, counted from their issue to the end of the graph);
 6. wrap-around: a layer from a window is fetched at graph entry, and the broadcast of window ``j``
    for the next forward is issued right after the wait of layer ``N - w + j``.
 """
@@ -126,7 +126,7 @@ def verify_schedule(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
             alive = [other for s, e, other in spans if s <= start <= e]
             if len(alive) > bound:
                 raise ScheduleError(
-                    f"{len(alive)} windows of series {name!r} are alive at node {start} "
+                    f"{len(alive)} layer buffers of series {name!r} are alive at node {start} "
                     f"({[f'{name}[{a.index}]' for a in alive]}); prefetch_step={k}"
                     f"{f' with {w} window(s) for the next forward' if w else ''} allows {bound}"
                 )
