@@ -9,6 +9,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 PrefetchStep = Union[int, str]
 
+LAYOUTS = ("layers", "slices")
 LOWERINGS = ("inductor", "aot_eager", "eager", "torchair")
 DUMP_ENV = "ASCEND_COMPILE_DUMP"
 
@@ -60,6 +61,13 @@ class SharedWeightConfig:
     default lowering is ``torchair`` (an NPU stack is importable), which has no wrap-around.
     Every forward of the model, compiled or eager, then follows the same schedule; a compiled
     graph must hold each series whole (no graph break inside it), or shard with ``False``.
+    ``layout``: ``"layers"`` keeps layer ``i`` whole on rank ``i % K`` and broadcasts it before use;
+    ``"slices"`` keeps ``1/K`` of every layer on every rank (plain linear layers whose cut dimension
+    divides by ``K``): forwards with at most ``decode_tokens`` tokens on every rank compute on the
+    slices and move activations, larger ones gather each weight ``prefetch_step`` layers ahead.
+    Same memory saved. No wrap-around.
+    ``decode_tokens``: with ``"slices"``, the largest token count (the most of any rank in a
+    forward) computed on the slices; ``"auto"`` (the default) measures both paths at shard time.
     """
 
     layers: Sequence[str]
@@ -68,6 +76,8 @@ class SharedWeightConfig:
     params: Optional[Sequence[str]] = None
     timeout: Optional[float] = None
     wrap_around: Optional[bool] = None
+    layout: str = "layers"
+    decode_tokens: Optional[Union[int, str]] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -88,6 +98,20 @@ class SharedWeightConfig:
             raise ConfigError(
                 f"timeout must be a number of seconds > 0 (or None for the process group's own), got {self.timeout!r}"
             )
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {list(LAYOUTS)}, got {self.layout!r}")
+        if self.layout == "slices":
+            if self.wrap_around:
+                raise ConfigError("layout='slices' has no wrap-around prefetch: drop wrap_around=True")
+            self.wrap_around = False
+            if self.decode_tokens is None:
+                self.decode_tokens = "auto"
+            if self.decode_tokens != "auto" and (isinstance(self.decode_tokens, bool)
+                                                 or not isinstance(self.decode_tokens, int) or self.decode_tokens < 0):
+                raise ConfigError(f"decode_tokens must be an int >= 0 or 'auto', got {self.decode_tokens!r}")
+        elif self.decode_tokens is not None:
+            raise ConfigError("decode_tokens chooses between the two paths of layout='slices'; "
+                              "with layout='layers' every forward broadcasts whole layers: drop it or set layout='slices'")
         if self.wrap_around is None:
             self.wrap_around = default_lowering() != "torchair"
         if not isinstance(self.wrap_around, bool):

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import ConfigError, SharedWeightConfig
-from . import comm, formats, windows
+from . import comm, formats, slices, windows
 from .comm import ShardingError
 from .ops import AUTO_STEP, Marker, layer_name, series_windows
 
@@ -52,12 +52,17 @@ class ShardPlan:
     formats: dict = dataclasses.field(default_factory=dict)  # "series[index]" -> NPU format, if not row-major
     wrap_windows: int = 0  # windows per series prefetched for the next forward (wrap-around)
     generation: int = 0  # this sharding's number over its group (agreed at shard time)
+    layout: str = "layers"  # or "slices": every rank keeps 1/world_size of every layer
+    decode_tokens: Optional[int] = None  # slices: the largest agreed token count computed on the slices
+    decode_explanation: str = ""  # slices with decode_tokens="auto": the measurements behind the choice
 
     def series_bytes(self) -> int:
         """Bytes of all shared parameters, as a replicated model holds them on every rank."""
         return sum(p.nbytes for p in self.params)
 
     def owned_bytes(self, rank: Optional[int] = None) -> int:
+        if self.layout == "slices":
+            return sum(p.nbytes // self.world_size for p in self.params)
         rank = self.rank if rank is None else rank
         return sum(p.nbytes for p in self.params if p.owner == rank)
 
@@ -211,6 +216,8 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     rank, world = comm.group_rank(pg), comm.group_size(pg)
     gname = comm.group_name(pg)
     step = config.prefetch_step
+    if config.layout == "slices" and step == "auto":
+        step = 1  # the gathers of a prefill forward: one layer ahead
     step_value = AUTO_STEP if step == "auto" else step
     local: dict = {}
 
@@ -224,17 +231,21 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
                     f"prefetch_step={step} is out of range for series {layer!r}, which has {len(members)} "
                     f"layer(s): use 0..{len(members) - 1}"
                 )
+        if config.layout == "slices":
+            for layer, members in per_layer.items():
+                slices.check_sliceable(layer, members, world)
         shared = []
         for layer, members in per_layer.items():
             for index, (mname, _, params) in enumerate(members):
                 for pname, p in params.items():
                     shared.append(SharedParam(
-                        series=f"{layer}.{pname}", index=index, owner=index % world, module=mname, param=pname,
+                        series=f"{layer}.{pname}", index=index, module=mname, param=pname,
+                        owner=index % world if config.layout == "layers" else -1,
                         shape=tuple(p.shape), dtype=str(p.dtype).replace("torch.", ""),
                         nbytes=p.numel() * p.element_size(),
                     ))
         local["plan"] = ShardPlan(gname, rank, world, step_value, {k: [m for m, _, _ in v] for k, v in per_layer.items()},
-                                  shared, wrap_windows=config.wrap_windows())
+                                  shared, wrap_windows=config.wrap_windows(), layout=config.layout)
         return {"plan": {k: v for k, v in local["plan"].to_json().items() if k != "rank"},
                 "groups": comm.groups_known()}
 
@@ -249,6 +260,10 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
         plan.wrap_windows = 0
     plan.group_name = gname = comm.group_name(ours)
     agree_at_shard_time(ours, plan, per_layer, timeout=config.timeout)
+    if plan.layout == "slices":
+        _shard_slices(model, config, ours, plan, per_layer)
+        setattr(model, PLAN_ATTR, plan)
+        return plan
 
     modules = dict(model.named_modules())
     lengths = plan.series_lengths()
@@ -271,6 +286,20 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     return plan
 
 
+def _shard_slices(model: nn.Module, config: SharedWeightConfig, pg, plan: ShardPlan, per_layer: dict) -> None:
+    """Keep this rank's slice of every layer, and settle the decode threshold (measured for "auto":
+    every rank runs the same timed collectives, then the slowest rank's times decide everywhere)."""
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    layers = slices.slice_modules(per_layer, order, plan.rank, plan.world_size, plan.group_name, plan.generation)
+    threshold = config.decode_tokens
+    if threshold == "auto":
+        costs = slices.measure_paths(pg, layers, plan.prefetch_step)
+        gathered = comm.gather_or_fail(pg, "to agree on the sliced paths' costs", lambda: costs)
+        threshold, plan.decode_explanation = slices.choose_threshold(slices.agree_costs(gathered))
+    plan.decode_tokens = threshold
+    slices.install(plan.group_name, plan.generation, layers, plan.prefetch_step, threshold)
+
+
 def check_not_sharded(model: nn.Module) -> None:
     if hasattr(model, PLAN_ATTR):
         raise ShardingError(
@@ -278,6 +307,8 @@ def check_not_sharded(model: nn.Module) -> None:
             "Call shard_model once, with every series in one SharedWeightConfig."
         )
     for name, m in model.named_modules():
+        if hasattr(m, "_ascend_compile_slice"):
+            raise ShardingError(f"{name} is already sliced; shard a model once")
         if parametrize.is_parametrized(m) and any(
             isinstance(p, SharedWeight) for plist in m.parametrizations.values() for p in plist
         ):
@@ -312,6 +343,9 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     table = {k: v for g in gathered for k, v in g["formats"].items()}
     for layer, fmt in sorted(table.items()):  # the same table on every rank: every rank raises
         formats.check_reproducible(layer, fmt)
+        if plan.layout == "slices":
+            raise ConfigError(f"{layer} is stored in NPU format {fmt}, whose tiles cannot be cut into slices: "
+                              "use SharedWeightConfig(layout='layers') for its series")
     plan.formats = table
     comm.record_shard(plan.group_name, generation, costs, timeout, table, token=gathered[0]["token"])
     lengths = plan.series_lengths()  # a new group (its name may be a destroyed one's): nothing of before is in flight

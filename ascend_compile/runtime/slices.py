@@ -1,0 +1,376 @@
+"""``layout="slices"``: every rank keeps ``1/K`` of every layer of a series, and each forward
+either moves activations (few tokens) or gathers the weights ahead (many tokens).
+
+A series is cut along the dimension that moves fewer bytes at decode (DESIGN.md section 5b):
+
+- ``d_in > d_out`` (``o_proj``-like), **input cut**: rank ``r`` keeps columns ``[r*c, (r+1)*c)``
+  of the weight. Decode: all-to-all the inputs' column blocks, GEMM on the resident block,
+  reduce-scatter the partial outputs.
+- otherwise (``q_b_proj``-like), **output cut**: rank ``r`` keeps rows ``[r*c, (r+1)*c)``.
+  Decode: all-gather the inputs, GEMM on the resident rows, all-to-all the outputs back.
+
+Prefill: the slices of layer ``j + k`` are all-gathered (every link busy) while layer ``j``
+computes, and the layer computes as replicated on the whole weight (bitwise equal to it).
+
+Which path a forward takes is decided once per forward, at the call of the model's first sliced
+layer, from the largest token count of any rank of the group (an all-reduce of one integer that
+every rank issues at the same point of every forward): every rank takes the same path, whatever
+its own batch. Ranks with fewer tokens pad to that count in the decode collectives. Bias stays
+whole on every rank (``d_out`` elements).
+
+Every read of a sliced layer goes through ``ascend_compile::sliced_linear``, an op with an ordered
+effect: backends keep sliced layers in program order (the collectives inside them must be issued
+in the same order on every rank), and the op is opaque to every backend (correct under any).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import statistics
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ConfigError
+from . import comm
+
+log = logging.getLogger(__name__)
+
+INPUT_CUT, OUTPUT_CUT = 1, 0
+PATHS = ("decode", "prefill")
+AUTO_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def cut_of(shape: tuple) -> int:
+    """The weight dimension a ``[d_out, d_in]`` weight is cut along: the input (1) when
+    ``d_in > d_out``, else the output (0)."""
+    d_out, d_in = shape
+    return INPUT_CUT if d_in > d_out else OUTPUT_CUT
+
+
+def cut_name(cut: int) -> str:
+    return "input" if cut == INPUT_CUT else "output"
+
+
+def check_sliceable(series: str, members: list, world: int) -> None:
+    """``members``: ``[(module name, module, {param: tensor})]``. Only a plain linear layer
+    (``y = x @ W.T + b``, forward not overridden) whose cut dimension divides by the group's size
+    can be computed on slices; anything else is refused, naming the layer and the way out."""
+    for name, module, params in members:
+        if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
+            raise ConfigError(
+                f"layout='slices' computes {name} as x @ W.T + b on a slice of W, but it is a "
+                f"{type(module).__name__} with its own forward (quantized or vLLM layers are not sliced yet): "
+                "use SharedWeightConfig(layout='layers') for this series"
+            )
+        if set(params) != {"weight"}:
+            raise ConfigError(
+                f"layout='slices' cuts the weight only (the bias stays whole on every rank), but series {series!r} "
+                f"shares {sorted(params)}: drop SharedWeightConfig(params=...) or set params=['weight']"
+            )
+    d_out, d_in = members[0][2]["weight"].shape
+    cut = cut_of((d_out, d_in))
+    dim = d_in if cut == INPUT_CUT else d_out
+    if dim % world:
+        raise ConfigError(
+            f"layout='slices' cuts series {series!r} ({d_out}x{d_in}) along its {cut_name(cut)} dimension, {dim}, "
+            f"which does not divide into {world} ranks: use SharedWeightConfig(layout='layers') for it"
+        )
+
+
+@dataclasses.dataclass
+class SlicedLayer:
+    series: str  # layer series, e.g. "o_proj"
+    index: int
+    module: str
+    cut: int
+    shape: tuple  # the whole weight's [d_out, d_in]
+
+
+class SliceState:
+    """One sliced model's run-time state: the layers in call order, the agreed path of the forward
+    under way, and the weight gathers in flight (prefill). Keyed by (group, generation)."""
+
+    def __init__(self, group_name: str, generation: int, layers: list, slices: list, prefetch_step: int,
+                 decode_tokens: int):
+        self.group_name = group_name
+        self.generation = generation
+        self.layers = layers  # [SlicedLayer] in model order: the order the forward calls them
+        self.slices = slices  # this rank's slice of each layer's weight, by position
+        self.position = {(sl.series, sl.index): i for i, sl in enumerate(layers)}
+        self.prefetch_step = prefetch_step
+        self.decode_tokens = decode_tokens
+        self.path: Optional[str] = None  # of the forward under way
+        self.tokens = 0  # agreed (largest) token count of the forward under way
+        self.in_flight: dict = {}  # position -> (work, buffer)
+        self.forwards = {p: 0 for p in PATHS}  # forwards run on each path (dumps, tests, benchmarks)
+
+    @property
+    def pg(self):
+        return comm.group_from_name(self.group_name)
+
+    def _collective(self, what: str, fn):
+        try:
+            return fn()
+        except Exception as e:
+            if not comm.is_comm_failure(e):
+                raise
+            raise comm.peer_error(what, self.group_name, e) from e
+
+    # -- the forward's path ---------------------------------------------------------------------
+
+    def begin_forward(self, tokens: int, device: torch.device) -> None:
+        """At the first sliced layer of a forward: agree on the largest token count, pick the path."""
+        self.drop_in_flight()
+        count = torch.tensor([tokens], dtype=torch.int64, device=device)
+        self._collective("the token-count agreement of a sliced forward",
+                         lambda: dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.pg))
+        self.tokens = int(count.item())
+        self.path = "decode" if self.tokens <= self.decode_tokens else "prefill"
+        self.forwards[self.path] += 1
+
+    def drop_in_flight(self) -> list:
+        """Wait for gathers left by a forward that stopped early; returns their positions."""
+        left = sorted(self.in_flight)
+        for pos in left:
+            work, _ = self.in_flight.pop(pos)
+            self._collective("a weight gather left in flight", work.wait)
+        return left
+
+    # -- the two paths --------------------------------------------------------------------------
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], series: str, index: int) -> torch.Tensor:
+        pos = self.position[(series, index)]
+        tokens = x.numel() // x.shape[-1] if x.dim() else 1
+        if pos == 0 or self.path is None:
+            self.begin_forward(tokens, w.device)
+        layer = self.layers[pos]
+        if self.path == "prefill":
+            return F.linear(x, self.gathered(pos, w), b)
+        if tokens > self.tokens:
+            raise RuntimeError(
+                f"sliced layer {layer.module} got {tokens} tokens, more than the {self.tokens} its forward agreed on at "
+                f"its first sliced layer ({self.layers[0].module}): every sliced layer of a forward must see the same "
+                "tokens"
+            )
+        x2 = x.reshape(tokens, x.shape[-1])
+        out = decode_linear(x2, w, layer.cut, self.tokens, self.pg, self._collective, layer.module)
+        out = out.reshape(*x.shape[:-1], layer.shape[0])
+        return out + b if b is not None else out
+
+    def gathered(self, pos: int, w: torch.Tensor) -> torch.Tensor:
+        """Layer ``pos``'s whole weight; issues the gathers of the next ``prefetch_step`` layers."""
+        if pos not in self.in_flight:
+            self.in_flight[pos] = self.issue_gather(pos, w)
+        for ahead in range(pos + 1, min(pos + 1 + self.prefetch_step, len(self.layers))):
+            if ahead not in self.in_flight:
+                self.in_flight[ahead] = self.issue_gather(ahead, None)
+        work, buf = self.in_flight.pop(pos)
+        self._collective(f"the gather of {self.layers[pos].module}'s slices", work.wait)
+        return whole_weight(buf, self.layers[pos].cut, self.layers[pos].shape, self.pg.size())
+
+    def issue_gather(self, pos: int, w: Optional[torch.Tensor]):
+        if w is None:
+            w = self.slices[pos]
+        buf = torch.empty((w.shape[0] * self.pg.size(), w.shape[1]), dtype=w.dtype, device=w.device)
+        work = self._collective(f"the gather of {self.layers[pos].module}'s slices",
+                                lambda: dist.all_gather_into_tensor(buf, w, group=self.pg, async_op=True))
+        return work, buf
+
+
+def whole_weight(gathered: torch.Tensor, cut: int, shape: tuple, world: int) -> torch.Tensor:
+    """The ``[d_out, d_in]`` weight from the ranks' slices stacked along dim 0."""
+    if cut == OUTPUT_CUT:
+        return gathered
+    d_out, d_in = shape
+    return gathered.view(world, d_out, d_in // world).permute(1, 0, 2).reshape(d_out, d_in)
+
+
+def decode_linear(x: torch.Tensor, w: torch.Tensor, cut: int, tokens: int, pg, collective, name: str = "") -> torch.Tensor:
+    """``x @ W.T`` for this rank's ``x`` (``[n, d_in]``, ``n <= tokens``) from every rank's slice
+    of ``W``, moving activations only; every rank calls it with the same ``tokens``."""
+    world = pg.size()
+    n, d_in = x.shape
+    padded = x if n == tokens else torch.cat([x, x.new_zeros(tokens - n, d_in)])
+    if cut == INPUT_CUT:
+        c = d_in // world
+        send = padded.view(tokens, world, c).transpose(0, 1).contiguous().view(world * tokens, c)
+        recv = torch.empty_like(send)
+        collective(f"the all-to-all of {name}'s inputs", lambda: dist.all_to_all_single(recv, send, group=pg))
+        partial = F.linear(recv, w)  # [world * tokens, d_out]: every rank's rows, this rank's input block
+        out = partial.new_empty((tokens, partial.shape[1]))
+        collective(f"the reduce-scatter of {name}'s outputs",
+                   lambda: dist.reduce_scatter_tensor(out, partial, group=pg))
+        return out[:n]
+    inputs = padded.new_empty((world * tokens, d_in))
+    collective(f"the all-gather of {name}'s inputs", lambda: dist.all_gather_into_tensor(inputs, padded.contiguous(), group=pg))
+    partial = F.linear(inputs, w)  # [world * tokens, c]: every rank's rows, this rank's output block
+    recv = torch.empty_like(partial)
+    collective(f"the all-to-all of {name}'s outputs", lambda: dist.all_to_all_single(recv, partial, group=pg))
+    c = w.shape[0]
+    return recv.view(world, tokens, c).permute(1, 0, 2).reshape(tokens, world * c)[:n]
+
+
+_STATES: dict = {}
+
+
+def state_of(group_name: str, generation: int) -> SliceState:
+    try:
+        return _STATES[(group_name, generation)]
+    except KeyError:
+        raise RuntimeError(
+            f"no sliced model is known for group {group_name!r} (sharding {generation}) in this process: "
+            "shard the model (ascend_compile.shard_model) in the process that runs it"
+        ) from None
+
+
+def states_over(group_name: str) -> list:
+    return [s for (g, _), s in _STATES.items() if g == group_name]
+
+
+@torch.library.custom_op("ascend_compile::sliced_linear", mutates_args=())
+def sliced_linear(
+    x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], series: str, index: int, group_name: str,
+    generation: int, out_features: int,
+) -> torch.Tensor:
+    """``F.linear(x, W, b)`` for the layer whose slice of ``W`` this rank holds as ``w``."""
+    return state_of(group_name, generation).linear(x, w, b, series, index)
+
+
+@sliced_linear.register_fake
+def _(x, w, b, series, index, group_name, generation, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _register_effect() -> None:
+    """Ordered effect: AOTAutograd threads a token through every call, so no backend reorders them."""
+    from torch._higher_order_ops.effects import _EffectType
+
+    sliced_linear.register_effect(_EffectType.ORDERED)
+
+
+_register_effect()
+
+
+def sliced_targets() -> tuple:
+    packet = torch.ops.ascend_compile.sliced_linear
+    return (packet, packet.default)
+
+
+def _sliced_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.ascend_compile.sliced_linear(x, self.weight, self.bias, *self._ascend_compile_slice)
+
+
+_CLASSES: dict = {}
+
+
+def _sliced_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(f"Sliced{cls.__name__}", (cls,), {
+            "forward": _sliced_forward,
+            "extra_repr": lambda self: (f"{cls.extra_repr(self)}, slice={self._ascend_compile_slice[0]}"
+                                        f"[{self._ascend_compile_slice[1]}] ({self._ascend_compile_cut} cut)"),
+        })
+    return _CLASSES[cls]
+
+
+def slice_modules(per_layer: dict, model_order: dict, rank: int, world: int, group_name: str, generation: int) -> list:
+    """Keep this rank's slice of each layer's weight (the rest of its storage is freed) and route the
+    layer's forward through ``sliced_linear``. ``model_order``: module name -> its position in the
+    model (the order a forward calls the layers). Returns ``[(SlicedLayer, slice)]`` in that order."""
+    layers, slices = [], []
+    for series, members in per_layer.items():
+        for index, (mname, module, params) in enumerate(members):
+            w = params["weight"]
+            cut = cut_of(tuple(w.shape))
+            size = w.shape[cut] // world
+            part = w.detach().narrow(cut, rank * size, size).contiguous()
+            module._parameters["weight"] = nn.Parameter(part, requires_grad=False)
+            if module.bias is not None:
+                module.bias.requires_grad_(False)
+            module._ascend_compile_slice = (series, index, group_name, generation, w.shape[0])
+            module._ascend_compile_cut = cut_name(cut)
+            module.__class__ = _sliced_class(type(module))
+            layers.append((mname, SlicedLayer(series, index, mname, cut, tuple(w.shape)), module))
+    layers.sort(key=lambda t: model_order[t[0]])
+    return [(sl, module.weight) for _, sl, module in layers]
+
+
+def install(group_name: str, generation: int, layers: list, prefetch_step: int, decode_tokens: int) -> SliceState:
+    """``layers``: ``[(SlicedLayer, resident slice)]`` in model order."""
+    state = SliceState(group_name, generation, [sl for sl, _ in layers], [w for _, w in layers], prefetch_step,
+                       decode_tokens)
+    _STATES[(group_name, generation)] = state
+    return state
+
+
+# -- the decode threshold ("auto") --------------------------------------------------------------
+
+
+def measure_paths(pg, layers: list, prefetch_step: int, reps: int = 3) -> dict:
+    """Per decoder layer (one layer of each series), seconds of the decode path at each candidate
+    token count, of the weight gathers, and of the replicated GEMMs. Collectives: every rank runs
+    the same sequence."""
+    world = pg.size()
+    first = {}
+    for sl, w in layers:
+        first.setdefault(sl.series, (sl, w))
+
+    def timed(fn) -> float:
+        fn()  # warm-up: first calls allocate and connect
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def no_fail(what, fn):
+        return fn()
+
+    decode, gemm, gather = {}, {}, 0.0
+    whole = {}
+    for series, (sl, w) in first.items():
+        buf = torch.empty((w.shape[0] * world, w.shape[1]), dtype=w.dtype, device=w.device)
+        gather += timed(lambda: dist.all_gather_into_tensor(buf, w.contiguous(), group=pg))
+        whole[series] = whole_weight(buf, sl.cut, sl.shape, world)
+    for n in AUTO_CANDIDATES:
+        decode[n], gemm[n] = 0.0, 0.0
+        for series, (sl, w) in first.items():
+            x = torch.randn(n, sl.shape[1], dtype=w.dtype, device=w.device)
+            dist.barrier(group=pg)
+            decode[n] += timed(lambda: decode_linear(x, w, sl.cut, n, pg, no_fail))
+            gemm[n] += timed(lambda: F.linear(x, whole[series]))
+    return {"decode": decode, "gemm": gemm, "gather": gather, "prefetch_step": prefetch_step}
+
+
+def choose_threshold(costs: dict) -> tuple:
+    """``(decode_tokens, explanation)`` from agreed measurements: the largest candidate token count up
+    to which the decode path is no slower than the prefill path (the gathers overlap the GEMMs when
+    prefetching ahead: ``max(gather, gemm)``; at step 0 they add up)."""
+    overlap = costs["prefetch_step"] > 0
+    chosen, winning = 0, True
+    rows = []
+    for n in sorted(costs["decode"], key=int):
+        prefill = max(costs["gather"], costs["gemm"][n]) if overlap else costs["gather"] + costs["gemm"][n]
+        rows.append(f"{n}: decode {costs['decode'][n] * 1e3:.2f} ms, prefill {prefill * 1e3:.2f} ms")
+        winning = winning and costs["decode"][n] <= prefill
+        if winning:
+            chosen = int(n)
+    return chosen, "; ".join(rows)
+
+
+def agree_costs(gathered: list) -> dict:
+    """The slowest rank's time for every entry: every rank computes the same threshold."""
+    first = gathered[0]
+    return {
+        "decode": {n: max(g["decode"][n] for g in gathered) for n in first["decode"]},
+        "gemm": {n: max(g["gemm"][n] for g in gathered) for n in first["gemm"]},
+        "gather": max(g["gather"] for g in gathered),
+        "prefetch_step": first["prefetch_step"],
+    }
