@@ -18,6 +18,7 @@ from .config import CompileOptions, ConfigError
 from .debug.dump import GraphDumper, schedule_table
 from .lowering import get_lowering
 from .passes import PassPipeline, default_passes
+from .passes.graph import sliced_layers
 from .passes.plan import marker_groups
 from .passes.planning import make_plan, planned_schedule, resolve_auto_step
 from .passes.prefetch import collective_order, order_layers
@@ -43,6 +44,22 @@ def check_mode(lowering: str, mode: Optional[str]) -> None:
                       f"{lowering!r}, which does not use them: {fix}")
 
 
+def check_sliced(gm: fx.GraphModule, opts: CompileOptions, mode: Optional[str]) -> None:
+    """Graphs with sliced layers (``layout="slices"``) run on the Inductor, aot_eager and eager
+    lowerings, uncaptured: each sliced layer picks its path and its in-flight gathers in Python at
+    run time, which a CUDA/ACL graph replay would skip, and torchair has no converter for it."""
+    layers = sliced_layers(gm.graph)
+    if not layers:
+        return
+    if opts.lowering == "torchair":
+        raise ConfigError(f"this graph computes {len(layers)} sliced layer(s) (layout='slices'), which the torchair "
+                          "lowering cannot convert yet: shard with SharedWeightConfig(layout='layers') on the NPU")
+    if mode in ("reduce-overhead", "max-autotune") or opts.inductor.get("triton.cudagraphs"):
+        raise ConfigError(f"this graph computes {len(layers)} sliced layer(s) (layout='slices'), whose path is chosen "
+                          "in Python at every forward, and CUDA-graph capture would replay the first forward's path: "
+                          "compile with mode='max-autotune-no-cudagraphs' or no mode")
+
+
 def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: Any = None, mode: Optional[str] = None):
     if options is None:  # inside vLLM: additional_config["ascend_compile"]["compile"] and debug_dump_path
         from .integrations.vllm import compile_options
@@ -50,6 +67,7 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
         options = compile_options()
     opts = CompileOptions.from_dict(options)
     check_mode(opts.lowering, mode)
+    check_sliced(gm, opts, mode)
     groups = marker_groups(gm.graph)
     if not groups:
         log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)

@@ -104,6 +104,8 @@ class SharedWeightConfig:
             if self.wrap_around:
                 raise ConfigError("layout='slices' has no wrap-around prefetch: drop wrap_around=True")
             self.wrap_around = False
+            if self.params is None:
+                self.params = ["weight"]  # the bias stays whole on every rank
             if self.decode_tokens is None:
                 self.decode_tokens = "auto"
             if self.decode_tokens != "auto" and (isinstance(self.decode_tokens, bool)

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from ..runtime.ops import Marker, shared_weight_targets
+from ..runtime.slices import sliced_targets
 from ..runtime.windows import window_targets
 
 TAG = "ascend_compile"
@@ -77,6 +78,26 @@ def is_view(node: fx.Node) -> bool:
 
 def is_marker(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in shared_weight_targets()
+
+
+def is_sliced(node: fx.Node) -> bool:
+    """A call of ``sliced_linear`` (``layout="slices"``), bare or inside AOTAutograd's ``with_effects``."""
+    if node.op != "call_function":
+        return False
+    if node.target in sliced_targets():
+        return True
+    return getattr(node.target, "__name__", "") == "with_effects" and len(node.args) > 1 \
+        and node.args[1] in sliced_targets()
+
+
+def sliced_layers(graph: fx.Graph) -> list:
+    """``[(series, index)]`` of the sliced layers a graph calls, in graph order."""
+    out = []
+    for n in graph.nodes:
+        if is_sliced(n):
+            args = n.args[2:] if n.target not in sliced_targets() else n.args
+            out.append((args[3], args[4]))
+    return out
 
 
 def marker_args(node: fx.Node) -> MarkerArgs:

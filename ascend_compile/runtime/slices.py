@@ -25,6 +25,7 @@ in the same order on every rank), and the op is opaque to every backend (correct
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import statistics
@@ -109,6 +110,7 @@ class SliceState:
         self.tokens = 0  # agreed (largest) token count of the forward under way
         self.in_flight: dict = {}  # position -> (work, buffer)
         self.forwards = {p: 0 for p in PATHS}  # forwards run on each path (dumps, tests, benchmarks)
+        self.issued = collections.deque(maxlen=4096)  # the latest collectives issued, as text (tests, debugging)
 
     @property
     def pg(self):
@@ -133,6 +135,7 @@ class SliceState:
         self.tokens = int(count.item())
         self.path = "decode" if self.tokens <= self.decode_tokens else "prefill"
         self.forwards[self.path] += 1
+        self.issued.append(f"agree -> {self.tokens} tokens, {self.path}")
 
     def drop_in_flight(self) -> list:
         """Wait for gathers left by a forward that stopped early; returns their positions."""
@@ -153,11 +156,14 @@ class SliceState:
         if self.path == "prefill":
             return F.linear(x, self.gathered(pos, w), b)
         if tokens > self.tokens:
-            raise RuntimeError(
+            error = RuntimeError(
                 f"sliced layer {layer.module} got {tokens} tokens, more than the {self.tokens} its forward agreed on at "
                 f"its first sliced layer ({self.layers[0].module}): every sliced layer of a forward must see the same "
                 "tokens"
             )
+            comm.abort_group(self.group_name, error)  # the peers wait in this layer's collectives: fail them now
+            raise error
+        self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
         x2 = x.reshape(tokens, x.shape[-1])
         out = decode_linear(x2, w, layer.cut, self.tokens, self.pg, self._collective, layer.module)
         out = out.reshape(*x.shape[:-1], layer.shape[0])
@@ -178,6 +184,7 @@ class SliceState:
         if w is None:
             w = self.slices[pos]
         buf = torch.empty((w.shape[0] * self.pg.size(), w.shape[1]), dtype=w.dtype, device=w.device)
+        self.issued.append(f"gather {self.layers[pos].module}")
         work = self._collective(f"the gather of {self.layers[pos].module}'s slices",
                                 lambda: dist.all_gather_into_tensor(buf, w, group=self.pg, async_op=True))
         return work, buf
@@ -289,7 +296,7 @@ def slice_modules(per_layer: dict, model_order: dict, rank: int, world: int, gro
             w = params["weight"]
             cut = cut_of(tuple(w.shape))
             size = w.shape[cut] // world
-            part = w.detach().narrow(cut, rank * size, size).contiguous()
+            part = w.detach().narrow(cut, rank * size, size).clone(memory_format=torch.contiguous_format)  # own storage
             module._parameters["weight"] = nn.Parameter(part, requires_grad=False)
             if module.bias is not None:
                 module.bias.requires_grad_(False)

@@ -1,0 +1,246 @@
+"""layout="slices": equality with the unsharded model on both paths, with different token counts per
+rank, the agreed path, memory saved, and the refusals."""
+
+import pytest
+import torch
+from torch import nn
+
+import ascend_compile as ac
+from ascend_compile.config import ConfigError
+from ascend_compile.models import StackShape, build_stack, make_input
+from ascend_compile.runtime import slices
+from ranks import run_fresh, run_ranks
+
+SERIES = ["o_proj", "q_b_proj"]  # o_proj 96 -> 64 (input cut), q_b_proj 32 -> 96 (output cut)
+
+
+def _forwards(rank, world, decode_tokens, token_counts, compiled, bias):
+    """Shard a stack with slices, run forwards with ``token_counts[i][rank]`` tokens, compare each with
+    the unsharded model. The default device is meta: a tensor that does not take the model's device
+    shows up as an error."""
+    torch._dynamo.reset()  # the pool's processes ran other tests' compiles
+    shape = StackShape(layers=4, bias=bias)
+    ref = build_stack(shape)
+    model = build_stack(shape)
+    before = ac.parameter_storage_bytes(model)
+    plan = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=decode_tokens))
+    after = ac.parameter_storage_bytes(model)
+    run = torch.compile(model, backend="ascend_compile", fullgraph=True, dynamic=False) if compiled else model
+    # compiled: against the unsharded model through the same backend (Inductor's fusions round differently)
+    want_of = torch.compile(ref, backend="ascend_compile", fullgraph=True, dynamic=False) if compiled else ref
+    state = slices.states_over(plan.group_name)[0]
+    out = []
+    for counts in token_counts:
+        x = make_input(shape, tokens=counts[rank], seed=sum(counts) + rank)
+        want = want_of(x)
+        state.issued.clear()
+        with torch.device("meta"):
+            got = run(x)
+        out.append({"bitwise": torch.equal(got, want), "close": ((got - want).abs().max() <= 1e-5 * want.abs().max()).item(),  # 1e-5 relative
+                    "max_diff": (got - want).abs().max().item(), "path": state.path, "issued": list(state.issued),
+                    "device": str(got.device)})
+    return {"forwards": out, "saved": before - after, "planned": plan.saved_bytes(), "series": plan.series_bytes(),
+            "cuts": sorted({(m.split(".")[-1], getattr(mod, "_ascend_compile_cut"))
+                            for m, mod in model.named_modules() if hasattr(mod, "_ascend_compile_cut")})}
+
+
+def _check(results, world, expect_paths):
+    for rank, r in enumerate(results):
+        assert r["saved"] == r["planned"] == r["series"] * (world - 1) // world, rank
+        assert r["cuts"] == [("o_proj", "input"), ("q_b_proj", "output")]
+        for f, path in zip(r["forwards"], expect_paths):
+            assert f["path"] == path
+            assert f["device"] == "cpu"
+            assert f["close"], f"rank {rank}: {path} differs from the unsharded model by {f['max_diff']}"
+    # the same collectives on every rank, whatever its own token count
+    for i in range(len(expect_paths)):
+        assert len({tuple(r["forwards"][i]["issued"]) for r in results}) == 1
+        assert results[0]["forwards"][i]["issued"][0].startswith("agree")
+
+
+# (rank 0's tokens, rank 1's tokens, rank 2's ...) per forward; threshold 8 on the largest
+TOKENS = [(3, 1, 2), (1, 300, 5), (40, 9, 1), (8, 8, 8)]
+PATHS = ["decode", "prefill", "prefill", "decode"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_eager_both_paths_with_different_tokens_per_rank(world):
+    results = run_ranks(_forwards, world, 8, TOKENS, False, True)
+    _check(results, world, PATHS)
+    for r in results:
+        for f, path in zip(r["forwards"], PATHS):
+            if path == "prefill":  # the whole weight, gathered exactly: as replicated
+                assert f["bitwise"]
+    # decode computes on the slices: no weight gather; prefill gathers every layer once
+    decode, prefill = results[0]["forwards"][0]["issued"], results[0]["forwards"][1]["issued"]
+    assert not any(e.startswith("gather") for e in decode) and len(decode) == 1 + 8
+    assert [e for e in prefill if e.startswith("gather")] == [
+        f"gather layers.{i}.self_attn.{s}" for i in range(4) for s in ("q_b_proj", "o_proj")]
+
+
+def test_compiled_both_paths():
+    results = run_ranks(_forwards, 2, 8, TOKENS, True, False)
+    _check(results, 2, PATHS)
+
+
+def _graph_case(rank, world):
+    from ascend_compile.passes.graph import sliced_layers
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    torch._dynamo.reset()
+    shape = StackShape(layers=3)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=4))
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["dynamo"] = sliced_layers(gm.graph)
+
+        def fw(g, _):
+            seen["aot"] = sliced_layers(g.graph)
+            seen["effects"] = sum(1 for n in g.graph.nodes if getattr(n.target, "__name__", "") == "with_effects")
+            return g
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=fw)
+
+    torch.compile(model, backend=backend, fullgraph=True)(make_input(shape, tokens=2))
+    return seen
+
+
+def test_graph_holds_the_sliced_layers_in_order_with_effect_tokens():
+    seen = run_ranks(_graph_case, 2)[0]
+    order = [(s, i) for i in range(3) for s in ("q_b_proj", "o_proj")]
+    assert seen["dynamo"] == order
+    assert seen["aot"] == order  # after AOTAutograd: every call threaded by the ordered effect's token
+    assert seen["effects"] == 6
+
+
+def _auto_case(rank, world):
+    plan = ac.shard_model(build_stack(StackShape(layers=2)),
+                          ac.SharedWeightConfig(layers=SERIES, layout="slices"))
+    return plan.decode_tokens, plan.decode_explanation
+
+
+def test_auto_threshold_is_agreed():
+    results = run_ranks(_auto_case, 2)
+    assert len(set(results)) == 1  # measured on each rank, decided from the slowest: the same everywhere
+    threshold, explanation = results[0]
+    assert threshold in (0,) + slices.AUTO_CANDIDATES
+    assert explanation.startswith("1: decode ") and "512: decode" in explanation
+
+
+def test_choose_threshold_picks_the_last_candidate_before_decode_loses():
+    costs = {"decode": {1: 1.0, 2: 1.5, 4: 3.0, 8: 2.0}, "gemm": {1: 0.5, 2: 1.0, 4: 2.0, 8: 4.0},
+             "gather": 2.0, "prefetch_step": 1}
+    assert slices.choose_threshold(costs)[0] == 2  # 4 loses (3.0 > 2.0); 8 wins again but comes after
+    assert slices.choose_threshold(dict(costs, prefetch_step=0))[0] == 8  # no overlap: gathers add to the GEMM
+    assert slices.choose_threshold(dict(costs, decode={1: 9.0, 2: 0.1, 4: 0.1, 8: 0.1}))[0] == 0
+
+
+def test_agree_costs_takes_the_slowest_rank():
+    a = {"decode": {1: 1.0}, "gemm": {1: 3.0}, "gather": 1.0, "prefetch_step": 1}
+    b = {"decode": {1: 2.0}, "gemm": {1: 1.0}, "gather": 0.5, "prefetch_step": 1}
+    assert slices.agree_costs([a, b]) == {"decode": {1: 2.0}, "gemm": {1: 3.0}, "gather": 1.0, "prefetch_step": 1}
+
+
+@pytest.mark.parametrize("cut", [slices.INPUT_CUT, slices.OUTPUT_CUT])
+def test_whole_weight_reassembles_the_slices(cut):
+    w = torch.randn(6, 8) if cut == slices.OUTPUT_CUT else torch.randn(4, 12)
+    world = 2
+    size = w.shape[cut] // world
+    gathered = torch.cat([w.narrow(cut, r * size, size).contiguous() for r in range(world)])
+    assert torch.equal(slices.whole_weight(gathered, cut, tuple(w.shape), world), w)
+    assert slices.cut_of((64, 96)) == slices.INPUT_CUT and slices.cut_of((96, 32)) == slices.OUTPUT_CUT
+
+
+class Custom(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class Stack(nn.Module):
+    def __init__(self, make):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"o_proj": make()}) for _ in range(2))
+
+
+def _refusal_case(rank, world, which):
+    makes = {
+        "custom": lambda: Custom(8, 4),
+        "uneven": lambda: nn.Linear(9, 4),  # input cut, 9 % 2 != 0
+        "bias": lambda: nn.Linear(8, 4),
+    }
+    model = Stack(makes[which])
+    params = ["weight", "bias"] if which == "bias" else None
+    try:
+        ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], layout="slices", decode_tokens=1, params=params))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("which,message", [
+    ("custom", "layers.0.o_proj as x @ W.T \\+ b on a slice of W, but it is a Custom with its own forward"),
+    ("uneven", "along its input dimension, 9, which does not divide into 2 ranks"),
+    ("bias", "cuts the weight only"),
+])
+def test_refuses_what_it_cannot_slice(which, message):
+    import re
+
+    for got in run_ranks(_refusal_case, 2, which):  # every rank raises: the check is exchanged
+        assert got is not None and re.search(message, got), got
+        assert "layout='layers'" in got or "params" in got
+
+
+def test_config():
+    cfg = ac.SharedWeightConfig(layers=["o_proj"], layout="slices")
+    assert cfg.decode_tokens == "auto" and cfg.wrap_around is False
+    with pytest.raises(ConfigError, match="layout must be one of"):
+        ac.SharedWeightConfig(layers=["o_proj"], layout="rows")
+    with pytest.raises(ConfigError, match="no wrap-around"):
+        ac.SharedWeightConfig(layers=["o_proj"], layout="slices", wrap_around=True)
+    with pytest.raises(ConfigError, match="decode_tokens must be"):
+        ac.SharedWeightConfig(layers=["o_proj"], layout="slices", decode_tokens=-1)
+    with pytest.raises(ConfigError, match="drop it or set layout='slices'"):
+        ac.SharedWeightConfig(layers=["o_proj"], decode_tokens=4)
+
+
+def _capture_case(rank, world, lowering, mode):
+    shape = StackShape(layers=2)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=4))
+    try:
+        options = None if mode else {"lowering": lowering}  # torch.compile takes mode= or options=, not both
+        torch.compile(model, backend="ascend_compile", mode=mode, options=options)(make_input(shape))
+    except Exception as e:  # Dynamo wraps the backend's error
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("lowering,mode,message", [
+    ("inductor", "reduce-overhead", "CUDA-graph capture would replay"),
+    ("torchair", None, "torchair lowering cannot convert yet"),
+])
+def test_refused_lowerings(lowering, mode, message):
+    for got in run_fresh(_capture_case, 2, lowering, mode):
+        assert got is not None and message in got, got
+
+
+def _mismatch_case(rank, world):
+    shape = StackShape(layers=2)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=4))
+    h = make_input(shape, tokens=2)
+    model.layers[0](h)  # agree on 2 tokens at the first sliced layer
+    try:
+        # rank 1 feeds a later sliced layer more tokens than agreed: it aborts, rank 0 fails at once
+        model.layers[0].self_attn.o_proj(torch.randn(2 if rank == 0 else 5, 96))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def test_more_tokens_than_agreed_fails_every_rank():
+    got = run_fresh(_mismatch_case, 2, timeout=120)
+    assert "more than the 2 its forward agreed on" in got[1]
+    assert got[0] is not None and "PeerError" in got[0] and "Rank 1" in got[0], got[0]
