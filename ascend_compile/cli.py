@@ -56,13 +56,20 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
 
 def _plan(ns) -> int:
     """Memory saved per device and the prefetch step the cost model would pick, at NPU scale."""
-    from .passes.cost_model import CostInputs, choose_prefetch_step
+    from .passes.cost_model import CostInputs, StepInputs, choose_prefetch_step
 
-    series = {}
+    if ns.device:
+        preset = DEVICES[ns.device]
+        ns.ranks = ns.ranks or preset["ranks"]
+        ns.bandwidth_gbps = ns.bandwidth_gbps or preset["bandwidth_gbps"]
+    ns.ranks = ns.ranks or 8
+    ns.bandwidth_gbps = ns.bandwidth_gbps or 56.0
+    series, dims = {}, []
     for spec in ns.series:
         try:
-            name, dims = spec.split("=")
-            rows, cols = (int(v) for v in dims.lower().split("x"))
+            name, shape = spec.split("=")
+            rows, cols = (int(v) for v in shape.lower().split("x"))
+            dims.append((name, rows, cols))
         except ValueError:
             print(f"bad --series {spec!r}: use NAME=INxOUT, e.g. o_proj=16384x7168", file=sys.stderr)
             return 2
@@ -98,7 +105,32 @@ def _plan(ns) -> int:
           + (f", {ns.wrap_around * layer_bytes / 2**20:.1f} MiB of them held between steps (wrap-around)"
              if ns.wrap_around else "")
           + f" (net saving {(total * (k_ranks - 1) / k_ranks - buffers) * gib:.2f} GiB)")
+    step = StepInputs(
+        series=tuple(dims), bytes_per_element=DTYPE_BYTES[ns.dtype], layers=ns.layers, ranks=k_ranks,
+        link_bandwidth=ns.bandwidth_gbps * 1e9, memory_bandwidth=ns.memory_gbps * 1e9, flops_per_s=ns.tflops * 1e12,
+        latency_s=ns.latency_us * 1e-6, params_per_layer=ns.params_per_layer,
+    )
+    k = choice.k
+    print(f"\nstep estimates (modelled, not measured): {k_ranks} devices, {ns.bandwidth_gbps:g} GB/s a link (full mesh), "
+          f"{ns.memory_gbps:g} GB/s memory, {ns.tflops:g} TFLOPS, {ns.latency_us:g} us per collective, prefetch_step={k}")
+    print(f"  {'tokens/rank':>11}  {'replicated':>11}  {'layers':>17}  {'slices: decode':>17}  {'slices: gather':>17}")
+    for tokens in sorted({ns.decode_tokens, ns.tokens}):
+        t = step.steps(tokens, k, ns.wrap_around)
+        base = t["replicated"]
+
+        def cell(name):
+            return f"{t[name] * 1e3:8.2f} ms {t[name] / base:5.2f}x"
+
+        print(f"  {tokens:>11}  {base * 1e3:8.2f} ms  {cell('layers')}  {cell('slices decode')}  {cell('slices gather')}")
+    print(f"  layout='slices' computes on the slices up to {step.decode_threshold(k)} tokens per rank (decode_tokens); "
+          "both layouts save the same memory")
     return 0
+
+
+DEVICES = {  # sharing group presets for ``plan``
+    "a2": {"ranks": 8, "bandwidth_gbps": 56.0},  # Atlas A2 (910B) node: 8 devices, HCCS full mesh
+    "a3": {"ranks": 16, "bandwidth_gbps": 196.0},  # Atlas A3 supernode slice: 16 devices
+}
 
 
 def main(argv=None) -> int:
@@ -132,8 +164,12 @@ def main(argv=None) -> int:
     p.add_argument("--series", nargs="+", default=["o_proj=16384x7168", "q_b_proj=1536x24576"],
                    help="NAME=INxOUT per series (default: DeepSeek-V3)")
     p.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="bf16")
-    p.add_argument("--ranks", type=int, default=8, help="devices in the sharing group (K)")
-    p.add_argument("--bandwidth-gbps", type=float, default=56.0, help="broadcast bandwidth, GB/s (HCCS)")
+    p.add_argument("--device", choices=sorted(DEVICES), default=None,
+                   help="preset for --ranks and --bandwidth-gbps: a2 = 8 devices at 56 GB/s, a3 = 16 at 196 GB/s")
+    p.add_argument("--ranks", type=int, default=None, help="devices in the sharing group (K; default 8)")
+    p.add_argument("--bandwidth-gbps", type=float, default=None, help="link bandwidth, GB/s (HCCS; default 56)")
+    p.add_argument("--memory-gbps", type=float, default=1600.0, help="device memory bandwidth, GB/s (HBM)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="tokens per rank of a decode step, for the estimates")
     p.add_argument("--latency-us", type=float, default=20.0)
     p.add_argument("--compute-us", type=float, default=None, help="compute per decoder layer; else estimated")
     p.add_argument("--tokens", type=int, default=256, help="tokens per step, for the compute estimate")

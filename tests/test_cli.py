@@ -120,6 +120,17 @@ def test_plan_at_deepseek_v3_scale(capsys):
     assert "prefetch_step: k=1" in out and "compute-bound" in out  # 10 ms of compute hides a 5.6 ms transfer
 
 
+def test_plan_compares_the_layouts_per_step(capsys):
+    assert cli.main(["plan", "--device", "a3", "--decode-tokens", "32", "--tokens", "4096"]) == 0
+    out = capsys.readouterr().out
+    assert "16 devices, 196 GB/s a link (full mesh)" in out and "20 us per collective" in out
+    rows = {int(line.split()[0]): line for line in out.splitlines() if re.match(r"\s+\d+\s+\d", line)}
+    assert sorted(rows) == [32, 4096]
+    assert re.search(r"layout='slices' computes on the slices up to \d+ tokens per rank", out)
+    assert cli.main(["plan", "--latency-us", "100000"]) == 0  # collectives this slow: never compute on slices
+    assert "computes on the slices up to 0 tokens per rank" in capsys.readouterr().out
+
+
 def test_plan_rejects_a_bad_series(capsys):
     assert cli.main(["plan", "--series", "o_proj=16384"]) == 2
     assert "use NAME=INxOUT" in capsys.readouterr().err

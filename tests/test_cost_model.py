@@ -116,3 +116,33 @@ def test_auto_at_compile_time_needs_shard_time_measurements_or_given_costs():
         assert "the missing ['latency_s', 'compute_s']" in msg
     given = {"bandwidth": 1e9, "latency_s": 0.0, "compute_s": 1e-3}
     assert run_ranks(_auto_at_compile_case, 2, given) == [True, True]
+
+
+def _v3(**kw):
+    from ascend_compile.passes.cost_model import StepInputs
+
+    base = dict(series=(("o_proj", 16384, 7168), ("q_b_proj", 1536, 24576)), bytes_per_element=2, layers=61,
+                ranks=8, link_bandwidth=56e9, memory_bandwidth=1.6e12, flops_per_s=120e12, latency_s=20e-6,
+                params_per_layer=37e9 / 61)
+    base.update(kw)
+    return StepInputs(**base)
+
+
+def test_slices_decode_reads_one_kth_of_each_weight_and_pays_per_collective():
+    free_links = _v3(link_bandwidth=float("inf"), latency_s=0.0)
+    rep, dec = free_links.replicated_layer_s(1), free_links.decode_layer_s(1)
+    # memory-bound at one token: the saving is (K-1)/K of the series' weight read
+    series_read = free_links.series_bytes() / free_links.memory_bandwidth
+    assert rep - dec == pytest.approx(series_read * 7 / 8, rel=1e-9)
+    # every series costs two collectives: their latency adds up
+    slow = _v3(link_bandwidth=float("inf"), latency_s=1e-3)
+    assert slow.decode_layer_s(1) - dec == pytest.approx(4 * 1e-3)
+    assert slow.decode_threshold() == 0  # 4 ms a layer of collectives never beats gathering
+    assert free_links.decode_threshold() > 1000
+
+
+def test_gathering_slices_moves_one_kth_of_a_broadcast():
+    s = _v3().steps(1, prefetch_step=1)
+    assert s["slices gather"] < s["layers"]  # all links busy, not only the owner's
+    assert _v3(ranks=16).steps(1)["slices gather"] <= _v3(ranks=8).steps(1)["slices gather"]
+    assert set(s) == {"replicated", "layers", "slices gather", "slices decode"}

@@ -115,3 +115,75 @@ def choose_prefetch_step(inputs: CostInputs, tolerance: float = 0.01, allowed=No
     if vetoed:
         explanation += f"; k={vetoed} not taken: they would change the collective order"
     return Choice(k, times, explanation)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """A decoder stack at device scale, for comparing the layouts per step (``ascend-compile plan``).
+
+    ``series``: ``((name, d_in, d_out), ...)``; ``bytes_per_element`` of their weights. The link model
+    is a full mesh: one device's collective that sends ``b`` bytes to each of the others takes
+    ``latency_s + b / link_bandwidth`` (its links run in parallel), so a broadcast from one owner moves a
+    whole layer over each link while an all-gather of ``1/K`` slices moves ``1/K`` of it. A replicated
+    layer takes ``max(flops / flops_per_s, weight bytes / memory_bandwidth)``."""
+
+    series: tuple
+    bytes_per_element: float
+    layers: int
+    ranks: int
+    link_bandwidth: float
+    memory_bandwidth: float
+    flops_per_s: float
+    latency_s: float
+    params_per_layer: float  # every parameter a token reads per decoder layer (the series included)
+
+    def series_bytes(self) -> float:
+        return sum(d_in * d_out for _, d_in, d_out in self.series) * self.bytes_per_element
+
+    def gemm_s(self, tokens: int, params: float) -> float:
+        return max(2 * tokens * params / self.flops_per_s, params * self.bytes_per_element / self.memory_bandwidth)
+
+    def replicated_layer_s(self, tokens: int) -> float:
+        return self.gemm_s(tokens, self.params_per_layer)
+
+    def rest_layer_s(self, tokens: int) -> float:
+        """A layer's time without its series' GEMMs."""
+        series = sum(d_in * d_out for _, d_in, d_out in self.series)
+        return max(0.0, self.replicated_layer_s(tokens) - self.gemm_s(tokens, series))
+
+    def decode_layer_s(self, tokens: int) -> float:
+        """A layer on the slices, moving activations: per series a GEMM reading ``1/K`` of the weight
+        over ``K * tokens`` rows, and two collectives (``tokens`` = the largest of any rank)."""
+        k, b, t = self.ranks, self.bytes_per_element, self.rest_layer_s(tokens)
+        for _, d_in, d_out in self.series:
+            flops_s = 2 * tokens * d_in * d_out / self.flops_per_s
+            t += max(flops_s, d_in * d_out * b / k / self.memory_bandwidth)
+            if d_in > d_out:  # input cut: all-to-all of the inputs, reduce-scatter of the outputs
+                sent = [tokens * d_in / k * b, tokens * d_out * b]
+            else:  # output cut: all-gather of the inputs, all-to-all of the outputs
+                sent = [tokens * d_in * b, tokens * d_out / k * b]
+            t += sum(self.latency_s + s / self.link_bandwidth for s in sent)
+        return t
+
+    def steps(self, tokens: int, prefetch_step: int = 1, wrap_windows: int = 0) -> dict:
+        """Seconds per forward: ``replicated``, ``layers`` (broadcasts from owners), ``slices gather``
+        (all-gathers of slices ahead) and ``slices decode`` (activations moved), and the agreement's
+        all-reduce on both slices paths."""
+        rep = self.replicated_layer_s(tokens)
+        whole = self.series_bytes()
+        layers = simulate(CostInputs(self.layers, int(whole), int(whole), self.link_bandwidth, rep, self.latency_s,
+                                     wrap_windows=wrap_windows), prefetch_step)
+        gather = simulate(CostInputs(self.layers, int(whole / self.ranks), int(whole), self.link_bandwidth, rep,
+                                     self.latency_s), prefetch_step)
+        return {"replicated": self.layers * rep, "layers": layers, "slices gather": gather + self.latency_s,
+                "slices decode": self.layers * self.decode_layer_s(tokens) + self.latency_s}
+
+    def decode_threshold(self, prefetch_step: int = 1, limit: int = 1 << 16) -> int:
+        """The largest token count (a power of two) up to which the decode path is no slower than gathering."""
+        chosen, n = 0, 1
+        while n <= limit:
+            s = self.steps(n, prefetch_step)
+            if s["slices decode"] > s["slices gather"]:
+                break
+            chosen, n = n, n * 2
+        return chosen

@@ -1,0 +1,121 @@
+"""Decode and prefill step time on 2 CPU ranks (gloo): replicated = 1.00 vs ``layout="layers"`` vs
+``layout="slices"``, with a different token count on each rank.
+
+Configurations, on the same DeepSeek-shaped stack (``o_proj`` and ``q_b_proj`` shared), timed in the
+same processes, interleaved round by round (only ratios within one run are reported):
+
+- ``replicated``              unsharded model, Inductor (1.00)
+- ``layers k=1``              whole layers broadcast one ahead (wrap-around on)
+- ``slices``                  ``decode_tokens=64``: decode forwards compute on the slices and move
+                              activations; prefill forwards gather each weight one layer ahead
+- ``slices auto``             ``decode_tokens="auto"``: the threshold measured at shard time
+- ``slices gather-only``      ``decode_tokens=0``: every forward gathers the weights (what the decode
+                              path saves)
+
+Phases: ``decode`` (rank 0 runs 4 tokens, rank 1 runs 1, as an idle DP rank's dummy forward) and
+``prefill`` (256 and 128 tokens). Sizes: hidden 1024 (o_proj 8 MB fp32) and 2048 (32 MB), where
+a decode GEMM reads its weight from memory.
+
+Run: ``python benchmarks/decode.py``; writes ``benchmarks/results/decode.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+SERIES = ["o_proj", "q_b_proj"]
+PHASES = {"decode": (4, 1), "prefill": (256, 128)}
+
+
+def _rank(rank, world, hidden, layers, rounds):
+    import torch
+    import torch.distributed as dist
+
+    import ascend_compile as ac
+    from ascend_compile.models import StackShape, build_stack, make_input
+    from ascend_compile.runtime import slices
+
+    torch._dynamo.config.recompile_limit = 64
+    shape = StackShape.scaled(layers, hidden)
+    configs, plans = {}, {}
+    configs["replicated"] = torch.compile(build_stack(shape), backend="inductor")
+    m = build_stack(shape)
+    plans["layers k=1"] = ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
+    configs["layers k=1"] = torch.compile(m, backend="ascend_compile")
+    for name, threshold in (("slices", 64), ("slices auto", "auto"), ("slices gather-only", 0)):
+        m = build_stack(shape)
+        plans[name] = ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=threshold))
+        configs[name] = torch.compile(m, backend="ascend_compile")
+    inputs = {phase: make_input(shape, tokens=counts[rank], seed=7) for phase, counts in PHASES.items()}
+    ref = build_stack(shape)
+    out = {"times": {}, "max_rel_diff": {}, "paths": {}}
+    with torch.no_grad():
+        for phase, x in inputs.items():
+            want = ref(x)
+            for name, fn in configs.items():
+                fn(x)
+                got = fn(x)
+                diff = float((got - want).abs().max() / want.abs().max())
+                out["max_rel_diff"][f"{phase} {name}"] = diff
+            times = {name: [] for name in configs}
+            for _ in range(rounds):
+                for name, fn in configs.items():
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    for _ in range(3):
+                        fn(x)
+                    dt = torch.tensor([(time.perf_counter() - t0) / 3], dtype=torch.float64)
+                    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
+                    times[name].append(float(dt))
+            out["times"][phase] = {n: statistics.median(t) for n, t in times.items()}
+            for name, plan in plans.items():
+                if plan.layout == "slices":
+                    state = slices.state_of(plan.group_name, plan.generation)
+                    out["paths"][f"{phase} {name}"] = state.path
+    ac.drain_prefetch(configs["layers k=1"]._orig_mod)
+    out["memory"] = {name: {"saved_bytes": p.saved_bytes(), "series_bytes": p.series_bytes(),
+                            "decode_tokens": p.decode_tokens, "explanation": p.decode_explanation}
+                     for name, p in plans.items()}
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    a = p.parse_args(argv)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from ascend_compile.launch import spawn
+
+    report = {"machine": f"{os.cpu_count()} cores, 2 gloo ranks on 127.0.0.1", "tokens_per_rank": PHASES, "sizes": {}}
+    for hidden in a.hidden:
+        res = spawn(_rank, 2, hidden, a.layers, a.rounds, timeout=3600)[0]
+        entry = {"o_proj_mb": 2 * hidden * hidden * 4 / 2**20, "phases": {}, "memory": res["memory"],
+                 "paths": res["paths"], "max_rel_diff": res["max_rel_diff"]}
+        print(f"\n== hidden {hidden} ({a.layers} layers; o_proj {entry['o_proj_mb']:.0f} MB fp32)")
+        for phase, times in res["times"].items():
+            base = times["replicated"]
+            entry["phases"][phase] = {n: {"ms": t * 1e3, "vs_replicated": t / base} for n, t in times.items()}
+            print(f"  {phase} (tokens per rank {PHASES[phase]}):")
+            for n, t in times.items():
+                path = res["paths"].get(f"{phase} {n}", "")
+                print(f"    {n:<20}{t * 1e3:>9.2f} ms {t / base:>6.2f}x  {path}")
+        for n, mem in res["memory"].items():
+            print(f"  {n}: saves {mem['saved_bytes'] / 2**20:.1f} of {mem['series_bytes'] / 2**20:.1f} MB"
+                  + (f", decode_tokens={mem['decode_tokens']}" if mem["decode_tokens"] is not None else ""))
+        report["sizes"][str(hidden)] = entry
+    os.makedirs(a.out_dir, exist_ok=True)
+    with open(os.path.join(a.out_dir, "decode.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
