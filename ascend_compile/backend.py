@@ -44,13 +44,13 @@ def check_mode(lowering: str, mode: Optional[str]) -> None:
                       f"{lowering!r}, which does not use them: {fix}")
 
 
-def check_sliced(gm: fx.GraphModule, opts: CompileOptions, mode: Optional[str]) -> None:
+def check_sliced(gm: fx.GraphModule, opts: CompileOptions, mode: Optional[str]) -> list:
     """Graphs with sliced layers (``layout="slices"``) run on the Inductor, aot_eager and eager
     lowerings, uncaptured: each sliced layer picks its path and its in-flight gathers in Python at
     run time, which a CUDA/ACL graph replay would skip, and torchair has no converter for it."""
     layers = sliced_layers(gm.graph)
     if not layers:
-        return
+        return layers
     if opts.lowering == "torchair":
         raise ConfigError(f"this graph computes {len(layers)} sliced layer(s) (layout='slices'), which the torchair "
                           "lowering cannot convert yet: shard with SharedWeightConfig(layout='layers') on the NPU")
@@ -58,6 +58,7 @@ def check_sliced(gm: fx.GraphModule, opts: CompileOptions, mode: Optional[str]) 
         raise ConfigError(f"this graph computes {len(layers)} sliced layer(s) (layout='slices'), whose path is chosen "
                           "in Python at every forward, and CUDA-graph capture would replay the first forward's path: "
                           "compile with mode='max-autotune-no-cudagraphs' or no mode")
+    return layers
 
 
 def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: Any = None, mode: Optional[str] = None):
@@ -67,7 +68,11 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
         options = compile_options()
     opts = CompileOptions.from_dict(options)
     check_mode(opts.lowering, mode)
-    check_sliced(gm, opts, mode)
+    sliced = check_sliced(gm, opts, mode)
+    if sliced:
+        from .debug.dump import slices_table
+
+        GraphDumper(opts.dump_dir, comm.global_rank()).schedule(slices_table(sliced, comm.global_rank()))
     groups = marker_groups(gm.graph)
     if not groups:
         log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)

@@ -244,3 +244,32 @@ def test_more_tokens_than_agreed_fails_every_rank():
     got = run_fresh(_mismatch_case, 2, timeout=120)
     assert "more than the 2 its forward agreed on" in got[1]
     assert got[0] is not None and "PeerError" in got[0] and "Rank 1" in got[0], got[0]
+
+
+def _dump_case(rank, world, dump_dir):
+    torch._dynamo.reset()
+    shape = StackShape(layers=2)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=4))
+    torch.compile(model, backend="ascend_compile", options={"dump_dir": dump_dir})(make_input(shape, tokens=2))
+    return True
+
+
+def test_dump_and_explain_show_the_sliced_layers(tmp_path, capsys):
+    import json
+
+    from ascend_compile import cli
+
+    run_ranks(_dump_case, 2, str(tmp_path))
+    table = json.loads((tmp_path / "rank_1" / "schedule.json").read_text())
+    assert table["layout"] == "slices" and table["decode_tokens"] == 4 and table["world_size"] == 2
+    rows = {r["layer"]: r for r in table["sliced"]}
+    assert list(rows) == ["q_b_proj[0]", "o_proj[0]", "q_b_proj[1]", "o_proj[1]"]
+    # o_proj 96 -> 64, input cut: 48 inputs out and 64 partial outputs per token; prefill gathers half of 96 x 64
+    assert rows["o_proj[0]"]["cut"] == "input" and rows["o_proj[0]"]["decode_bytes_per_token"] == (48 + 64) * 4
+    assert rows["o_proj[0]"]["gather_bytes"] == 96 * 64 * 4 // 2
+    assert rows["q_b_proj[0]"]["cut"] == "output" and rows["q_b_proj[0]"]["decode_bytes_per_token"] == (32 + 48) * 4
+    assert cli.main(["explain", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "layout=slices  sliced layers=4  decode path up to 4 tokens" in out
+    assert "o_proj[1]" in out and "input cut  decode moves 448 B per token, prefill gathers 12288 B" in out

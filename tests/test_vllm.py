@@ -110,6 +110,9 @@ def test_config_errors_name_the_key_and_the_fix():
         integ.check_config(_Cfg(sw, mode=2, backend="inductor"))
     integ.check_config(_Cfg(sw, mode=2))
     integ.check_config(_Cfg(sw, mode=1))
+    sliced = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "layout": "slices"}}}
+    with pytest.raises(ConfigError, match=r"layout='slices' is not available under vLLM yet.*Use layout='layers'"):
+        integ.check_config(_Cfg(sliced, mode=2))
     integ.check_config(_Cfg({}, mode=3))  # nothing shared: nothing to refuse
     integ.check_config(_Cfg({}, mode=0, enforce_eager=True))
 

@@ -138,8 +138,39 @@ def timeline_svg(table: dict) -> str:
     return "\n".join(out)
 
 
+def slices_table(layers: list, rank: int) -> dict:
+    """``schedule.json`` of a graph with sliced layers (``layout="slices"``): the threshold, and per layer
+    its cut and the bytes each path moves. ``layers``: ``sliced_layers`` of the graph."""
+    from ..runtime import slices
+
+    out = {"rank": rank, "layout": "slices", "sliced": []}
+    for series, index, group, generation in layers:
+        state = slices.state_of(group, generation)
+        layer = state.layers[state.position[(series, index)]]
+        world = state.pg.size()
+        d_out, d_in = layer.shape
+        size = state.slices[state.position[(series, index)]].element_size()
+        sent = [d_in / world, d_out] if layer.cut == slices.INPUT_CUT else [d_in, d_out / world]
+        out.update(world_size=world, group=group, decode_tokens=state.decode_tokens,
+                   prefetch_step=state.prefetch_step, forwards=dict(state.forwards))
+        out["sliced"].append({
+            "layer": layer_name(series, index), "module": layer.module, "cut": slices.cut_name(layer.cut),
+            "decode_bytes_per_token": int(sum(sent) * size * (world - 1)),
+            "gather_bytes": d_out * d_in * size * (world - 1) // world,
+        })
+    return out
+
+
 def format_schedule(table: dict) -> str:
     """The schedule table as text, as ``ascend-compile explain`` prints it."""
+    if table.get("layout") == "slices":
+        lines = [f"rank {table.get('rank')} / world {table.get('world_size')}  layout=slices  "
+                 f"sliced layers={len(table['sliced'])}  decode path up to {table.get('decode_tokens')} tokens "
+                 f"(the most of any rank), else gathers {table.get('prefetch_step')} layer(s) ahead; "
+                 f"forwards before this compile: {table.get('forwards')}"]
+        lines += [f"  {r['layer']:<22} {r['cut']:>6} cut  decode moves {r['decode_bytes_per_token']} B per token, "
+                  f"prefill gathers {r['gather_bytes']} B" for r in table["sliced"]]
+        return "\n".join(lines)
     rows = table.get("collectives", [])
     head = (f"rank {table.get('rank')} / world {table.get('world_size')}  prefetch_step={table.get('prefetch_step')}  "
             f"collectives={len(rows)}")

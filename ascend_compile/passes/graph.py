@@ -91,12 +91,12 @@ def is_sliced(node: fx.Node) -> bool:
 
 
 def sliced_layers(graph: fx.Graph) -> list:
-    """``[(series, index)]`` of the sliced layers a graph calls, in graph order."""
+    """``[(series, index, group_name, generation)]`` of the sliced layers a graph calls, in graph order."""
     out = []
     for n in graph.nodes:
         if is_sliced(n):
             args = n.args[2:] if n.target not in sliced_targets() else n.args
-            out.append((args[3], args[4]))
+            out.append(tuple(args[3:7]))
     return out
 
 

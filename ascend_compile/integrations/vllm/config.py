@@ -65,6 +65,12 @@ def check_config(vllm_config) -> None:
         return
     cfg = SharedWeightConfig.from_dict(dict(ours["shared_weight"]))  # its keys and values, before any group exists
     check_not_double_sharded(vllm_config, cfg)
+    if cfg.layout == "slices":
+        raise ConfigError(
+            "shared_weight layout='slices' is not available under vLLM yet: its loader would read every checkpoint "
+            "tensor whole on every rank, and vLLM's linear layers compute through their quantization methods, which "
+            "the slices do not call. Use layout='layers' (the default) under vLLM"
+        )
     cc = vllm_config.compilation_config
     mode = _mode(cc)
     if mode == 3:
