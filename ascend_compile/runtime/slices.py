@@ -186,8 +186,37 @@ class SliceState:
         buf = torch.empty((w.shape[0] * self.pg.size(), w.shape[1]), dtype=w.dtype, device=w.device)
         self.issued.append(f"gather {self.layers[pos].module}")
         work = self._collective(f"the gather of {self.layers[pos].module}'s slices",
-                                lambda: dist.all_gather_into_tensor(buf, w, group=self.pg, async_op=True))
+                                lambda: gather_slices(buf, w, self.pg, async_op=True))
         return work, buf
+
+
+class _Works:
+    """Several async collectives waited as one."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def wait(self) -> bool:
+        for w in self.works:
+            w.wait()
+        return True
+
+
+def gather_slices(buf: torch.Tensor, w: torch.Tensor, pg, async_op: bool = False):
+    """Every rank's ``w`` stacked along dim 0 into ``buf``. An all-gather, except on gloo, whose
+    all-gather took 1.7x the time of one broadcast per rank on these CPU machines (8 MB, 2 ranks):
+    there each rank broadcasts its slice into its block of ``buf``."""
+    if dist.get_backend(pg) != "gloo":
+        return dist.all_gather_into_tensor(buf, w, group=pg, async_op=async_op)
+    rows, rank = w.shape[0], dist.get_rank(pg)
+    buf[rank * rows:(rank + 1) * rows].copy_(w)
+    works = [dist.broadcast(buf[s * rows:(s + 1) * rows], group_src=s, group=pg, async_op=True)
+             for s in range(pg.size())]
+    done = _Works(works)
+    if not async_op:
+        done.wait()
+        return None
+    return done
 
 
 def whole_weight(gathered: torch.Tensor, cut: int, shape: tuple, world: int) -> torch.Tensor:
@@ -344,7 +373,7 @@ def measure_paths(pg, layers: list, prefetch_step: int, reps: int = 3) -> dict:
     whole = {}
     for series, (sl, w) in first.items():
         buf = torch.empty((w.shape[0] * world, w.shape[1]), dtype=w.dtype, device=w.device)
-        gather += timed(lambda: dist.all_gather_into_tensor(buf, w.contiguous(), group=pg))
+        gather += timed(lambda: gather_slices(buf, w, pg))
         whole[series] = whole_weight(buf, sl.cut, sl.shape, world)
     for n in AUTO_CANDIDATES:
         decode[n], gemm[n] = 0.0, 0.0
