@@ -67,10 +67,8 @@ PATHS = ["decode", "prefill", "prefill", "decode"]
 def test_eager_both_paths_with_different_tokens_per_rank(world):
     results = run_ranks(_forwards, world, 8, TOKENS, False, True)
     _check(results, world, PATHS)
-    for r in results:
-        for f, path in zip(r["forwards"], PATHS):
-            if path == "prefill":  # the whole weight, gathered exactly: as replicated
-                assert f["bitwise"]
+    # (prefill gathers the whole weight exactly, test_whole_weight_reassembles_the_slices; an input-cut
+    # layer multiplies by it transposed, which BLAS may round differently at small batches: not bitwise)
     # decode computes on the slices: no weight gather; prefill gathers every layer once
     decode, prefill = results[0]["forwards"][0]["issued"], results[0]["forwards"][1]["issued"]
     assert not any(e.startswith("gather") for e in decode) and len(decode) == 1 + 8
@@ -94,10 +92,10 @@ def _graph_case(rank, world):
     seen = {}
 
     def backend(gm, example_inputs):
-        seen["dynamo"] = sliced_layers(gm.graph)
+        seen["dynamo"] = [layer[:2] for layer in sliced_layers(gm.graph)]
 
         def fw(g, _):
-            seen["aot"] = sliced_layers(g.graph)
+            seen["aot"] = [layer[:2] for layer in sliced_layers(g.graph)]
             seen["effects"] = sum(1 for n in g.graph.nodes if getattr(n.target, "__name__", "") == "with_effects")
             return g
 
@@ -148,8 +146,11 @@ def test_whole_weight_reassembles_the_slices(cut):
     w = torch.randn(6, 8) if cut == slices.OUTPUT_CUT else torch.randn(4, 12)
     world = 2
     size = w.shape[cut] // world
-    gathered = torch.cat([w.narrow(cut, r * size, size).contiguous() for r in range(world)])
-    assert torch.equal(slices.whole_weight(gathered, cut, tuple(w.shape), world), w)
+    sent = [slices.gather_source(cut, w.narrow(cut, r * size, size)).contiguous() for r in range(world)]
+    whole = slices.whole_weight(torch.cat(sent), cut, tuple(w.shape), world)
+    assert torch.equal(whole, w)
+    if cut == slices.INPUT_CUT:  # the transpose of the gathered rows: no copy
+        assert whole.data_ptr() == sent[0].data_ptr() or whole.t().is_contiguous()
     assert slices.cut_of((64, 96)) == slices.INPUT_CUT and slices.cut_of((96, 32)) == slices.OUTPUT_CUT
 
 

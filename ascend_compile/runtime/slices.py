@@ -102,7 +102,7 @@ class SliceState:
         self.group_name = group_name
         self.generation = generation
         self.layers = layers  # [SlicedLayer] in model order: the order the forward calls them
-        self.slices = slices  # this rank's slice of each layer's weight, by position
+        self.slices = slices  # this rank's slice of each layer's weight, by position (as gathered: see gather_source)
         self.position = {(sl.series, sl.index): i for i, sl in enumerate(layers)}
         self.prefetch_step = prefetch_step
         self.decode_tokens = decode_tokens
@@ -181,8 +181,7 @@ class SliceState:
         return whole_weight(buf, self.layers[pos].cut, self.layers[pos].shape, self.pg.size())
 
     def issue_gather(self, pos: int, w: Optional[torch.Tensor]):
-        if w is None:
-            w = self.slices[pos]
+        w = self.slices[pos] if w is None else gather_source(self.layers[pos].cut, w)
         buf = torch.empty((w.shape[0] * self.pg.size(), w.shape[1]), dtype=w.dtype, device=w.device)
         self.issued.append(f"gather {self.layers[pos].module}")
         work = self._collective(f"the gather of {self.layers[pos].module}'s slices",
@@ -219,12 +218,17 @@ def gather_slices(buf: torch.Tensor, w: torch.Tensor, pg, async_op: bool = False
     return done
 
 
+def gather_source(cut: int, w: torch.Tensor) -> torch.Tensor:
+    """What a rank sends of its slice ``w`` (the layer's ``[d_out, d_in / K]`` or ``[d_out / K, d_in]``
+    weight): a contiguous block whose stacking along dim 0 over the ranks is the whole weight (output
+    cut) or its transpose (input cut: the slice is stored as a block of rows of ``W.T``, so the
+    gathered weight needs no copy to be used)."""
+    return w.t() if cut == INPUT_CUT else w
+
+
 def whole_weight(gathered: torch.Tensor, cut: int, shape: tuple, world: int) -> torch.Tensor:
-    """The ``[d_out, d_in]`` weight from the ranks' slices stacked along dim 0."""
-    if cut == OUTPUT_CUT:
-        return gathered
-    d_out, d_in = shape
-    return gathered.view(world, d_out, d_in // world).permute(1, 0, 2).reshape(d_out, d_in)
+    """The ``[d_out, d_in]`` weight (a view) from the ranks' ``gather_source`` stacked along dim 0."""
+    return gathered.t() if cut == INPUT_CUT else gathered
 
 
 def decode_linear(x: torch.Tensor, w: torch.Tensor, cut: int, tokens: int, pg, collective, name: str = "") -> torch.Tensor:
@@ -325,7 +329,9 @@ def slice_modules(per_layer: dict, model_order: dict, rank: int, world: int, gro
             w = params["weight"]
             cut = cut_of(tuple(w.shape))
             size = w.shape[cut] // world
-            part = w.detach().narrow(cut, rank * size, size).clone(memory_format=torch.contiguous_format)  # own storage
+            part = w.detach().narrow(cut, rank * size, size)
+            # own storage, laid out as gather_source sends it: for an input cut, rows of W.T
+            part = part.t().contiguous().t() if cut == INPUT_CUT else part.clone(memory_format=torch.contiguous_format)
             module._parameters["weight"] = nn.Parameter(part, requires_grad=False)
             if module.bias is not None:
                 module.bias.requires_grad_(False)
@@ -334,7 +340,7 @@ def slice_modules(per_layer: dict, model_order: dict, rank: int, world: int, gro
             module.__class__ = _sliced_class(type(module))
             layers.append((mname, SlicedLayer(series, index, mname, cut, tuple(w.shape)), module))
     layers.sort(key=lambda t: model_order[t[0]])
-    return [(sl, module.weight) for _, sl, module in layers]
+    return [(sl, gather_source(sl.cut, module.weight)) for _, sl, module in layers]
 
 
 def install(group_name: str, generation: int, layers: list, prefetch_step: int, decode_tokens: int) -> SliceState:
@@ -373,14 +379,14 @@ def measure_paths(pg, layers: list, prefetch_step: int, reps: int = 3) -> dict:
     whole = {}
     for series, (sl, w) in first.items():
         buf = torch.empty((w.shape[0] * world, w.shape[1]), dtype=w.dtype, device=w.device)
-        gather += timed(lambda: gather_slices(buf, w, pg))
+        gather += timed(lambda: gather_slices(buf, w, pg))  # w: as gathered (gather_source)
         whole[series] = whole_weight(buf, sl.cut, sl.shape, world)
     for n in AUTO_CANDIDATES:
         decode[n], gemm[n] = 0.0, 0.0
         for series, (sl, w) in first.items():
             x = torch.randn(n, sl.shape[1], dtype=w.dtype, device=w.device)
             dist.barrier(group=pg)
-            decode[n] += timed(lambda: decode_linear(x, w, sl.cut, n, pg, no_fail))
+            decode[n] += timed(lambda: decode_linear(x, gather_source(sl.cut, w), sl.cut, n, pg, no_fail))
             gemm[n] += timed(lambda: F.linear(x, whole[series]))
     return {"decode": decode, "gemm": gemm, "gather": gather, "prefetch_step": prefetch_step}
 
