@@ -170,12 +170,19 @@ class SliceState:
         return out + b if b is not None else out
 
     def gathered(self, pos: int, w: torch.Tensor) -> torch.Tensor:
-        """Layer ``pos``'s whole weight; issues the gathers of the next ``prefetch_step`` layers."""
+        """Layer ``pos``'s whole weight. The gathers of a prefill forward follow ``prefetch_step`` = k
+        per series, as ``layout="layers"`` broadcasts: layers ``0..k-1`` of every series at the
+        forward's first sliced layer, then layer ``i + k`` of a series when its layer ``i`` is used."""
+        if pos == 0:
+            for early in range(len(self.layers)):
+                if self.layers[early].index < self.prefetch_step and early not in self.in_flight:
+                    self.in_flight[early] = self.issue_gather(early, w if early == pos else None)
         if pos not in self.in_flight:
             self.in_flight[pos] = self.issue_gather(pos, w)
-        for ahead in range(pos + 1, min(pos + 1 + self.prefetch_step, len(self.layers))):
-            if ahead not in self.in_flight:
-                self.in_flight[ahead] = self.issue_gather(ahead, None)
+        layer = self.layers[pos]
+        ahead = self.position.get((layer.series, layer.index + self.prefetch_step))
+        if self.prefetch_step and ahead is not None and ahead not in self.in_flight:
+            self.in_flight[ahead] = self.issue_gather(ahead, None)
         work, buf = self.in_flight.pop(pos)
         self._collective(f"the gather of {self.layers[pos].module}'s slices", work.wait)
         return whole_weight(buf, self.layers[pos].cut, self.layers[pos].shape, self.pg.size())
