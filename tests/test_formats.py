@@ -229,3 +229,24 @@ def test_torchair_converts_the_buffer_through_its_own_empty_with_format():
                                    "acl_format": FRACTAL_NZ, "meta_outputs": None})]
     finally:
         fake_torchair.uninstall()
+
+
+def _sliced_nz_case(rank, world):
+    fake, saved = _install()
+    try:
+        model = build_stack(StackShape(layers=2))
+        for layer in model.layers:
+            fake.npu_format_cast(layer.self_attn.o_proj.weight, FRACTAL_NZ)
+        try:
+            ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj", "q_b_proj"], layout="slices", decode_tokens=1))
+        except ac.ConfigError as e:
+            return str(e)
+        return None
+    finally:
+        _uninstall(saved)
+
+
+def test_slices_refuse_nz_weights_on_every_rank():
+    for got in run_ranks(_sliced_nz_case, 2):
+        assert got is not None and got.startswith("o_proj.weight[0] is stored in FRACTAL_NZ, whose tiles cannot be "
+                                                  "cut into slices: use SharedWeightConfig(layout='layers')"), got

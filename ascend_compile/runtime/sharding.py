@@ -330,7 +330,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
         by_module = {m: params for members in per_layer.values() for m, _, params in members}
         owned_formats = {}
         for sp in plan.params:
-            if sp.owner == plan.rank:
+            if sp.owner in (plan.rank, -1):  # -1: a slice on every rank
                 fmt = formats.storage_format(by_module[sp.module][sp.param])
                 if formats.special(fmt):
                     owned_formats[layer_name(sp.series, sp.index)] = fmt
@@ -344,7 +344,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     for layer, fmt in sorted(table.items()):  # the same table on every rank: every rank raises
         formats.check_reproducible(layer, fmt)
         if plan.layout == "slices":
-            raise ConfigError(f"{layer} is stored in NPU format {fmt}, whose tiles cannot be cut into slices: "
+            raise ConfigError(f"{layer} is stored in {formats.name(fmt)}, whose tiles cannot be cut into slices: "
                               "use SharedWeightConfig(layout='layers') for its series")
     plan.formats = table
     comm.record_shard(plan.group_name, generation, costs, timeout, table, token=gathered[0]["token"])
