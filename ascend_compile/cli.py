@@ -14,7 +14,8 @@ def _demo(ns) -> int:
 
     args = demo.DemoArgs(
         ranks=ns.ranks, layers=ns.layers, hidden=ns.hidden, series=tuple(ns.series), prefetch_step=ns.prefetch_step,
-        lowering=ns.lowering, dtype=ns.dtype, tokens=ns.tokens, dump_dir=ns.dump_dir or "",
+        lowering=ns.lowering, dtype=ns.dtype, tokens=ns.tokens, dump_dir=ns.dump_dir or "", layout=ns.layout,
+        decode_tokens=ns.decode_tokens,
     )
     text, ok = demo.report(*demo.run(args))
     print(text)
@@ -150,6 +151,8 @@ def main(argv=None) -> int:
     d.add_argument("--dtype", choices=DTYPES, default="float32")
     d.add_argument("--tokens", type=int, default=16)
     d.add_argument("--dump-dir", default=None, help="where to write the graph dumps (default: a temp dir)")
+    d.add_argument("--layout", choices=["layers", "slices"], default="layers")
+    d.add_argument("--decode-tokens", type=int, default=8, help="--layout slices: the most tokens computed on slices")
     d.set_defaults(fn=_demo)
 
     e = sub.add_parser("explain", help="print the collective schedule of a dump directory and flag what looks "

@@ -111,6 +111,17 @@ def test_demo_runs_and_checks_itself(tmp_path):
         assert re.search(r'"name": "ascend_compile_graph_\d+_\d+_schedule", "encoding": "json"', text)
 
 
+def test_demo_with_slices(tmp_path):
+    returncode, stdout, stderr = run_command(
+        [sys.executable, "-m", "ascend_compile.cli", "demo", "--layers", "2", "--hidden", "256", "--layout", "slices",
+         "--dump-dir", str(tmp_path)], timeout=500)
+    assert returncode == 0, stdout + stderr
+    assert "layout=slices" in stdout and "50.0%" in stdout
+    assert re.search(r"decode forward \(2 tokens on rank 0, 1 on the others.*rank 0 \d\.\d+e-0[6-9], rank 1 ", stdout)
+    assert "layout=slices  sliced layers=4  decode path up to 8 tokens" in stdout
+    assert "result: OK - sharded model matches the unsharded model" in stdout
+
+
 def test_plan_at_deepseek_v3_scale(capsys):
     assert cli.main(["plan", "--ranks", "8", "--dtype", "bf16", "--compute-us", "10000"]) == 0
     out = capsys.readouterr().out
