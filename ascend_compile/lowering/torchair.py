@@ -1,8 +1,8 @@
 """torchair: Ascend NPU graph execution (GE ``max-autotune`` or ``reduce-overhead``/npugraph_ex).
 
-NOT VERIFIED ON HARDWARE: this machine has no NPU; the adapter is tested against a fake
-torchair that records what it is given (tests/fake_torchair.py). docs/npu_runbook.md says
-how to check it on an Atlas A2/A3.
+NOT VERIFIED ON HARDWARE: the adapter is tested only against a fake torchair that records
+what it is given (tests/fake_torchair.py). docs/npu_runbook.md says how to check it on an
+Atlas A2/A3.
 
 ``torchair.get_npu_backend(compiler_config=...)`` is itself a Dynamo backend that runs
 AOTAutograd, so Dynamo's graph goes to it unchanged and our passes run inside it as its
