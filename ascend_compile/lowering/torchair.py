@@ -143,8 +143,8 @@ def _empty_with_format_converter(fx2ge_converter):
     if found is None:
         raise RuntimeError(
             "a shared weight is stored in FRACTAL_NZ, and this torchair has no converter for npu.empty_with_format "
-            "to allocate its receive buffer in a GE graph. Use a torchair that converts it, leave that series out, "
-            "or keep its processed weight in ND (e.g. VLLM_ASCEND_ENABLE_NZ=0 for unquantized layers)."
+            "(its receive buffer in a GE graph): use a torchair that has one, leave that series out, or keep the "
+            "weight in ND (VLLM_ASCEND_ENABLE_NZ=0 for unquantized layers)."
         )
     return getattr(found, "_converter", found)
 
