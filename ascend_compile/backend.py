@@ -99,10 +99,9 @@ def _compile_shared(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
     plan = make_plan(gm, opts)
     if plan.wrap and not getattr(lowering, "WRAP_AROUND", False):
         raise ConfigError(
-            f"the {opts.lowering} lowering has no wrap-around prefetch (a graph run cannot leave a broadcast in flight "
-            f"for the next one), but series {[s for s, _ in plan.wrap]} were sharded with it, and the model's eager "
-            "forwards would follow it: shard with SharedWeightConfig(wrap_around=False) (the default where torch_npu "
-            "is importable)"
+            f"the {opts.lowering} lowering has no wrap-around prefetch (a graph run cannot leave a broadcast in "
+            f"flight), but series {[s for s, _ in plan.wrap]} were sharded with it: shard with "
+            "SharedWeightConfig(wrap_around=False) (the default where torch_npu is importable)"
         )
     plan = dataclasses.replace(plan, pin_order=opts.pin_order and lowering.PINS_ORDER,
                                inplace=lowering.INPLACE_BROADCAST)

@@ -1,5 +1,7 @@
 """Each pass alone, on small aten graphs: op counts, order, invariants, and the verifier's errors."""
 
+import re
+
 import pytest
 import torch
 
@@ -188,6 +190,95 @@ def test_pipeline_runs_passes_in_order_and_reports_each_graph():
                     (2, "prefetch", "after"), (3, "pin_order", "before"), (3, "pin_order", "after"),
                     (4, "verify", "before"), (4, "verify", "after")]
     assert len(pipe.final_schedule) == 3
+
+
+def _record_observers(monkeypatch) -> list:
+    """Replace Inductor's GraphTransformObserver with one that records, per pass it observes, its
+    name and the shared-weight markers and control_deps in the graph on entry and at exit."""
+    from torch.fx.passes import graph_transform_observer as gto
+    from torch.ops import higher_order
+
+    seen = []
+
+    def counts(gm):
+        return (sum(1 for n in gm.graph.nodes if is_marker(n)),
+                sum(1 for n in gm.graph.nodes if n.target is higher_order.control_deps))
+
+    class Recording(gto.GraphTransformObserver):
+        def __enter__(self):
+            seen.append([self.passname, self.gm, counts(self.gm)])
+            return super().__enter__()
+
+        def __exit__(self, *exc):
+            seen[-1].append(counts(self.gm))
+            return super().__exit__(*exc)
+
+    monkeypatch.setattr(gto, "GraphTransformObserver", Recording)
+    return seen
+
+
+def test_each_pass_runs_inside_inductors_graph_transform_observer(monkeypatch):
+    seen = _record_observers(monkeypatch)
+    gm = stack_graph(3, ("o_proj",), 1)
+    PassPipeline(plan(pin=True), default_passes(pin=True))(gm)
+    assert [s[0] for s in seen] == ["ascend_compile_shared_weight", "ascend_compile_prefetch",
+                                    "ascend_compile_pin_order", "ascend_compile_verify"]
+    assert all(s[1] is gm for s in seen)  # the observer draws the graph the pass rewrote
+    (_, _, before_rewrite, after_rewrite), _, (_, _, before_pin, after_pin), _ = seen
+    assert before_rewrite == (3, 0) and after_rewrite == (0, 0)
+    assert before_pin[1] == 0 and after_pin[1] >= 3
+
+
+def test_log_url_for_graph_xform_draws_our_passes(tmp_path):
+    pytest.importorskip("pydot")
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch({"trace.log_url_for_graph_xform": str(tmp_path)}):
+        PassPipeline(plan(pin=True), default_passes(pin=True))(stack_graph(3, ("o_proj",), 1))
+    files = {re.sub(r"^pass_\d+_", "", f.name) for f in tmp_path.iterdir()}
+    # passes that create or erase nodes are drawn; prefetch only moves nodes, verify only reads
+    assert files == {f"ascend_compile_{name}_{end}_graph.dot"
+                     for name in ("shared_weight", "pin_order") for end in ("input", "output")}
+
+
+def test_log_url_for_graph_xform_without_pydot_warns_and_runs_the_passes(tmp_path, monkeypatch):
+    from torch._inductor import config as inductor_config
+    from torch.fx.passes import graph_drawer
+
+    monkeypatch.setattr(graph_drawer, "HAS_PYDOT", False)
+    seen = _record_observers(monkeypatch)
+    pipe = PassPipeline(plan(pin=True), default_passes(pin=True))
+    with inductor_config.patch({"trace.log_url_for_graph_xform": str(tmp_path)}):
+        with pytest.warns(RuntimeWarning, match="pydot is not installed"):
+            pipe(stack_graph(3, ("o_proj",), 1))
+    assert seen == [] and list(tmp_path.iterdir()) == []
+    assert len(pipe.final_schedule) == 3
+
+
+def test_provenance_tracking_leaves_our_dumps_as_they_are(tmp_path):
+    from torch._inductor import config as inductor_config
+
+    from ascend_compile.debug.dump import GraphDumper
+
+    def dump(root):
+        dumper = GraphDumper(str(root), 0, "0_0")
+        gm = stack_graph(3, ("o_proj",), 1)
+        PassPipeline(plan(pin=True), default_passes(pin=True), observer=dumper.graph)(gm)
+        return gm, {f.name: f.read_text() for f in (root / "rank_0" / "graph_0_0").iterdir()}
+
+    _, plain = dump(tmp_path / "plain")
+    with inductor_config.patch({"trace.provenance_tracking_level": 1}):  # the observer is active, draws nothing
+        gm, tracked = dump(tmp_path / "tracked")
+    assert len(plain) == 8 and tracked == plain
+    created_by = {s.pass_name for n in gm.graph.nodes for s in n.meta.get("from_node", ())}
+    assert {"ascend_compile_shared_weight", "ascend_compile_pin_order"} <= created_by
+
+
+def test_a_pass_that_returns_another_graph_module_is_refused():
+    import copy
+
+    with pytest.raises(TypeError, match="pass 'copy' returned a new GraphModule"):
+        PassPipeline(plan(), [("copy", lambda gm, p: copy.deepcopy(gm))])(stack_graph(2, ("o_proj",), 1))
 
 
 def test_cache_key_covers_rank_world_step_and_group():

@@ -108,10 +108,9 @@ def check_capture(patches: dict, pipeline) -> None:
     if pipeline is None or not pipeline.plan.wrap or not patches.get("triton.cudagraphs"):
         return
     raise ConfigError(
-        f"this graph prefetches series {[s for s, _ in pipeline.plan.wrap]} across forwards (wrap-around window ops), "
-        "and CUDA-graph capture (mode='reduce-overhead' or 'max-autotune', or triton.cudagraphs) would run their "
-        "bookkeeping once, at capture, and replay stale windows: compile with mode='max-autotune-no-cudagraphs' or "
-        "no mode, or shard with SharedWeightConfig(wrap_around=False)"
+        f"this graph prefetches series {[s for s, _ in pipeline.plan.wrap]} across forwards, which CUDA-graph "
+        "capture (mode='reduce-overhead' or 'max-autotune', or triton.cudagraphs) would replay with stale windows: "
+        "use mode='max-autotune-no-cudagraphs' or no mode, or shard with SharedWeightConfig(wrap_around=False)"
     )
 
 

@@ -1,8 +1,8 @@
 """torchair: Ascend NPU graph execution (GE ``max-autotune`` or ``reduce-overhead``/npugraph_ex).
 
-NOT VERIFIED ON HARDWARE: this machine has no NPU; the adapter is tested against a fake
-torchair that records what it is given (tests/fake_torchair.py). docs/npu_runbook.md says
-how to check it on an Atlas A2/A3.
+NOT VERIFIED ON HARDWARE: the adapter is tested only against a fake torchair that records
+what it is given (tests/fake_torchair.py). docs/npu_runbook.md says how to check it on an
+Atlas A2/A3.
 
 ``torchair.get_npu_backend(compiler_config=...)`` is itself a Dynamo backend that runs
 AOTAutograd, so Dynamo's graph goes to it unchanged and our passes run inside it as its
@@ -143,8 +143,8 @@ def _empty_with_format_converter(fx2ge_converter):
     if found is None:
         raise RuntimeError(
             "a shared weight is stored in FRACTAL_NZ, and this torchair has no converter for npu.empty_with_format "
-            "to allocate its receive buffer in a GE graph. Use a torchair that converts it, leave that series out, "
-            "or keep its processed weight in ND (e.g. VLLM_ASCEND_ENABLE_NZ=0 for unquantized layers)."
+            "(its receive buffer in a GE graph): use a torchair that has one, leave that series out, or keep the "
+            "weight in ND (VLLM_ASCEND_ENABLE_NZ=0 for unquantized layers)."
         )
     return getattr(found, "_converter", found)
 

@@ -1,13 +1,17 @@
-"""Pure FX -> FX passes. Each takes ``(GraphModule, CompilePlan)`` and returns the GraphModule.
+"""Pure FX -> FX passes. Each takes ``(GraphModule, CompilePlan)``, rewrites the GraphModule in
+place and returns it (Inductor runs them on its own graph and ignores what they return).
 
 ``PassPipeline`` is the only place that knows their order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
 import os
 import time
+import warnings
 from typing import Callable, Optional
 
 from torch import fx
@@ -41,9 +45,13 @@ class PassPipeline:
         for i, (name, fn) in enumerate(self.passes, start=1):
             if self.observer:
                 self.observer(i, name, "before", gm)
-            start = time.perf_counter()
-            gm = fn(gm, self.plan)
-            self.seconds[name] = time.perf_counter() - start
+            with transform_observer(gm, name):
+                start = time.perf_counter()
+                out = fn(gm, self.plan)
+                self.seconds[name] = time.perf_counter() - start
+            if out is not gm:
+                raise TypeError(f"pass {name!r} returned a new GraphModule: a pass must rewrite the one it is given, "
+                                "in place, and return it")
             if self.observer:
                 self.observer(i, name, "after", gm)
         self.final_schedule = collective_schedule(gm.graph)
@@ -61,6 +69,33 @@ class PassPipeline:
         files = tuple(sorted(os.path.join(here, f) for f in os.listdir(here) if f.endswith(".py")))
         extra = repr((sorted(self.plan.key().items()), [name for name, _ in self.passes]))
         return get_hash_for_files(files, extra).hex()
+
+
+def transform_observer(gm: fx.GraphModule, name: str):
+    """Inductor's ``GraphTransformObserver`` for our pass ``name``, as ``ascend_compile_<name>``.
+
+    With ``torch._inductor.config.trace.log_url_for_graph_xform`` set it writes the graph before
+    and after the pass into that folder (``pass_<n>_ascend_compile_<name>_input_graph.dot`` and
+    ``..._output_graph.dot``, for a pass that created or erased nodes), beside Inductor's own
+    passes; with ``trace.provenance_tracking_level`` 1 it records the nodes the pass created.
+    Unset, it does nothing. Drawing needs pydot: with a log_url set and no pydot, the pass runs
+    without the observer (which would raise) and Python's warning filter shows why once per process;
+    Inductor's own passes still fail there.
+    """
+    from torch._inductor import config as inductor_config
+    from torch.fx.passes import graph_drawer
+    from torch.fx.passes.graph_transform_observer import GraphTransformObserver
+
+    if inductor_config.trace.log_url_for_graph_xform is not None and not _has_pydot(graph_drawer):
+        warnings.warn("ascend_compile: torch._inductor.config.trace.log_url_for_graph_xform is set but pydot is not "
+                      "installed: our passes are not drawn (pip install pydot)", RuntimeWarning, stacklevel=2)
+        return contextlib.nullcontext()
+    return GraphTransformObserver(gm, f"ascend_compile_{name}")
+
+
+def _has_pydot(graph_drawer) -> bool:
+    has = getattr(graph_drawer, "HAS_PYDOT", None)  # what torch's FxGraphDrawer itself checked
+    return has if has is not None else importlib.util.find_spec("pydot") is not None
 
 
 def default_passes(pin: bool, streams: bool = False) -> list:

@@ -67,10 +67,9 @@ def wrap_around_series(graph: fx.Graph) -> tuple:
             # its eager forwards and its other graphs take the first layers from windows that only a
             # graph holding the whole series sends and consumes: the ranks' collectives would differ
             raise ConfigError(
-                f"this graph holds {len(held)} of the {n} layers of series {series!r} (a graph break inside the "
-                "model?), but the model was sharded with wrap-around prefetch, which needs every layer of a series "
-                "in one graph. Remove the graph break (torch.compile(..., fullgraph=True) shows where it is), or "
-                "shard with SharedWeightConfig(wrap_around=False)."
+                f"this graph holds {len(held)} of the {n} layers of series {series!r} (a graph break?), and "
+                "wrap-around prefetch needs all of them in one graph: remove the graph break "
+                "(torch.compile(..., fullgraph=True) shows where), or shard with SharedWeightConfig(wrap_around=False)."
             )
         out.append((series, series_windows(w, n)))
     return tuple(out)

@@ -410,9 +410,9 @@ def publish_order(key: str, rank: int, order: list) -> None:
         before = json.loads(store.get(mine))
         if before != order:
             raise RankMismatchError(
-                f"this rank (rank {rank}) compiled two graphs over the same shared layers with different "
-                f"collective orders; first difference at {_first_difference(before, order)}. The order must not "
-                "depend on shapes or options: compile every graph of the model with the same prefetch_step."
+                f"rank {rank} compiled two graphs over the same shared layers with different collective orders "
+                f"(first difference at {_first_difference(before, order)}): compile every graph of the model with "
+                "the same prefetch_step."
             )
     else:
         store.set(mine, json.dumps(order))
@@ -432,10 +432,9 @@ def check_published(key: str, rank: int, world_size: int, order: list, where: st
         other = json.loads(store.get(theirs))
         if other != order:
             raise RankMismatchError(
-                f"ranks disagree on the collective order of {where}: rank {rank} and rank {peer} would issue "
-                f"their broadcasts in different orders and deadlock; first difference (rank {rank} vs rank {peer}) "
-                f"at {_first_difference(order, other)}. Every rank must run the same model code path, shard it with "
-                "the same config and compile it with the same options."
+                f"ranks disagree on the collective order of {where} and would deadlock; first difference (rank "
+                f"{rank} vs rank {peer}) at {_first_difference(order, other)}. Every rank must run the same model "
+                "code path, sharded with the same config and compiled with the same options."
             )
     return complete
 

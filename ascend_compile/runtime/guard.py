@@ -76,12 +76,12 @@ class GuardedGraph:
         where = f"the broadcast of {layer}" if layer else f"one of its {len(self.order)} broadcasts"
         bound = (f"SharedWeightConfig(timeout={self.timeout})" if self.timeout is not None
                  else "the process group's own timeout (set SharedWeightConfig(timeout=...) to bound it)")
-        cause = comm.peer_cause(self.plan.group_name, " (it skipped a forward, ran a different model path, or was "
-                                                      "still compiling when the timeout ran out)")
+        cause = comm.peer_cause(self.plan.group_name, " (it skipped a forward, ran another model path, or was "
+                                                      "still compiling at the timeout)")
         return (
             f"compiled graph {self.graph_id} failed in {where} over process group {self.plan.group_name!r} "
             f"(rank {self.plan.rank} of {self.plan.world_size}): {comm.first_line(e)}. {cause}; the wait was bounded by "
-            f"{bound}. The group is unusable after this: restart every rank."
+            f"{bound}. Restart every rank: the group is unusable now."
         )
 
 

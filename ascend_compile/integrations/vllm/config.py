@@ -75,9 +75,9 @@ def check_config(vllm_config) -> None:
     mode = _mode(cc)
     if mode == 3:
         raise ConfigError(
-            "ascend_compile shared weights need compilation_config mode 1 or 2 with backend='ascend_compile': "
-            "mode 3 (VLLM_COMPILE) splits the graph at attention and compiles it with vLLM's own backend, so "
-            "the broadcasts could not be prefetched. Use compilation_config={'mode': 2, 'backend': 'ascend_compile'}."
+            "compilation_config mode 3 (VLLM_COMPILE) splits the graph at attention and compiles it with vLLM's own "
+            "backend, which cannot prefetch shared weights: use compilation_config={'mode': 2, 'backend': "
+            "'ascend_compile'} (or mode 1)."
         )
     if cc.mode is not None and mode == 0:  # None: vLLM has not decided yet (it does in VllmConfig.__post_init__)
         why, undo = _why_eager(vllm_config)
@@ -169,23 +169,20 @@ def check_parallelism(vllm_config, group: str) -> None:
         if getattr(pc, "distributed_executor_backend", None) != "external_launcher":
             # vLLM's multi-process engine resets data_parallel_size to 1 in each engine of a model
             # without experts (its DP ranks are independent engines); data_parallel_index keeps the rank
-            independent = (" If you started `vllm serve --data-parallel-size N` with a model without experts: vLLM "
-                           "runs each data-parallel rank as an independent engine and sets data_parallel_size to 1 "
-                           "in it, so there is no lockstep to share weights in; start the ranks with torchrun and "
-                           "distributed_executor_backend='external_launcher' instead.")
+            independent = (" (`vllm serve --data-parallel-size N` runs a model without experts as independent "
+                           "engines, each with data_parallel_size=1: start the ranks with torchrun and "
+                           "distributed_executor_backend='external_launcher')")
         raise ConfigError(
             f"shared weights over group {group!r} need 2 or more ranks in it: data_parallel_size={dp}, "
-            f"tensor_parallel_size={tp}. Nothing to share with: run data_parallel_size >= 2, or drop "
-            f"shared_weight.{independent}")
+            f"tensor_parallel_size={tp}. Run data_parallel_size >= 2{independent}, or drop shared_weight.")
     launcher = getattr(pc, "distributed_executor_backend", None)
     model_config = getattr(vllm_config, "model_config", None)
     is_moe = bool(getattr(model_config, "is_moe", False))
     if dp > 1 and launcher != "external_launcher" and not is_moe:
         raise ConfigError(
-            f"data_parallel_size={dp} in vLLM's multi-process engine: for a model without experts its data-parallel "
-            "ranks run independently (only MoE models run in lockstep), so a rank would wait forever in a broadcast "
-            "the others never join. Start the ranks with torchrun and distributed_executor_backend="
-            "'external_launcher' (every model's ranks then run in lockstep), or serve a MoE model")
+            f"data_parallel_size={dp} in vLLM's multi-process engine runs the data-parallel ranks of a model without "
+            "experts independently: a rank would wait forever in a broadcast the others never join. Start the ranks "
+            "with torchrun and distributed_executor_backend='external_launcher', or serve a MoE model.")
 
 
 def uses_our_backend(vllm_config) -> bool:

@@ -177,10 +177,9 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list, error: Optio
         emptied = [p for p, (shape, _) in meta.items() if 0 in shape]
         if emptied:  # the same on every rank: every rank raises, none hangs
             raise ShardingError(
-                f"{name}: process_weights_after_loading left {emptied} with no elements: the platform moved "
-                "the weight into a kernel handle (e.g. vLLM CPU's oneDNN / SGL packed GEMM), so the layer's "
-                "forward no longer reads the parameter and it cannot be shared. Leave this series out, or "
-                "use a platform whose linear layers read their weights."
+                f"{name}: process_weights_after_loading left {emptied} with no elements: the forward reads a "
+                "kernel handle instead (vLLM CPU's oneDNN / SGL packed GEMM), which cannot be shared. Leave this "
+                "series out, or use a platform whose linear layers read their weights."
             )
     for name, module, qm, owned, devices in skipped:
         if qm is not None:

@@ -94,9 +94,8 @@ def reload_unshared(original):
         if not bound.arguments.get("is_checkpoint_format", True):
             raise ShardingError(
                 f"reload_weights(is_checkpoint_format=False) on a model whose {sorted(plan.layer_series)} weights "
-                "ascend_compile shares: kernel-format weights are copied into each parameter, and a shared "
-                "layer's weight lives on one rank only. Reload with checkpoint-format weights "
-                "(is_checkpoint_format=True, the default): every rank loads what it owns.")
+                "ascend_compile shares: kernel-format weights are copied into every rank's parameter, and a shared "
+                "one lives on one rank only. Reload with checkpoint-format weights (is_checkpoint_format=True).")
         from ...runtime import comm
 
         state = unshare_for_reload(model, plan)
@@ -136,10 +135,9 @@ def refuse_weight_update(original):
         if plan is not None:
             raise ShardingError(
                 f"start_weight_update on a model whose {sorted(plan.layer_series)} weights ascend_compile shares: "
-                "vLLM's weight-transfer session cannot write weights that live on one rank only. Send the new "
-                "weights through reload_weights with checkpoint-format weights instead (on every worker, e.g. "
-                "llm.collective_rpc(fn) with fn calling worker.model_runner.reload_weights(weights_iterator=...)), "
-                "or drop shared_weight.")
+                "vLLM's weight transfer cannot write weights that live on one rank. Use reload_weights with "
+                "checkpoint-format weights on every worker (llm.collective_rpc(fn), fn calling "
+                "worker.model_runner.reload_weights(weights_iterator=...)), or drop shared_weight.")
         return original(self, *args, **kwargs)
 
     setattr(start_weight_update, _RELOAD_PATCHED, True)
