@@ -348,7 +348,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
                               "use SharedWeightConfig(layout='layers') for its series")
     plan.formats = table
     comm.record_shard(plan.group_name, generation, costs, timeout, table, token=gathered[0]["token"])
-    lengths = plan.series_lengths()  # a new group (its name may be a destroyed one's): nothing of before is in flight
+    lengths = plan.series_lengths()  # a new group (its name may be a destroyed one's): no window of an earlier group is in flight
     windows.reset(plan.group_name, {s: (n, series_windows(plan.wrap_windows, n)) for s, n in lengths.items()})
     plan.generation = generation
     return costs
