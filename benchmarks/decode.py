@@ -32,7 +32,10 @@ SERIES = ["o_proj", "q_b_proj"]
 PHASES = {"decode": (4, 1), "prefill": (256, 128)}
 
 
-def _rank(rank, world, hidden, layers, rounds):
+CONFIGS = ("replicated", "layers k=1", "slices", "slices auto", "slices gather-only")
+
+
+def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS):
     import torch
     import torch.distributed as dist
 
@@ -44,10 +47,13 @@ def _rank(rank, world, hidden, layers, rounds):
     shape = StackShape.scaled(layers, hidden)
     configs, plans = {}, {}
     configs["replicated"] = torch.compile(build_stack(shape), backend="inductor")
-    m = build_stack(shape)
-    plans["layers k=1"] = ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
-    configs["layers k=1"] = torch.compile(m, backend="ascend_compile")
+    if "layers k=1" in wanted:
+        m = build_stack(shape)
+        plans["layers k=1"] = ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
+        configs["layers k=1"] = torch.compile(m, backend="ascend_compile")
     for name, threshold in (("slices", 64), ("slices auto", "auto"), ("slices gather-only", 0)):
+        if name not in wanted:
+            continue
         m = build_stack(shape)
         plans[name] = ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=threshold))
         configs[name] = torch.compile(m, backend="ascend_compile")
@@ -77,7 +83,8 @@ def _rank(rank, world, hidden, layers, rounds):
                 if plan.layout == "slices":
                     state = slices.state_of(plan.group_name, plan.generation)
                     out["paths"][f"{phase} {name}"] = state.path
-    ac.drain_prefetch(configs["layers k=1"]._orig_mod)
+    if "layers k=1" in configs:
+        ac.drain_prefetch(configs["layers k=1"]._orig_mod)
     out["memory"] = {name: {"saved_bytes": p.saved_bytes(), "series_bytes": p.series_bytes(),
                             "decode_tokens": p.decode_tokens, "explanation": p.decode_explanation}
                      for name, p in plans.items()}
@@ -89,14 +96,18 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048])
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS,
+                   help="which to run (replicated always runs: it is the 1.00)")
+    p.add_argument("--out-name", default="decode.json")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     a = p.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from ascend_compile.launch import spawn
 
-    report = {"machine": f"{os.cpu_count()} cores, 2 gloo ranks on 127.0.0.1", "tokens_per_rank": PHASES, "sizes": {}}
+    report = {"machine": f"{os.cpu_count()} cores, 2 gloo ranks on 127.0.0.1", "tokens_per_rank": PHASES,
+              "layers": a.layers, "sizes": {}}
     for hidden in a.hidden:
-        res = spawn(_rank, 2, hidden, a.layers, a.rounds, timeout=3600)[0]
+        res = spawn(_rank, 2, hidden, a.layers, a.rounds, tuple(a.configs), timeout=3600)[0]
         entry = {"o_proj_mb": 2 * hidden * hidden * 4 / 2**20, "phases": {}, "memory": res["memory"],
                  "paths": res["paths"], "max_rel_diff": res["max_rel_diff"]}
         print(f"\n== hidden {hidden} ({a.layers} layers; o_proj {entry['o_proj_mb']:.0f} MB fp32)")
@@ -112,7 +123,7 @@ def main(argv=None) -> int:
                   + (f", decode_tokens={mem['decode_tokens']}" if mem["decode_tokens"] is not None else ""))
         report["sizes"][str(hidden)] = entry
     os.makedirs(a.out_dir, exist_ok=True)
-    with open(os.path.join(a.out_dir, "decode.json"), "w") as f:
+    with open(os.path.join(a.out_dir, a.out_name), "w") as f:
         json.dump(report, f, indent=2)
     return 0
 

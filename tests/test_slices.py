@@ -276,3 +276,25 @@ def test_dump_and_explain_show_the_sliced_layers(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "layout=slices  sliced layers=4  decode path up to 4 tokens" in out
     assert "o_proj[1]" in out and "input cut  decode moves 448 B per token, prefill gathers 12288 B" in out
+
+
+def _update_case(rank, world):
+    shape = StackShape(layers=2)
+    ref, model = build_stack(shape), build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=4))
+    # a weight update replaces the layer's parameter: with this rank's slice of the new weight
+    new = torch.randn(64, 96, generator=torch.Generator().manual_seed(3))  # the same on every rank
+    ref.layers[1].self_attn.o_proj.weight = nn.Parameter(new, requires_grad=False)
+    model.layers[1].self_attn.o_proj.weight = nn.Parameter(new[:, rank * 48:(rank + 1) * 48].contiguous(),
+                                                         requires_grad=False)
+    out = {}
+    for tokens in (2, 16):  # decode, then prefill (the gather of o_proj[1] is issued ahead, at o_proj[0])
+        x = make_input(shape, tokens=tokens)
+        want = ref(x)
+        out[tokens] = ((model(x) - want).abs().max() <= 1e-5 * want.abs().max()).item()
+    return out
+
+
+def test_prefill_gathers_the_weights_as_they_are_now():
+    for r in run_ranks(_update_case, 2):
+        assert r == {2: True, 16: True}

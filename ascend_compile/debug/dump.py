@@ -149,7 +149,7 @@ def slices_table(layers: list, rank: int) -> dict:
         layer = state.layers[state.position[(series, index)]]
         world = state.pg.size()
         d_out, d_in = layer.shape
-        size = state.slices[state.position[(series, index)]].element_size()
+        size = state.modules[state.position[(series, index)]].weight.element_size()
         sent = [d_in / world, d_out] if layer.cut == slices.INPUT_CUT else [d_in, d_out / world]
         out.update(world_size=world, group=group, decode_tokens=state.decode_tokens,
                    prefetch_step=state.prefetch_step, forwards=dict(state.forwards))

@@ -97,12 +97,12 @@ class SliceState:
     """One sliced model's run-time state: the layers in call order, the agreed path of the forward
     under way, and the weight gathers in flight (prefill). Keyed by (group, generation)."""
 
-    def __init__(self, group_name: str, generation: int, layers: list, slices: list, prefetch_step: int,
+    def __init__(self, group_name: str, generation: int, layers: list, modules: list, prefetch_step: int,
                  decode_tokens: int):
         self.group_name = group_name
         self.generation = generation
         self.layers = layers  # [SlicedLayer] in model order: the order the forward calls them
-        self.slices = slices  # this rank's slice of each layer's weight, by position (as gathered: see gather_source)
+        self.modules = modules  # the sliced modules, by position: their weight is read when gathered (after any update)
         self.position = {(sl.series, sl.index): i for i, sl in enumerate(layers)}
         self.prefetch_step = prefetch_step
         self.decode_tokens = decode_tokens
@@ -188,7 +188,7 @@ class SliceState:
         return whole_weight(buf, self.layers[pos].cut, self.layers[pos].shape, self.pg.size())
 
     def issue_gather(self, pos: int, w: Optional[torch.Tensor]):
-        w = self.slices[pos] if w is None else gather_source(self.layers[pos].cut, w)
+        w = gather_source(self.layers[pos].cut, self.modules[pos].weight if w is None else w).contiguous()
         buf = torch.empty((w.shape[0] * self.pg.size(), w.shape[1]), dtype=w.dtype, device=w.device)
         self.issued.append(f"gather {self.layers[pos].module}")
         work = self._collective(f"the gather of {self.layers[pos].module}'s slices",
@@ -296,9 +296,12 @@ def _(x, w, b, series, index, group_name, generation, out_features):
 
 def _register_effect() -> None:
     """Ordered effect: AOTAutograd threads a token through every call, so no backend reorders them."""
-    from torch._higher_order_ops.effects import _EffectType
+    from torch._higher_order_ops.effects import _EffectType, _register_effectful_op
 
-    sliced_linear.register_effect(_EffectType.ORDERED)
+    if hasattr(sliced_linear, "register_effect"):
+        sliced_linear.register_effect(_EffectType.ORDERED)
+    else:  # the function the method calls
+        _register_effectful_op("ascend_compile::sliced_linear", _EffectType.ORDERED)
 
 
 _register_effect()
@@ -329,8 +332,8 @@ def _sliced_class(cls: type) -> type:
 def slice_modules(per_layer: dict, model_order: dict, rank: int, world: int, group_name: str, generation: int) -> list:
     """Keep this rank's slice of each layer's weight (the rest of its storage is freed) and route the
     layer's forward through ``sliced_linear``. ``model_order``: module name -> its position in the
-    model (the order a forward calls the layers). Returns ``[(SlicedLayer, slice)]`` in that order."""
-    layers, slices = [], []
+    model (the order a forward calls the layers). Returns ``[(SlicedLayer, module)]`` in that order."""
+    layers = []
     for series, members in per_layer.items():
         for index, (mname, module, params) in enumerate(members):
             w = params["weight"]
@@ -347,12 +350,12 @@ def slice_modules(per_layer: dict, model_order: dict, rank: int, world: int, gro
             module.__class__ = _sliced_class(type(module))
             layers.append((mname, SlicedLayer(series, index, mname, cut, tuple(w.shape)), module))
     layers.sort(key=lambda t: model_order[t[0]])
-    return [(sl, gather_source(sl.cut, module.weight)) for _, sl, module in layers]
+    return [(sl, module) for _, sl, module in layers]
 
 
 def install(group_name: str, generation: int, layers: list, prefetch_step: int, decode_tokens: int) -> SliceState:
-    """``layers``: ``[(SlicedLayer, resident slice)]`` in model order."""
-    state = SliceState(group_name, generation, [sl for sl, _ in layers], [w for _, w in layers], prefetch_step,
+    """``layers``: ``[(SlicedLayer, module)]`` in model order."""
+    state = SliceState(group_name, generation, [sl for sl, _ in layers], [m for _, m in layers], prefetch_step,
                        decode_tokens)
     _STATES[(group_name, generation)] = state
     return state
@@ -367,8 +370,8 @@ def measure_paths(pg, layers: list, prefetch_step: int, reps: int = 3) -> dict:
     the same sequence."""
     world = pg.size()
     first = {}
-    for sl, w in layers:
-        first.setdefault(sl.series, (sl, w))
+    for sl, module in layers:
+        first.setdefault(sl.series, (sl, gather_source(sl.cut, module.weight)))
 
     def timed(fn) -> float:
         fn()  # warm-up: first calls allocate and connect
