@@ -298,3 +298,21 @@ def _update_case(rank, world):
 def test_prefill_gathers_the_weights_as_they_are_now():
     for r in run_ranks(_update_case, 2):
         assert r == {2: True, 16: True}
+
+
+def _fails_alone_case(rank, world):
+    shape = StackShape(layers=2)
+    model = build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=4))
+    try:
+        # rank 1's input has the wrong width: its layer raises before the all-to-all rank 0 waits in
+        model.layers[0].self_attn.o_proj(torch.randn(2, 96 if rank == 0 else 95))
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def test_an_error_in_a_sliced_layer_fails_every_rank_at_once():
+    got = run_fresh(_fails_alone_case, 2, timeout=120)
+    assert got[1] is not None and "PeerError" not in got[1], got[1]
+    assert got[0] is not None and "PeerError" in got[0] and "Rank 1" in got[0], got[0]

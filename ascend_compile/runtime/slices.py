@@ -161,8 +161,7 @@ class SliceState:
                 f"its first sliced layer ({self.layers[0].module}): every sliced layer of a forward must see the same "
                 "tokens"
             )
-            comm.abort_group(self.group_name, error)  # the peers wait in this layer's collectives: fail them now
-            raise error
+            raise error  # sliced_linear aborts the group: the peers wait in this layer's collectives
         self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
         x2 = x.reshape(tokens, x.shape[-1])
         out = decode_linear(x2, w, layer.cut, self.tokens, self.pg, self._collective, layer.module)
@@ -286,7 +285,14 @@ def sliced_linear(
     generation: int, out_features: int,
 ) -> torch.Tensor:
     """``F.linear(x, W, b)`` for the layer whose slice of ``W`` this rank holds as ``w``."""
-    return state_of(group_name, generation).linear(x, w, b, series, index)
+    state = state_of(group_name, generation)
+    try:
+        return state.linear(x, w, b, series, index)
+    except comm.PeerError:
+        raise
+    except Exception as e:
+        comm.abort_group(group_name, e)  # this rank stops inside a forward: its peers' collectives fail at once
+        raise
 
 
 @sliced_linear.register_fake
