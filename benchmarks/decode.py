@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 SERIES = ["o_proj", "q_b_proj"]
 PHASES = {"decode": (4, 1), "prefill": (256, 128)}
@@ -37,11 +35,11 @@ CONFIGS = ("replicated", "layers k=1", "slices", "slices auto", "slices gather-o
 
 def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS):
     import torch
-    import torch.distributed as dist
 
     import ascend_compile as ac
     from ascend_compile.models import StackShape, build_stack, make_input
     from ascend_compile.runtime import slices
+    from timing import median_seconds  # benchmarks/
 
     torch._dynamo.config.recompile_limit = 64
     shape = StackShape.scaled(layers, hidden)
@@ -68,17 +66,7 @@ def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS):
                 got = fn(x)
                 diff = float((got - want).abs().max() / want.abs().max())
                 out["max_rel_diff"][f"{phase} {name}"] = diff
-            times = {name: [] for name in configs}
-            for _ in range(rounds):
-                for name, fn in configs.items():
-                    dist.barrier()
-                    t0 = time.perf_counter()
-                    for _ in range(3):
-                        fn(x)
-                    dt = torch.tensor([(time.perf_counter() - t0) / 3], dtype=torch.float64)
-                    dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-                    times[name].append(float(dt))
-            out["times"][phase] = {n: statistics.median(t) for n, t in times.items()}
+            out["times"][phase] = median_seconds(configs, x, rounds)
             for name, plan in plans.items():
                 if plan.layout == "slices":
                     state = slices.state_of(plan.group_name, plan.generation)

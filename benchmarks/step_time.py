@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 REGIMES = {
     "compute": {"tokens": 256, "layers": 8, "hidden": 512},
@@ -74,6 +72,7 @@ def _rank(rank, world, regime, rounds, steps):
     import ascend_compile as ac
     from ascend_compile.models import build_stack, make_input
     from eager_hooks import EagerHookSharing  # benchmarks/: the reference design's baseline
+    from timing import median_seconds
 
     torch._dynamo.config.recompile_limit = 64  # one process compiles every configuration of the same model class
     r = REGIMES[regime]
@@ -134,21 +133,12 @@ def _rank(rank, world, regime, rounds, steps):
 
     configs["replicated + comm"] = replicated_with_comm
 
-    times = {name: [] for name in configs}
     with torch.no_grad():
         for fn in configs.values():  # compile and warm up
             fn(x)
             fn(x)
-        for _ in range(rounds):
-            for name, fn in configs.items():
-                dist.barrier()
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    fn(x)
-                dt = torch.tensor([(time.perf_counter() - t0) / 3], dtype=torch.float64)
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
-                times[name].append(float(dt))
-    return {"median_s": {n: statistics.median(t) for n, t in times.items()}, "explain": explain}
+        median_s = median_seconds(configs, x, rounds)
+    return {"median_s": median_s, "explain": explain}
 
 
 def main(argv=None) -> int:

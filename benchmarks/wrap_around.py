@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -58,11 +57,11 @@ def _offloaded(model, ms: float):
 
 def _rank(rank, world, shape, rounds, steps, offload_ms):
     import torch
-    import torch.distributed as dist
 
     import ascend_compile as ac
     from ascend_compile.models import StackShape, build_stack, make_input
     from step_time import broadcasts_alone
+    from timing import median_seconds
 
     torch._dynamo.config.recompile_limit = 64
     s = StackShape.scaled(shape["layers"], shape["hidden"])
@@ -73,7 +72,6 @@ def _rank(rank, world, shape, rounds, steps, offload_ms):
         ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1, wrap_around=wrap))
         configs[name] = torch.compile(m, backend="ascend_compile")
     configs["comm only"] = broadcasts_alone(build_stack(s), SERIES, world)
-    times = {name: [] for name in configs}
     with torch.no_grad():
         expected = configs["replicated"](x)
         for name, fn in configs.items():  # compile, warm up, and check the shared ones
@@ -81,16 +79,7 @@ def _rank(rank, world, shape, rounds, steps, offload_ms):
                 out = fn(x)
             if name.startswith("shared") and not torch.equal(out, expected):
                 raise AssertionError(f"{name}: output differs from the replicated model")
-        for _ in range(rounds):
-            for name, fn in configs.items():
-                dist.barrier()
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    fn(x)
-                dt = torch.tensor([(time.perf_counter() - t0) / steps], dtype=torch.float64)
-                dist.all_reduce(dt, op=dist.ReduceOp.MAX)  # a step is as slow as its slowest rank
-                times[name].append(float(dt))
-    return {name: statistics.median(t) for name, t in times.items()}
+        return median_seconds(configs, x, rounds, calls=steps)
 
 
 def main(argv=None) -> int:
