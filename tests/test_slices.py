@@ -316,3 +316,22 @@ def test_an_error_in_a_sliced_layer_fails_every_rank_at_once():
     got = run_fresh(_fails_alone_case, 2, timeout=120)
     assert got[1] is not None and "PeerError" not in got[1], got[1]
     assert got[0] is not None and "PeerError" in got[0] and "Rank 1" in got[0], got[0]
+
+
+def _measure_fails_case(rank, world):
+    if rank == 1:  # this rank's measurement fails half-way, while rank 0 is in the timed collectives
+        def broken(*args, **kwargs):
+            raise MemoryError("out of memory in the decode measurement")
+
+        slices.decode_linear = broken
+    try:
+        ac.shard_model(build_stack(StackShape(layers=2)), ac.SharedWeightConfig(layers=SERIES, layout="slices"))
+    except BaseException as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def test_a_measurement_failing_on_one_rank_fails_every_rank():
+    got = run_fresh(_measure_fails_case, 2, timeout=120)
+    assert got[1] == "MemoryError: out of memory in the decode measurement"
+    assert got[0] is not None, "rank 0 finished sharding although its peer failed"

@@ -23,6 +23,7 @@ from .comm import ShardingError
 from .ops import AUTO_STEP, Marker, layer_name, series_windows
 
 PLAN_ATTR = "_ascend_compile_plan"
+EVERY_RANK = -1  # SharedParam.owner of a sliced parameter (layout="slices"): every rank holds a slice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,7 +32,7 @@ class SharedParam:
 
     series: str  # "<layer series>.<param name>", e.g. "o_proj.weight"
     index: int
-    owner: int
+    owner: int  # group rank holding the whole parameter, or EVERY_RANK (a slice on each)
     module: str
     param: str
     shape: tuple
@@ -240,7 +241,7 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
                 for pname, p in params.items():
                     shared.append(SharedParam(
                         series=f"{layer}.{pname}", index=index, module=mname, param=pname,
-                        owner=index % world if config.layout == "layers" else -1,
+                        owner=index % world if config.layout == "layers" else EVERY_RANK,
                         shape=tuple(p.shape), dtype=str(p.dtype).replace("torch.", ""),
                         nbytes=p.numel() * p.element_size(),
                     ))
@@ -293,7 +294,11 @@ def _shard_slices(model: nn.Module, config: SharedWeightConfig, pg, plan: ShardP
     layers = slices.slice_modules(per_layer, order, plan.rank, plan.world_size, plan.group_name, plan.generation)
     threshold = config.decode_tokens
     if threshold == "auto":
-        costs = slices.measure_paths(pg, layers, plan.prefetch_step)
+        try:
+            costs = slices.measure_paths(pg, layers, plan.prefetch_step)
+        except Exception as e:  # its peers are in the timed collectives: close the group so they fail too
+            comm.abort_group(plan.group_name, e)
+            raise
         gathered = comm.gather_or_fail(pg, "to agree on the sliced paths' costs", lambda: costs)
         threshold, plan.decode_explanation = slices.choose_threshold(slices.agree_costs(gathered))
     plan.decode_tokens = threshold
@@ -330,7 +335,7 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
         by_module = {m: params for members in per_layer.values() for m, _, params in members}
         owned_formats = {}
         for sp in plan.params:
-            if sp.owner in (plan.rank, -1):  # -1: a slice on every rank
+            if sp.owner in (plan.rank, EVERY_RANK):
                 fmt = formats.storage_format(by_module[sp.module][sp.param])
                 if formats.special(fmt):
                     owned_formats[layer_name(sp.series, sp.index)] = fmt

@@ -114,6 +114,7 @@ class SliceState:
 
     @property
     def pg(self):
+        # looked up by name, never held: an aborted group closes its sockets only once nothing references it
         return comm.group_from_name(self.group_name)
 
     def _collective(self, what: str, fn):
