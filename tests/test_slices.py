@@ -23,7 +23,8 @@ def _forwards(rank, world, decode_tokens, token_counts, compiled, bias):
     ref = build_stack(shape)
     model = build_stack(shape)
     before = ac.parameter_storage_bytes(model)
-    plan = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=decode_tokens))
+    with torch.device("meta"):  # sharding too: slices, buffers and agreements on the model's device
+        plan = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=decode_tokens))
     after = ac.parameter_storage_bytes(model)
     run = torch.compile(model, backend="ascend_compile", fullgraph=True, dynamic=False) if compiled else model
     # compiled: against the unsharded model through the same backend (Inductor's fusions round differently)
@@ -116,8 +117,9 @@ def test_graph_holds_the_sliced_layers_in_order_with_effect_tokens():
 
 
 def _auto_case(rank, world):
-    plan = ac.shard_model(build_stack(StackShape(layers=2)),
-                          ac.SharedWeightConfig(layers=SERIES, layout="slices"))
+    model = build_stack(StackShape(layers=2))
+    with torch.device("meta"):  # the timed paths run on the model's device
+        plan = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices"))
     return plan.decode_tokens, plan.decode_explanation
 
 
