@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from typing import Optional
 
 import torch
@@ -237,13 +238,15 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
                 slices.check_sliceable(layer, members, world)
         shared = []
         for layer, members in per_layer.items():
-            for index, (mname, _, params) in enumerate(members):
+            for index, (mname, module, params) in enumerate(members):
                 for pname, p in params.items():
+                    # a layer sliced at load holds 1/K of its weight: the plan counts the whole one
+                    shape = slices.whole_shape(module, p) if pname == "weight" else tuple(p.shape)
                     shared.append(SharedParam(
                         series=f"{layer}.{pname}", index=index, module=mname, param=pname,
                         owner=index % world if config.layout == "layers" else EVERY_RANK,
-                        shape=tuple(p.shape), dtype=str(p.dtype).replace("torch.", ""),
-                        nbytes=p.numel() * p.element_size(),
+                        shape=shape, dtype=str(p.dtype).replace("torch.", ""),
+                        nbytes=math.prod(shape) * p.element_size(),
                     ))
         local["plan"] = ShardPlan(gname, rank, world, step_value, {k: [m for m, _, _ in v] for k, v in per_layer.items()},
                                   shared, wrap_windows=config.wrap_windows(), layout=config.layout)

@@ -45,6 +45,15 @@ log = logging.getLogger(__name__)
 INPUT_CUT, OUTPUT_CUT = 1, 0
 PATHS = ("decode", "prefill")
 AUTO_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# (whole weight's [d_out, d_in], cut) of a layer an integration sliced before loading (vLLM: its
+# weight is already this rank's slice, and its own code routes the GEMM through sliced_linear)
+PRESLICED = "_ascend_compile_presliced"
+
+
+def whole_shape(module: nn.Module, w: torch.Tensor) -> tuple:
+    """The ``[d_out, d_in]`` of the layer's whole weight (``w``: the weight it holds)."""
+    presliced = getattr(module, PRESLICED, None)
+    return tuple(presliced[0]) if presliced is not None else tuple(w.shape)
 
 
 def cut_of(shape: tuple) -> int:
@@ -63,6 +72,8 @@ def check_sliceable(series: str, members: list, world: int) -> None:
     (``y = x @ W.T + b``, forward not overridden) whose cut dimension divides by the group's size
     can be computed on slices; anything else is refused, naming the layer and the way out."""
     for name, module, params in members:
+        if hasattr(module, PRESLICED):
+            continue  # sliced at load by an integration, which checked it (vLLM: slicing.check_vllm_sliceable)
         if not isinstance(module, nn.Linear) or type(module).forward is not nn.Linear.forward:
             raise ConfigError(
                 f"layout='slices' computes {name} as x @ W.T + b on a slice of W, but it is a "
@@ -74,7 +85,7 @@ def check_sliceable(series: str, members: list, world: int) -> None:
                 f"layout='slices' cuts the weight only (the bias stays whole on every rank), but series {series!r} "
                 f"shares {sorted(params)}: drop SharedWeightConfig(params=...) or set params=['weight']"
             )
-    d_out, d_in = members[0][2]["weight"].shape
+    d_out, d_in = whole_shape(members[0][1], members[0][2]["weight"])
     cut = cut_of((d_out, d_in))
     dim = d_in if cut == INPUT_CUT else d_out
     if dim % world:
@@ -338,24 +349,27 @@ def _sliced_class(cls: type) -> type:
 
 def slice_modules(per_layer: dict, model_order: dict, rank: int, world: int, group_name: str, generation: int) -> list:
     """Keep this rank's slice of each layer's weight (the rest of its storage is freed) and route the
-    layer's forward through ``sliced_linear``. ``model_order``: module name -> its position in the
+    layer's forward through ``sliced_linear`` (a layer sliced at load, ``PRESLICED``, already holds
+    its slice and routes its GEMM itself). ``model_order``: module name -> its position in the
     model (the order a forward calls the layers). Returns ``[(SlicedLayer, module)]`` in that order."""
     layers = []
     for series, members in per_layer.items():
         for index, (mname, module, params) in enumerate(members):
             w = params["weight"]
-            cut = cut_of(tuple(w.shape))
-            size = w.shape[cut] // world
-            part = w.detach().narrow(cut, rank * size, size)
-            # own storage, laid out as gather_source sends it: for an input cut, rows of W.T
-            part = part.t().contiguous().t() if cut == INPUT_CUT else part.clone(memory_format=torch.contiguous_format)
-            module._parameters["weight"] = nn.Parameter(part, requires_grad=False)
-            if module.bias is not None:
+            whole = whole_shape(module, w)
+            cut = cut_of(whole)
+            if not hasattr(module, PRESLICED):
+                size = w.shape[cut] // world
+                part = w.detach().narrow(cut, rank * size, size)
+                # own storage, laid out as gather_source sends it: for an input cut, rows of W.T
+                part = part.t().contiguous().t() if cut == INPUT_CUT else part.clone(memory_format=torch.contiguous_format)
+                module._parameters["weight"] = nn.Parameter(part, requires_grad=False)
+                module.__class__ = _sliced_class(type(module))
+            if getattr(module, "bias", None) is not None:
                 module.bias.requires_grad_(False)
-            module._ascend_compile_slice = (series, index, group_name, generation, w.shape[0])
+            module._ascend_compile_slice = (series, index, group_name, generation, whole[0])
             module._ascend_compile_cut = cut_name(cut)
-            module.__class__ = _sliced_class(type(module))
-            layers.append((mname, SlicedLayer(series, index, mname, cut, tuple(w.shape)), module))
+            layers.append((mname, SlicedLayer(series, index, mname, cut, whole), module))
     layers.sort(key=lambda t: model_order[t[0]])
     return [(sl, module) for _, sl, module in layers]
 

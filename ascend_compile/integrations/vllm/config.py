@@ -56,6 +56,10 @@ def _mode(compilation_config) -> int:
     return int(compilation_config.mode) if compilation_config.mode is not None else 0
 
 
+def _tp(vllm_config) -> int:
+    return int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1) or 1)
+
+
 def check_config(vllm_config) -> None:
     """Refuse mode/backend combinations that cannot prefetch shared weights, and parallel layouts
     that would be wrong or hang (``check_parallelism``), saying what works. Runs no collective
@@ -65,11 +69,11 @@ def check_config(vllm_config) -> None:
         return
     cfg = SharedWeightConfig.from_dict(dict(ours["shared_weight"]))  # its keys and values, before any group exists
     check_not_double_sharded(vllm_config, cfg)
-    if cfg.layout == "slices":
+    if cfg.layout == "slices" and _tp(vllm_config) > 1:
         raise ConfigError(
-            "shared_weight layout='slices' is not available under vLLM yet: its loader would read every checkpoint "
-            "tensor whole on every rank, and vLLM's linear layers compute through their quantization methods, which "
-            "the slices do not call. Use layout='layers' (the default) under vLLM"
+            f"shared_weight layout='slices' under vLLM cuts each layer's whole weight, but tensor_parallel_size="
+            f"{_tp(vllm_config)} gives every rank a shard of it: use layout='layers' with "
+            "additional_config['ascend_compile']['group'] = 'dp', or tensor_parallel_size=1"
         )
     cc = vllm_config.compilation_config
     mode = _mode(cc)

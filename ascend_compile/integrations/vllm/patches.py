@@ -20,6 +20,7 @@ from .config import CONFIG_KEY, _wants_whole_graph, settings, shared_weight_conf
 from .loading import finish_non_owned, shard_loaded_model, skip_non_owned
 from .options import prepare
 from .reload import reshare_after_reload, unshare_for_reload
+from .slicing import slice_before_loading
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,11 @@ def reload_unshared(original):
         plan = get_plan(model)
         if plan is None:
             return original(self, *args, **kwargs)
+        if plan.layout == "slices":  # the same plan on every rank: every rank raises, before anything changes
+            raise ShardingError(
+                f"reload_weights on a model whose {sorted(plan.layer_series)} weights ascend_compile keeps as slices "
+                "(layout='slices'): reloading slices is not supported yet. Use layout='layers', or restart the "
+                "engine to load new weights.")
         bound = signature.bind(self, *args, **kwargs)
         if not bound.arguments.get("is_checkpoint_format", True):
             raise ShardingError(
@@ -246,7 +252,11 @@ def register() -> None:
         skipped: list = []
 
         def load_weights(model, model_config):
-            skipped.extend(skip_non_owned(model, cfg))  # after create_model, before any weight is read
+            # after create_model, before any weight is read
+            if cfg.layout == "slices":
+                slice_before_loading(model, cfg)
+            else:
+                skipped.extend(skip_non_owned(model, cfg))
             return loader_load_weights(model, model_config)
 
         self.load_weights = load_weights
