@@ -2,6 +2,7 @@
 
     .venv-vllm/bin/python examples/vllm_generate.py [--model llama|deepseek_v2] [--prefetch-step 1|auto]
                                                     [--tp 1|2] [--mode 2|1] [--reload]
+                                                    [--layout layers|slices] [--decode-tokens N|auto]
 
 It starts two jobs of ``2 * tp`` ranks each with ``torchrun --standalone`` (the way serving jobs
 start ranks), one without sharing and one with. There are two data-parallel replicas
@@ -20,6 +21,13 @@ holds with and without sharing, and what the plan saved. It also counts what eac
 ran during the (first) generate: model forwards, how many of them were vLLM's 1-token dummy
 forwards (a rank whose requests are done runs one whenever a peer still has a step to run, so
 the ranks' forwards pair up), and the tokens it generated (``count_forwards``).
+
+``--layout slices``: every rank loads and keeps ``1/2`` of every layer of the series (its weight
+loader narrows each checkpoint tensor) and each forward computes on the slices (few tokens, up to
+``--decode-tokens``) or gathers them ahead (more); the script also prints how many forwards took
+each path. The series default to ``o_proj`` and ``down_proj`` (and ``q_b_proj`` for DeepSeek-V2).
+Each run also reports the seconds per forward of the generate (time per output token, vLLM's
+dummy forwards included, the same count in both runs): shared against unshared in the same job.
 
 ``--reload``: after generating, every rank reloads the weights through vLLM's own path
 (``llm.collective_rpc("reload_weights")``: ``Worker.reload_weights`` -> ``GPUModelRunner.reload_weights``,
@@ -53,14 +61,15 @@ import torch  # noqa: E402
 VOCAB = 256
 
 
-def write_checkpoint(kind: str, path: str, layers: int) -> str:
+def write_checkpoint(kind: str, path: str, layers: int, hidden: int = 128) -> str:
     """A tiny random checkpoint of vLLM's Llama or DeepSeek-V2 model class, every layer different."""
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     torch.manual_seed(0)
     # head size 64: vLLM's CPU attention kernels take 32, 64, 80, 96, 112, 128, ...
-    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
+    heads = hidden // 64
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=512, bos_token_id=0,
                   eos_token_id=1, tie_word_embeddings=False, torch_dtype="float32")
     if kind == "llama":
         from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
@@ -209,12 +218,17 @@ def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None,
         return [list(o.outputs[0].token_ids) for o in outs]
 
     counts.update(forwards=0, dummy=0)
-    tokens = run()
     model = runner.model
     from ascend_compile import get_plan
 
     plan = get_plan(model)
-    result = {"tokens": tokens, "weight_bytes": weight_bytes(model), "plan": None,
+    paths = _path_counts(plan)
+    start = time.perf_counter()
+    tokens = run()
+    seconds = time.perf_counter() - start
+    result = {"tokens": tokens, "weight_bytes": weight_bytes(model), "plan": None, "seconds": seconds,
+              "seconds_per_forward": seconds / max(counts["forwards"], 1),
+              "paths": {k: v - paths.get(k, 0) for k, v in _path_counts(plan).items()},
               # what the engine did on this rank in that generate: model forwards (dummy ones
               # included), vLLM's dummy forwards, and the tokens it generated
               "forwards": counts["forwards"], "dummy_forwards": counts["dummy"],
@@ -248,8 +262,18 @@ def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None,
             ours.removeHandler(invalidations)
     if plan is not None:
         result["plan"] = {"series": sorted(plan.layer_series), "saved_bytes": plan.saved_bytes(),
-                          "series_bytes": plan.series_bytes(), "world_size": plan.world_size}
+                          "series_bytes": plan.series_bytes(), "world_size": plan.world_size,
+                          "layout": plan.layout, "decode_tokens": plan.decode_tokens}
     return result
+
+
+def _path_counts(plan) -> dict:
+    """Forwards run so far on each path of a sliced model (``{}`` for other models)."""
+    if plan is None or plan.layout != "slices":
+        return {}
+    from ascend_compile.runtime.slices import state_of
+
+    return dict(state_of(plan.group_name, plan.generation).forwards)
 
 
 def worker(args) -> int:
@@ -259,10 +283,10 @@ def worker(args) -> int:
     layers = args.layers.split(",") if args.layers else (
         ["o_proj", "down_proj"] if args.model == "llama" else ["o_proj", "q_b_proj", "down_proj"])
     step = args.prefetch_step if args.prefetch_step == "auto" else int(args.prefetch_step)
-    path = os.path.join(args.dir, f"{args.model}_{args.num_layers}")
+    path = os.path.join(args.dir, f"{args.model}_{args.num_layers}" + (f"_h{args.hidden}" if args.hidden != 128 else ""))
     if rank == 0 and not os.path.exists(path):  # written once, renamed into place; the other ranks wait for it
         tmp = f"{path}.tmp{os.getpid()}"
-        write_checkpoint("llama" if args.model == "llama" else "deepseek_v2", tmp, args.num_layers)
+        write_checkpoint("llama" if args.model == "llama" else "deepseek_v2", tmp, args.num_layers, args.hidden)
         if not os.path.exists(path):
             os.rename(tmp, path)
     deadline = time.monotonic() + 300
@@ -271,6 +295,9 @@ def worker(args) -> int:
             raise TimeoutError(f"rank {rank}: no checkpoint at {path} after 300 s (rank 0 writes it)")
         time.sleep(0.2)
     shared = {"layers": layers, "prefetch_step": step} if args.share else None
+    if shared and args.layout == "slices":
+        shared.update(layout="slices", decode_tokens=args.decode_tokens if args.decode_tokens == "auto"
+                      else int(args.decode_tokens))
     result = generate(path, dp_rank, shared, os.path.join(args.dir, "dumps") if args.share else None,
                       tp=args.tp, mode=args.mode, reload=args.reload)
     result["dp_rank"] = dp_rank
@@ -293,6 +320,12 @@ def main(argv=None) -> int:
     parser.add_argument("--reload", action="store_true",
                         help="after generating, reload the weights through vLLM's reload_weights on every rank (the "
                         "checkpoint, then changed weights, then the checkpoint again) and generate after each")
+    parser.add_argument("--layout", choices=["layers", "slices"], default="layers",
+                        help="SharedWeightConfig layout: each layer whole on one rank, or a slice of every layer on "
+                        "every rank")
+    parser.add_argument("--decode-tokens", default="auto",
+                        help="slices: the largest agreed token count computed on the slices (an int or 'auto')")
+    parser.add_argument("--hidden", type=int, default=128, help="hidden size of the checkpoint (a multiple of 64)")
     parser.add_argument("--share", action="store_true", help=argparse.SUPPRESS)  # set for the torchrun workers
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)
@@ -340,6 +373,11 @@ def main(argv=None) -> int:
         for name, r in (("unshared", u), ("shared", s)):
             print(f"rank {rank}: {name}: {r['forwards']} forwards ({r['dummy_forwards']} of them vLLM's dummy "
                   f"forwards), {r['generated']} tokens generated")
+        if s["paths"]:
+            print(f"rank {rank}: slices: {s['paths']['decode']} forwards on the decode path, {s['paths']['prefill']} "
+                  f"on the prefill path (decode_tokens={plan['decode_tokens']})")
+        print(f"rank {rank}: time per forward: shared {s['seconds_per_forward'] * 1e3:.2f} ms, unshared "
+              f"{u['seconds_per_forward'] * 1e3:.2f} ms ({s['seconds_per_forward'] / u['seconds_per_forward']:.2f}x)")
         print(f"rank {rank}: equal={equal}; shared {plan['series']} over {plan['world_size']} ranks: this rank holds "
               f"{s['weight_bytes'] / 2**20:.2f} MiB of weights instead of {u['weight_bytes'] / 2**20:.2f} MiB "
               f"(saved {(u['weight_bytes'] - s['weight_bytes']) / 2**20:.2f} MiB; plan: "

@@ -111,8 +111,9 @@ def test_config_errors_name_the_key_and_the_fix():
     integ.check_config(_Cfg(sw, mode=2))
     integ.check_config(_Cfg(sw, mode=1))
     sliced = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "layout": "slices"}}}
-    with pytest.raises(ConfigError, match=r"layout='slices' is not available under vLLM yet.*Use layout='layers'"):
-        integ.check_config(_Cfg(sliced, mode=2))
+    integ.check_config(_Cfg(sliced, mode=2))  # slices load through vLLM's loader (test_vllm_slices)
+    with pytest.raises(ConfigError, match=r"compilation_config mode 3 \(VLLM_COMPILE\)"):
+        integ.check_config(_Cfg(sliced, mode=3))
     integ.check_config(_Cfg({}, mode=3))  # nothing shared: nothing to refuse
     integ.check_config(_Cfg({}, mode=0, enforce_eager=True))
 
@@ -323,7 +324,7 @@ def test_weight_updates_a_sharded_model_cannot_take_are_refused(monkeypatch):
     start(worker, is_checkpoint_format=False)
     assert calls == [("reload", (None, None, False)), ("start", (), {"is_checkpoint_format": False})]
 
-    setattr(model, PLAN_ATTR, SimpleNamespace(layer_series={"o_proj": ["0.o_proj", "1.o_proj"]}))
+    setattr(model, PLAN_ATTR, SimpleNamespace(layer_series={"o_proj": ["0.o_proj", "1.o_proj"]}, layout="layers"))
     with pytest.raises(ShardingError, match=r"is_checkpoint_format=False\) on a model whose \['o_proj'\] weights "
                                             r"ascend_compile shares.*Reload with checkpoint-format weights"):
         reload_weights(runner, iter([]), None, False)
@@ -333,6 +334,11 @@ def test_weight_updates_a_sharded_model_cannot_take_are_refused(monkeypatch):
         with pytest.raises(ShardingError, match=r"start_weight_update on a model whose \['o_proj'\] weights.*"
                                                 r"reload_weights with checkpoint-format weights"):
             start(worker, is_checkpoint_format=fmt)
+    getattr(model, PLAN_ATTR).layout = "slices"  # no reload of slices yet, in either format
+    for fmt in (True, False):
+        with pytest.raises(ShardingError, match=r"reload_weights on a model whose \['o_proj'\] weights ascend_compile "
+                                                r"keeps as slices \(layout='slices'\).*Use layout='layers'"):
+            reload_weights(runner, iter([]), None, fmt)
     assert len(calls) == 2  # vLLM was never reached
 
 
@@ -747,6 +753,37 @@ def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_
     # ran vLLM's dummy forwards until rank 1 was done, the same number of forwards on both ranks
     _assert_ranks_ran_in_lockstep(results, 2, idle=[0])
     assert results["shared_rank0"]["tokens"] != results["shared_rank1"]["tokens"]
+
+
+@pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
+@pytest.mark.parametrize("model, decode_tokens", [("llama", "8"), ("deepseek_v2", "auto")])
+def test_generate_with_slices_through_vllms_engine_equals_the_unshared_run(model, decode_tokens, tmp_path):
+    """``layout="slices"`` through ``LLM(...).generate`` on 2 DP ranks under torchrun, compiled by
+    vLLM (mode 2) with our backend, the ranks with different requests (so different token counts
+    in one forward, and rank 0 idle in vLLM's dummy forwards while rank 1 decodes): greedy tokens
+    equal the unshared run's on every rank, each rank holds half of every shared layer, and the
+    ranks took the same path in every forward (with ``decode_tokens=8``: the prefill forward on
+    the prefill path, every decode step on the slices)."""
+    out, results = _run_example(tmp_path, "--model", model, "--layout", "slices", "--decode-tokens", decode_tokens)
+    series = ["down_proj", "o_proj"] + (["q_b_proj"] if model == "deepseek_v2" else [])
+    for rank in range(2):
+        unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
+        plan = shared["plan"]
+        assert plan["series"] == series and plan["layout"] == "slices" and plan["world_size"] == 2
+        assert shared["tokens"] == unshared["tokens"]
+        assert plan["saved_bytes"] == plan["series_bytes"] // 2
+        saved = unshared["weight_bytes"] - shared["weight_bytes"]
+        assert abs(saved - plan["saved_bytes"]) < 0.02 * plan["saved_bytes"]
+        paths = shared["paths"]
+        assert paths["decode"] + paths["prefill"] == shared["forwards"], (paths, shared["forwards"])
+        if decode_tokens == "8":
+            assert plan["decode_tokens"] == 8
+            assert paths["prefill"] >= 1 and paths["decode"] >= max(len(t) for t in shared["tokens"]) - 1, paths
+        else:
+            assert isinstance(plan["decode_tokens"], int)
+        assert f"rank {rank}: equal=True" in out
+    assert results["shared_rank0"]["paths"] == results["shared_rank1"]["paths"]  # agreed, forward by forward
+    _assert_ranks_ran_in_lockstep(results, 2, idle=[0])
 
 
 @pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
