@@ -69,11 +69,9 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     opts = CompileOptions.from_dict(options)
     check_mode(opts.lowering, mode)
     sliced = check_sliced(gm, opts, mode)
-    if sliced:
-        from .debug.dump import slices_table
-
-        GraphDumper(opts.dump_dir, comm.global_rank()).schedule(slices_table(sliced, comm.global_rank()))
     groups = marker_groups(gm.graph)
+    if sliced and not groups:
+        return _compile_sliced(gm, example_inputs, opts, mode, sliced)
     if not groups:
         log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)
         return _lower(get_lowering(opts.lowering), gm, example_inputs, None, opts, mode)
@@ -89,6 +87,20 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
             for name in sorted(groups):
                 comm.abort_group(name, e)
         raise
+
+
+def _compile_sliced(gm: fx.GraphModule, example_inputs: list, opts: CompileOptions, mode: Optional[str],
+                    sliced: list):
+    """A graph of sliced layers only: lowered unchanged (each ``sliced_linear`` call issues its own
+    collectives, in the order the ordered effect keeps), its table dumped, its order of sliced layers
+    checked against the other ranks' (``SlicedOrderGuard``)."""
+    from .debug.dump import slices_table
+    from .runtime.guard import SlicedOrderGuard
+
+    dumper = GraphDumper(opts.dump_dir, comm.global_rank())
+    dumper.schedule(slices_table(sliced, comm.global_rank()))
+    compiled = _lower(get_lowering(opts.lowering), gm, example_inputs, None, opts, mode)
+    return SlicedOrderGuard(compiled, layers=sliced, graph_id=dumper.graph_id, check=opts.check_ranks)
 
 
 def _compile_shared(gm: fx.GraphModule, example_inputs: list, opts: CompileOptions, mode: Optional[str]):

@@ -93,7 +93,7 @@ def _sliced_run(rank, world, decode_tokens):
     sliced = {n: m for n, m in model.named_modules() if n.endswith(tuple(SLICED))}
     slices_ok = True
     for name, m in sliced.items():
-        whole, cut = m._ascend_compile_presliced
+        whole, cut = m._ascend_compile_presliced["whole"], m._ascend_compile_presliced["cut"]
         size = whole[cut] // world
         expected = checkpoint[f"{name}.weight"].narrow(cut, rank * size, size)
         slices_ok &= torch.equal(m.weight, expected) and m.weight.untyped_storage().nbytes() == expected.numel() * 4
@@ -140,6 +140,86 @@ def test_vllm_layers_load_only_their_slice_and_compute_both_paths_as_unsharded()
             assert r[phase]["paths"] == {"decode": 2 * (phase == "decode"), "prefill": 2 * (phase == "prefill")}
 
 
+def _quant_case(rank, world, decode_tokens):
+    import vllm_model
+
+    _, ctx = vllm_model.setup_vllm(rank, world)
+    try:
+        return _quant_run(rank, world, decode_tokens)
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def _quant_run(rank, world, decode_tokens):
+    import vllm_model
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    torch._dynamo.reset()
+    quant = vllm_model.int8_channel_config()
+    checkpoint = vllm_model.quant_slice_checkpoint(3)
+    reference = vllm_model.QuantSliceStack(3, quant)
+    for name, p in reference.named_parameters():
+        default_weight_loader(p, checkpoint[name])
+    vllm_model.process(reference)
+    shared = {"layers": ["q_b_proj", "o_proj"], "layout": "slices", "decode_tokens": decode_tokens}
+    model, given = _load(rank, world, shared,
+                         lambda vllm_config, model_config, prefix="": vllm_model.QuantSliceStack(3, quant), checkpoint,
+                         device="meta")
+    plan = ac.get_plan(model)
+    layer = model.layers[1]
+    q_scale = checkpoint["layers.1.q_b_proj.weight_scale"]
+    out = {
+        "plan": (plan.layout, plan.decode_tokens), "explanation": plan.decode_explanation,
+        "saved": plan.saved_bytes(), "series": plan.series_bytes(),
+        "params": sorted((p.param, p.shape) for p in plan.params if p.index == 0),
+        "methods": sorted({type(m["q_b_proj"].quant_method).__name__ for m in model.layers}),
+        # processed on the slice: q_b_proj [in, out/2], o_proj [in/2, out] (transposed by processing)
+        "weights": [tuple(layer["q_b_proj"].weight.shape), tuple(layer["o_proj"].weight.shape)],
+        "q_b_slice": torch.equal(layer["q_b_proj"].weight,
+                                 checkpoint["layers.1.q_b_proj.weight"][rank * 64:(rank + 1) * 64].t()),
+        "o_slice": torch.equal(layer["o_proj"].weight,
+                               checkpoint["layers.1.o_proj.weight"][:, rank * 64:(rank + 1) * 64].t()),
+        "scales": [torch.equal(layer["q_b_proj"].weight_scale, q_scale[rank * 64:(rank + 1) * 64]),
+                   torch.equal(layer["o_proj"].weight_scale, checkpoint["layers.1.o_proj.weight_scale"]),
+                   torch.equal(layer["o_proj"].bias, checkpoint["layers.1.o_proj.bias"])],
+        "whole_given": all(given[k] == tuple(v.shape) for k, v in checkpoint.items()),
+    }
+    compiled = torch.compile(model, backend="ascend_compile", fullgraph=True, options={"lowering": "inductor"})
+    for phase, tokens in (("few", (1, 3)), ("many", (2, 9))):
+        g = torch.Generator().manual_seed(10 + rank)
+        x = torch.randn(tokens[rank], vllm_model.HIDDEN, generator=g)
+        ref = reference(x)
+        with torch.inference_mode():
+            eager, got = model(x), compiled(x)
+        out[phase] = [float((t - ref).abs().max() / ref.abs().max()) for t in (eager, got)]
+    state = ac.runtime.slices.states_over(plan.group_name)[0]
+    out["gathers"] = [e for e in state.issued if e.startswith("gather")]
+    return out
+
+
+@pytest.mark.parametrize("decode_tokens", [4, "auto"])
+def test_an_int8_series_loads_processes_and_computes_on_its_slices(decode_tokens):
+    """vLLM layers quantized by a method that declares its parameters' dimensions (int8 weight,
+    per-output-channel scale): the weight and the scales along the cut are loaded as slices through
+    the layer's own weight loader, processed by the method on the slice (transposed here), and the
+    method computes on the slice inside ``sliced_linear``, at every token count (a processed layout is
+    never gathered): equal to the unsharded int8 stack within 1e-5, eagerly and compiled, with ranks
+    of 1 and 3, then 2 and 9 tokens."""
+    for rank, r in enumerate(run_ranks(_quant_case, 2, decode_tokens, timeout=600)):
+        assert r["methods"] == ["SlicedQuantMethod"]
+        assert r["weights"] == [(64, 64), (64, 64)]
+        assert r["q_b_slice"] and r["o_slice"] and r["scales"] == [True, True, True], rank
+        assert r["whole_given"]
+        # cut: both weights and q_b_proj's scale (output cut); o_proj's scale and bias stay whole
+        assert r["params"] == [("weight", (64, 128)), ("weight", (128, 64)), ("weight_scale", (128,))]
+        assert r["series"] == 3 * (128 * 64 + 128 * 4 + 64 * 128) and r["saved"] == r["series"] // 2
+        for phase in ("few", "many"):
+            assert max(r[phase]) < 1e-5, (rank, phase, r[phase])
+        assert r["gathers"] == []
+        if decode_tokens == "auto":
+            assert r["plan"] == ("slices", 0) and "computes on its slices at every token count" in r["explanation"]
+
+
 def _refused_case(rank, world, what):
     import vllm_model
 
@@ -169,8 +249,8 @@ def _refused_run(rank, world, what):
 
 
 @pytest.mark.parametrize("what, message", [
-    ("quantized", r"layout='slices' computes layers\.0\.o_proj on a slice of its weight, but it is quantized "
-                  r"\(Int8WeightOnly\).*use SharedWeightConfig\(layout='layers'\)"),
+    ("quantized", r"layout='slices' cuts layers\.0\.o_proj \(Int8WeightOnly\) along the dimensions its parameters "
+                  r"declare, but its weight declares no input_dim/output_dim: use SharedWeightConfig\(layout='layers'\)"),
     ("merged", r"layers\.0\.gate_up_proj .*it is a MergedColumnParallelLinear.*layout='layers'"),
 ])
 def test_layers_the_slices_cannot_load_are_refused_on_every_rank(what, message):

@@ -242,3 +242,71 @@ def build_quant(layers: int = 3, seed: int = 0) -> QuantStack:
     model = QuantStack(layers)
     process(model)
     return model.eval()
+
+
+def int8_channel_config():
+    """Weight-only int8 as vLLM's own quantization methods declare it: the weight a
+    ``ModelWeightParameter`` (int8, ``[out, in]``, ``input_dim=1``, ``output_dim=0``), its
+    per-output-channel scale a ``ChannelQuantScaleParameter`` (``output_dim=0``), both loaded by
+    the layer's ``weight_loader_v2``. Processing stores the weight transposed for the kernel."""
+    from torch.nn import Parameter
+    from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
+    from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter
+
+    @register_weight_loader_v2_supported_method
+    class Int8PerChannel(LinearMethodBase):
+        def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size,
+                           output_size, params_dtype, **extra):
+            out, loader = sum(output_partition_sizes), extra["weight_loader"]
+            layer.register_parameter("weight", ModelWeightParameter(
+                data=torch.empty(out, input_size_per_partition, dtype=torch.int8), input_dim=1, output_dim=0,
+                weight_loader=loader))
+            layer.register_parameter("weight_scale", ChannelQuantScaleParameter(
+                data=torch.empty(out, dtype=torch.float32), output_dim=0, weight_loader=loader))
+
+        def process_weights_after_loading(self, layer):
+            layer.weight = Parameter(layer.weight.data.t().contiguous(), requires_grad=False)  # [in, out]
+            layer.weight_scale = Parameter(layer.weight_scale.data.clone(), requires_grad=False)
+
+        def apply(self, layer, x, bias=None):
+            out = torch.mm(x, layer.weight.float()) * layer.weight_scale
+            return out if bias is None else out + bias
+
+    return _quant_config(Int8PerChannel())
+
+
+class QuantSliceStack(nn.Module):
+    """Int8 (``int8_channel_config``) ``q_b_proj`` (ColumnParallelLinear 64 -> 128: output cut) and
+    ``o_proj`` (RowParallelLinear 128 -> 64, with a bias: input cut) in every layer."""
+
+    def __init__(self, layers: int = 3, quant_config=None):
+        super().__init__()
+        from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear
+
+        q = quant_config or int8_channel_config()
+        self.layers = nn.ModuleList(nn.ModuleDict({
+            "q_b_proj": ColumnParallelLinear(HIDDEN, 2 * HIDDEN, bias=False, quant_config=q,
+                                             prefix=f"layers.{i}.q_b_proj"),
+            "o_proj": RowParallelLinear(2 * HIDDEN, HIDDEN, bias=True, quant_config=q, prefix=f"layers.{i}.o_proj"),
+        }) for i in range(layers))
+
+    def forward(self, h):
+        for layer in self.layers:
+            q, _ = layer["q_b_proj"](h)
+            o, _ = layer["o_proj"](torch.tanh(q))
+            h = h + o
+        return h
+
+
+def quant_slice_checkpoint(layers: int = 3, seed: int = 0) -> dict:
+    """A checkpoint for ``QuantSliceStack``: int8 weights ``[out, in]``, scales, biases."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(layers):
+        for name, (d_out, d_in) in (("q_b_proj", (2 * HIDDEN, HIDDEN)), ("o_proj", (HIDDEN, 2 * HIDDEN))):
+            p = f"layers.{i}.{name}"
+            out[f"{p}.weight"] = torch.randint(-127, 128, (d_out, d_in), generator=g, dtype=torch.int8)
+            out[f"{p}.weight_scale"] = torch.rand(d_out, generator=g) / (64 * d_in ** 0.5) + 1e-4
+            if name == "o_proj":
+                out[f"{p}.bias"] = 0.1 * torch.randn(d_out, generator=g)
+    return out

@@ -109,3 +109,46 @@ def failed_layer(e: BaseException, names: dict, waits_in_order: list) -> Optiona
                 return waits_in_order[calls.index(lineno)]
             return None
     return None
+
+
+class SlicedOrderGuard:
+    """A compiled graph of sliced layers (``layout="slices"``), checked against the other ranks'
+    graphs of the same layers as ``GuardedGraph`` checks broadcasts: the order in which it calls
+    its sliced layers (the order of their collectives, fixed by the ordered effect) is published
+    to the store at compile time and compared with every peer's at calls 1, 2, 4, ... until every
+    peer has published. Without it, ranks calling same-shaped layers in different orders would
+    pair one layer's collectives with another's and compute wrong values without an error."""
+
+    def __init__(self, compiled, *, layers: list, graph_id: str, check: bool = True):
+        groups = sorted({(g, gen) for _, _, g, gen in layers})
+        self.compiled = compiled
+        self.group_name, generation = groups[0]  # one model's layers: one sharding
+        pg = comm.group_from_name(self.group_name)
+        self.rank, self.world_size = comm.group_rank(pg), comm.group_size(pg)
+        self.order = [f"{series}[{index}] (sliced)" for series, index, _, _ in layers]
+        token = comm.shard_state(self.group_name, generation).get("token", "")
+        self.key = comm.order_key(self.group_name, generation, sorted(self.order), ("slices",), token)
+        self.graph_id = graph_id
+        self.verified = not check
+        self.calls = 0
+        self.error = None
+        if check:
+            try:
+                comm.publish_order(self.key, self.rank, self.order)
+            except comm.RankMismatchError as e:
+                self.error = e
+
+    def __call__(self, *args):
+        try:
+            if not self.verified:
+                self.calls += 1
+                if self.calls & (self.calls - 1) == 0:
+                    if self.error is not None:
+                        raise self.error
+                    self.verified = comm.check_published(
+                        self.key, self.rank, self.world_size, self.order,
+                        f"compiled graph {self.graph_id} (sliced layers {self.order[0]}..{self.order[-1]})")
+            return self.compiled(*args)
+        except comm.RankMismatchError as e:
+            comm.abort_group(self.group_name, e)  # peers already in a sliced layer's collectives fail at once
+            raise

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 from typing import Optional
 
 import torch
@@ -239,14 +238,14 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
         shared = []
         for layer, members in per_layer.items():
             for index, (mname, module, params) in enumerate(members):
-                for pname, p in params.items():
-                    # a layer sliced at load holds 1/K of its weight: the plan counts the whole one
-                    shape = slices.whole_shape(module, p) if pname == "weight" else tuple(p.shape)
+                # sliced: whole shapes and bytes (a layer sliced at load holds 1/K of them)
+                described = (slices.shared_params(module, params, world) if config.layout == "slices" else
+                             {k: (p, tuple(p.shape), p.numel() * p.element_size()) for k, p in params.items()})
+                for pname, (p, shape, nbytes) in described.items():
                     shared.append(SharedParam(
                         series=f"{layer}.{pname}", index=index, module=mname, param=pname,
                         owner=index % world if config.layout == "layers" else EVERY_RANK,
-                        shape=shape, dtype=str(p.dtype).replace("torch.", ""),
-                        nbytes=math.prod(shape) * p.element_size(),
+                        shape=shape, dtype=str(p.dtype).replace("torch.", ""), nbytes=nbytes,
                     ))
         local["plan"] = ShardPlan(gname, rank, world, step_value, {k: [m for m, _, _ in v] for k, v in per_layer.items()},
                                   shared, wrap_windows=config.wrap_windows(), layout=config.layout)
@@ -303,7 +302,11 @@ def _shard_slices(model: nn.Module, config: SharedWeightConfig, pg, plan: ShardP
             comm.abort_group(plan.group_name, e)
             raise
         gathered = comm.gather_or_fail(pg, "to agree on the sliced paths' costs", lambda: costs)
-        threshold, plan.decode_explanation = slices.choose_threshold(slices.agree_costs(gathered))
+        if costs is None:  # the same on every rank (the plans are equal): nothing that gathers
+            threshold, plan.decode_explanation = 0, ("every sliced layer computes on its slices at every token count "
+                                                     "(its own GEMM, e.g. quantized): no threshold to measure")
+        else:
+            threshold, plan.decode_explanation = slices.choose_threshold(slices.agree_costs(gathered))
     plan.decode_tokens = threshold
     slices.install(plan.group_name, plan.generation, layers, plan.prefetch_step, threshold)
 
@@ -335,11 +338,11 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     costs_here = _measure(pg, per_layer) if auto else None  # its collectives: every rank reaches them
 
     def mine() -> dict:
-        by_module = {m: params for members in per_layer.values() for m, _, params in members}
+        by_module = {m: module for members in per_layer.values() for m, module, _ in members}
         owned_formats = {}
         for sp in plan.params:
             if sp.owner in (plan.rank, EVERY_RANK):
-                fmt = formats.storage_format(by_module[sp.module][sp.param])
+                fmt = formats.storage_format(getattr(by_module[sp.module], sp.param))
                 if formats.special(fmt):
                     owned_formats[layer_name(sp.series, sp.index)] = fmt
         return {"generation": comm.proposed_generation(plan.group_name), "costs": costs_here,

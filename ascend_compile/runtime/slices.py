@@ -45,15 +45,33 @@ log = logging.getLogger(__name__)
 INPUT_CUT, OUTPUT_CUT = 1, 0
 PATHS = ("decode", "prefill")
 AUTO_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-# (whole weight's [d_out, d_in], cut) of a layer an integration sliced before loading (vLLM: its
-# weight is already this rank's slice, and its own code routes the GEMM through sliced_linear)
+# {"cut": cut, "whole": (d_out, d_in), "shapes": {param: whole shape}} of a layer an integration sliced
+# before loading (vLLM: its parameters are already this rank's slices, its own code routes the GEMM
+# through sliced_linear); "shapes" names every parameter that was cut (the weight, and per-channel
+# scales along the cut)
 PRESLICED = "_ascend_compile_presliced"
+# a layer's own GEMM on its slice (an integration's, e.g. a vLLM quant method's apply): such a layer
+# computes on its slice at every token count, never gathered (its processed layout may not reassemble)
+SLICE_GEMM = "_ascend_compile_slice_gemm"
 
 
 def whole_shape(module: nn.Module, w: torch.Tensor) -> tuple:
     """The ``[d_out, d_in]`` of the layer's whole weight (``w``: the weight it holds)."""
     presliced = getattr(module, PRESLICED, None)
-    return tuple(presliced[0]) if presliced is not None else tuple(w.shape)
+    return tuple(presliced["whole"]) if presliced is not None else tuple(w.shape)
+
+
+def shared_params(module: nn.Module, params: dict, world: int) -> dict:
+    """``{param: (tensor, whole shape, whole bytes)}`` of what a sliced series member shares: the
+    configured ``params``, or for a layer sliced at load every parameter that was cut (its
+    other parameters, e.g. per-output-channel scales of an input cut, stay whole on every rank)."""
+    presliced = getattr(module, PRESLICED, None)
+    if presliced is None:
+        return {k: (p, tuple(p.shape), p.numel() * p.element_size()) for k, p in params.items()}
+    own = dict(module.named_parameters(recurse=False))
+    # bytes from the slice as processed (processing may change layout or dtype), times the ranks
+    return {k: (own[k], tuple(shape), own[k].numel() * own[k].element_size() * world)
+            for k, shape in presliced["shapes"].items()}
 
 
 def cut_of(shape: tuple) -> int:
@@ -165,7 +183,8 @@ class SliceState:
         if pos == 0 or self.path is None:
             self.begin_forward(tokens, w.device)
         layer = self.layers[pos]
-        if self.path == "prefill":
+        gemm = getattr(self.modules[pos], SLICE_GEMM, None)
+        if self.path == "prefill" and gemm is None:
             return F.linear(x, self.gathered(pos, w), b)
         if tokens > self.tokens:
             error = RuntimeError(
@@ -176,7 +195,7 @@ class SliceState:
             raise error  # sliced_linear aborts the group: the peers wait in this layer's collectives
         self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
         x2 = x.reshape(tokens, x.shape[-1])
-        out = decode_linear(x2, w, layer.cut, self.tokens, self.pg, self._collective, layer.module)
+        out = decode_linear(x2, w, layer.cut, self.tokens, self.pg, self._collective, layer.module, gemm)
         out = out.reshape(*x.shape[:-1], layer.shape[0])
         return out + b if b is not None else out
 
@@ -186,17 +205,22 @@ class SliceState:
         forward's first sliced layer, then layer ``i + k`` of a series when its layer ``i`` is used."""
         if pos == 0:
             for early in range(len(self.layers)):
-                if self.layers[early].index < self.prefetch_step and early not in self.in_flight:
+                if (self.layers[early].index < self.prefetch_step and early not in self.in_flight
+                        and self.gathers(early)):
                     self.in_flight[early] = self.issue_gather(early, w if early == pos else None)
         if pos not in self.in_flight:
             self.in_flight[pos] = self.issue_gather(pos, w)
         layer = self.layers[pos]
         ahead = self.position.get((layer.series, layer.index + self.prefetch_step))
-        if self.prefetch_step and ahead is not None and ahead not in self.in_flight:
+        if self.prefetch_step and ahead is not None and ahead not in self.in_flight and self.gathers(ahead):
             self.in_flight[ahead] = self.issue_gather(ahead, None)
         work, buf = self.in_flight.pop(pos)
         self._collective(f"the gather of {self.layers[pos].module}'s slices", work.wait)
         return whole_weight(buf, self.layers[pos].cut, self.layers[pos].shape, self.pg.size())
+
+    def gathers(self, pos: int) -> bool:
+        """Whether layer ``pos`` is gathered at prefill (not when it computes with its own GEMM)."""
+        return getattr(self.modules[pos], SLICE_GEMM, None) is None
 
     def issue_gather(self, pos: int, w: Optional[torch.Tensor]):
         w = gather_source(self.layers[pos].cut, self.modules[pos].weight if w is None else w).contiguous()
@@ -249,9 +273,12 @@ def whole_weight(gathered: torch.Tensor, cut: int, shape: tuple, world: int) -> 
     return gathered.t() if cut == INPUT_CUT else gathered
 
 
-def decode_linear(x: torch.Tensor, w: torch.Tensor, cut: int, tokens: int, pg, collective, name: str = "") -> torch.Tensor:
+def decode_linear(x: torch.Tensor, w: torch.Tensor, cut: int, tokens: int, pg, collective, name: str = "",
+                  gemm=None) -> torch.Tensor:
     """``x @ W.T`` for this rank's ``x`` (``[n, d_in]``, ``n <= tokens``) from every rank's slice
-    of ``W``, moving activations only; every rank calls it with the same ``tokens``."""
+    of ``W``, moving activations only; every rank calls it with the same ``tokens``. ``gemm``: the
+    layer's own product with its slice (``SLICE_GEMM``), instead of ``F.linear(., w)``."""
+    gemm = gemm or (lambda inp: F.linear(inp, w))
     world = pg.size()
     n, d_in = x.shape
     padded = x if n == tokens else torch.cat([x, x.new_zeros(tokens - n, d_in)])
@@ -260,17 +287,17 @@ def decode_linear(x: torch.Tensor, w: torch.Tensor, cut: int, tokens: int, pg, c
         send = padded.view(tokens, world, c).transpose(0, 1).contiguous().view(world * tokens, c)
         recv = torch.empty_like(send)
         collective(f"the all-to-all of {name}'s inputs", lambda: dist.all_to_all_single(recv, send, group=pg))
-        partial = F.linear(recv, w)  # [world * tokens, d_out]: every rank's rows, this rank's input block
+        partial = gemm(recv)  # [world * tokens, d_out]: every rank's rows, this rank's input block
         out = partial.new_empty((tokens, partial.shape[1]))
         collective(f"the reduce-scatter of {name}'s outputs",
                    lambda: dist.reduce_scatter_tensor(out, partial, group=pg))
         return out[:n]
     inputs = padded.new_empty((world * tokens, d_in))
     collective(f"the all-gather of {name}'s inputs", lambda: dist.all_gather_into_tensor(inputs, padded.contiguous(), group=pg))
-    partial = F.linear(inputs, w)  # [world * tokens, c]: every rank's rows, this rank's output block
+    partial = gemm(inputs)  # [world * tokens, c]: every rank's rows, this rank's output block
     recv = torch.empty_like(partial)
     collective(f"the all-to-all of {name}'s outputs", lambda: dist.all_to_all_single(recv, partial, group=pg))
-    c = w.shape[0]
+    c = partial.shape[1]
     return recv.view(world, tokens, c).permute(1, 0, 2).reshape(tokens, world * c)[:n]
 
 
@@ -388,11 +415,15 @@ def install(group_name: str, generation: int, layers: list, prefetch_step: int, 
 def measure_paths(pg, layers: list, prefetch_step: int, reps: int = 3) -> dict:
     """Per decoder layer (one layer of each series), seconds of the decode path at each candidate
     token count, of the weight gathers, and of the replicated GEMMs. Collectives: every rank runs
-    the same sequence."""
+    the same sequence. Layers with their own GEMM (``SLICE_GEMM``) take no part: they compute on
+    their slices whatever the threshold. None when no layer is left."""
     world = pg.size()
     first = {}
     for sl, module in layers:
-        first.setdefault(sl.series, (sl, gather_source(sl.cut, module.weight)))
+        if getattr(module, SLICE_GEMM, None) is None:
+            first.setdefault(sl.series, (sl, gather_source(sl.cut, module.weight)))
+    if not first:
+        return None
 
     def timed(fn) -> float:
         fn()  # warm-up: first calls allocate and connect
