@@ -213,6 +213,19 @@ def _refuse_on_this_vllm(original, problem: str):
     return load_model
 
 
+def _log_like_vllm() -> None:
+    """Our INFO lines (what was shared, what each rank saved, the windows dropped at a reload) where
+    vLLM's own go, in every process that loads plugins (``vllm serve``'s engine cores and workers
+    included), unless logging was configured already (our logger or the root one has handlers)."""
+    ours, theirs = logging.getLogger("ascend_compile"), logging.getLogger("vllm")
+    if ours.handlers or logging.getLogger().handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    if ours.level == logging.NOTSET:
+        ours.setLevel(logging.INFO)
+
+
 def register() -> None:
     """The ``vllm.general_plugins`` entry point. Safe to call more than once; changes nothing
     for a model whose config does not ask for shared weights."""
@@ -220,6 +233,7 @@ def register() -> None:
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.platforms import current_platform
 
+    _log_like_vllm()
     problem = vllm_version_problem(getattr(vllm, "__version__", "unknown"))
     if problem is not None:
         log.warning("ascend_compile: %s", problem)

