@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -106,15 +107,16 @@ def write_checkpoint(path: str, moe: bool = True) -> str:
 class Server:
     """One ``api_server`` in its own session (process group), its output in ``log``."""
 
-    def __init__(self, model: str, port: int, log: str, additional=None, extra=(), hook=None, mode: int = 2):
+    def __init__(self, model: str, port: int, log: str, additional=None, extra=(), hook=None, mode=2):
         self.port, self.log, self.model = port, log, model
         env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_MLA_DISABLE="1")
         if hook:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.abspath(hook), env.get("PYTHONPATH")) if p)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
                "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "256", "--max-num-seqs", "8",
-               "--kv-cache-memory-bytes", str(32 << 20), "--data-parallel-size", "2",
-               "-cc", json.dumps({"mode": mode, "backend": "ascend_compile"}), *extra]
+               "--kv-cache-memory-bytes", str(32 << 20), "--data-parallel-size", "2", *extra]
+        if mode is not None:  # None: vLLM's default compilation (mode 3, its own backend)
+            cmd += ["-cc", json.dumps({"mode": mode, "backend": "ascend_compile"})]
         if additional:
             cmd += ["--additional-config", json.dumps(additional)]
         self.start = time.monotonic()
@@ -178,28 +180,59 @@ class Server:
             return [line.rstrip() for line in f if any(w in line for w in words)]
 
 
-def complete(server: Server, prompt, max_tokens: int, stream: bool, timeout: float = 300) -> dict:
-    """One greedy ``/v1/completions`` request: its token ids, and for a stream the arrival time of each chunk."""
+def complete(server: Server, prompt, max_tokens: int, stream: bool, timeout: float = 300, on_token=None) -> dict:
+    """One greedy ``/v1/completions`` request: its token ids, each one's log-probability and the top 5
+    at each position (``lps``, ``tops``: {id: logprob}), and for a stream the arrival time of each
+    chunk (``on_token()`` is called at each)."""
     body = {"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-            "return_token_ids": True, "stream": stream}
+            "return_token_ids": True, "logprobs": 5, "return_tokens_as_token_ids": True, "stream": stream}
     req = urllib.request.Request(server.url("/v1/completions"), json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     start = time.monotonic()
+    out = {"ids": [], "lps": [], "tops": [], "text": ""}
+
+    def take(choice):
+        if "choices" not in choice:
+            raise RuntimeError(f"the server answered {choice}")
+        choice = choice["choices"][0]
+        out["ids"] += choice.get("token_ids") or []
+        out["text"] += choice.get("text") or ""
+        lp = choice.get("logprobs") or {}
+        out["lps"] += lp.get("token_logprobs") or []
+        out["tops"] += [{int(k.rsplit(":", 1)[1]): v for k, v in (top or {}).items()} for top in lp.get("top_logprobs") or []]
+        return bool(choice.get("token_ids"))
+
     with urllib.request.urlopen(req, timeout=timeout) as r:
         if not stream:
-            choice = json.load(r)["choices"][0]
-            return {"ids": choice.get("token_ids"), "text": choice["text"], "seconds": time.monotonic() - start}
-        ids, text, times = [], "", []
-        for line in r:
-            line = line.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choice = json.loads(line[6:])["choices"][0]
-            if choice.get("token_ids"):
-                ids += choice["token_ids"]
-                times.append(time.monotonic() - start)
-            text += choice.get("text") or ""
-        return {"ids": ids, "text": text, "seconds": time.monotonic() - start, "times": times}
+            take(json.load(r))
+        else:
+            out["times"] = []
+            for line in r:
+                line = line.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                if take(json.loads(line[6:])):
+                    out["times"].append(time.monotonic() - start)
+                    if on_token is not None:
+                        on_token()
+    out["seconds"] = time.monotonic() - start
+    return out
+
+
+def agree(a: dict, b: dict, tol: float) -> dict:
+    """Do two greedy generations of one prompt agree up to rounding? Where their tokens are equal,
+    the log-probabilities differ by at most ``tol``; at the first position where they differ (after
+    which the two continue from different text), each one's token is within ``tol`` of the other's
+    best in the other's top 5: a near tie that rounding decides, not a different model."""
+    worst = 0.0
+    for i, (x, y) in enumerate(zip(a["ids"], b["ids"])):
+        if x == y:
+            worst = max(worst, abs(a["lps"][i] - b["lps"][i]))
+            continue
+        tie = (x in b["tops"][i] and b["lps"][i] - b["tops"][i][x] <= tol
+               and y in a["tops"][i] and a["lps"][i] - a["tops"][i][y] <= tol)
+        return {"ok": worst <= tol and tie, "diverge_at": i, "max_logprob_diff": worst}
+    return {"ok": worst <= tol and len(a["ids"]) == len(b["ids"]), "diverge_at": None, "max_logprob_diff": worst}
 
 
 def in_threads(fn, calls: list) -> list:
@@ -226,46 +259,67 @@ def tpot(results: list) -> float:
     return sum(gaps) / len(gaps) if gaps else float("nan")
 
 
+def held(lines: list) -> list:
+    """What each engine core's worker said it holds of the shared series: [(rank in the sharing group,
+    held MiB, of MiB)]. (The workers' lines may interleave: ``vllm serve`` writes them to one stream.)"""
+    out = []
+    for line in lines:
+        m = re.search(r"rank (\d+) of them holds ([\d.]+) MiB of their ([\d.]+) MiB", line)
+        if m:
+            out.append((int(m.group(1)), float(m.group(2)), float(m.group(3))))
+    return sorted(out)
+
+
+def additional(name: str, args):
+    """``--additional-config`` of server ``name`` (None: unshared)."""
+    ours = json.loads(json.dumps(SHARED[name] or {}))
+    if ours.get("shared_weight", {}).get("layout") == "slices":
+        ours["shared_weight"]["decode_tokens"] = args.decode_tokens
+    return {"ascend_compile": ours} if ours else None
+
+
 def serve(name: str, args, model: str) -> dict:
-    server = Server(model, args.port, os.path.join(args.dir, f"{name}.log"),
-                    {"ascend_compile": SHARED[name]} if SHARED[name] else None, hook=args.hook)
+    server = Server(model, args.port, os.path.join(args.dir, f"{name}.log"), additional(name, args), hook=args.hook)
     result = {"name": name}
     try:
         result["healthy_s"] = server.healthy(args.start_timeout)
-        single = complete(server, "Hello world", 12, False)
-        single_stream = complete(server, "Hello world", 12, True)
-        concurrent = in_threads(lambda p, n, s: complete(server, p, n, s), CONCURRENT)
-        sequential = [complete(server, *c) for c in CONCURRENT]
-        timed = [complete(server, "Count the tokens of this prompt", 48, True) for _ in range(3)]
-        result.update(single=single["ids"], single_stream=single_stream["ids"],
-                      concurrent=[c.get("ids", c.get("error")) for c in concurrent],
-                      sequential=[c["ids"] for c in sequential], tpot_s=tpot(timed),
-                      ours=server.lines("ascend_compile"),
-                      errors=server.lines("Traceback", "Error", "error:"))
+        result["single"] = complete(server, "Hello world", 12, False)
+        result["single_stream"] = complete(server, "Hello world", 12, True)
+        result["concurrent"] = in_threads(lambda p, n, st: complete(server, p, n, st), CONCURRENT)
+        result["sequential"] = [complete(server, *c) for c in CONCURRENT]
+        timed = [complete(server, "Count the tokens of this prompt", 48, True) for _ in range(args.timed)]
+        result.update(tpot_s=tpot(timed), ours=server.lines("ascend_compile:"), paths=server.lines("first sliced forward"),
+                      errors=server.lines("Traceback", " ERROR "))
+        result["held"] = held(result["ours"])
     finally:
         result["clean_stop"] = server.stop()
     return result
 
 
 def fault(name: str, args, model: str) -> dict:
-    """Kill engine core DP1 while a 200-token stream is under way; how does it end?"""
-    server = Server(model, args.port, os.path.join(args.dir, f"fault_{name}.log"),
-                    {"ascend_compile": SHARED[name]} if SHARED[name] else None, hook=args.hook)
+    """Kill engine core DP1 once a long stream has its first tokens: how do the request and the server
+    end, and how long after the kill? Then start the same server again and ask it once."""
+    server = Server(model, args.port, os.path.join(args.dir, f"fault_{name}.log"), additional(name, args),
+                    hook=args.hook)
     result = {"name": name}
     try:
         result["healthy_s"] = server.healthy(args.start_timeout)
-        ended = {}
+        ended, started, chunks = {}, threading.Event(), []
+
+        def on_token():
+            chunks.append(time.monotonic())
+            started.set()
 
         def stream():
             try:
-                ended["result"] = complete(server, "Keep going for a long time", 200, True, timeout=args.fault_wait)
+                ended["result"] = complete(server, "Keep going", 240, True, timeout=args.fault_wait, on_token=on_token)
             except Exception as e:  # noqa: BLE001 - the expected end
                 ended["error"] = f"{type(e).__name__}: {e}"
             ended["at"] = time.monotonic()
 
         thread = threading.Thread(target=stream)
         thread.start()
-        time.sleep(2.0)  # a few tokens in
+        started.wait(args.fault_wait)  # the first tokens are in
         victims = server.pids("EngineCore_DP1")
         result["killed"] = victims
         killed_at = time.monotonic()
@@ -274,16 +328,21 @@ def fault(name: str, args, model: str) -> dict:
         thread.join(args.fault_wait + 30)
         result["request"] = ended.get("error") or f"finished with {len(ended['result']['ids'])} tokens"
         result["request_end_s"] = round(ended["at"] - killed_at, 1) if "at" in ended else None
+        result["chunks_after_kill"] = sum(t > killed_at for t in chunks)
         exited = server.exited(args.fault_wait)
         result["server_exit_s"] = None if exited is None else round(time.monotonic() - killed_at, 1)
-        try:
-            urllib.request.urlopen(server.url("/health"), timeout=2)
-            result["health_after"] = "answers"
-        except Exception as e:  # noqa: BLE001
-            result["health_after"] = f"{type(e).__name__}"
-        result["logged"] = server.lines("PeerError", "EngineDeadError", "died", "ascend_compile")[-12:]
+        result["exit_code"] = server.proc.returncode
+        result["logged"] = server.lines("PeerError", "EngineDeadError", "Connection closed", "ascend_compile:",
+                                        "died", "timed out")
     finally:
         result["clean_stop"] = server.stop()
+    again = Server(model, args.port, os.path.join(args.dir, f"fault_{name}_restart.log"), additional(name, args),
+                   hook=args.hook)
+    try:
+        result["restart_healthy_s"] = again.healthy(args.start_timeout)
+        result["restart_single"] = complete(again, "Hello world", 12, False)
+    finally:
+        result["restart_clean_stop"] = again.stop()
     return result
 
 
@@ -293,8 +352,13 @@ BAD = {
                  "shared weights over group 'dp' need 2 or more ranks in it"),
     "layer_sharding": ("moe", {"shared_weight": {"layers": ["o_proj"]}, "group": "dp"}, {"layer_sharding": ["o_proj"]},
                        2, "additional_config['layer_sharding'] (vLLM-Ascend's layer sharding) and"),
+    # shared weights asked for, compilation left at vLLM's default: mode 3 with vLLM's backend, which vLLM's
+    # CPU platform turns into mode 2 with Inductor (a platform that keeps mode 3 gets our mode-3 message)
+    "default_compilation": ("moe", {"shared_weight": {"layers": ["o_proj"]}, "group": "dp"}, {}, None,
+                            "compilation_config backend 'inductor' would run the shared weights without prefetching"),
+    # mode 3 with our backend: vLLM's own argument check refuses it before anything starts
     "mode_3": ("moe", {"shared_weight": {"layers": ["o_proj"]}, "group": "dp"}, {}, 3,
-               "compilation_config mode 3 (VLLM_COMPILE)"),
+               "Invalid backend for piecewise compilation: ascend_compile"),
 }
 
 
@@ -304,18 +368,16 @@ def bad_config(name: str, args, models: dict) -> dict:
                     {"ascend_compile": ours, **theirs}, hook=args.hook, mode=mode)
     try:
         exited = server.exited(args.start_timeout)
-        found = [line for line in server.lines(message)]
         healthy = False
         if exited is None:
             try:
                 healthy = urllib.request.urlopen(server.url("/health"), timeout=2).status == 200
             except Exception:  # noqa: BLE001
                 pass
-        return {"name": name, "exit_s": exited, "healthy": healthy, "message": found[:1], "expected": message,
-                "clean_stop": server.stop()}
-    except Exception:
+        return {"name": name, "exit_s": exited, "healthy": healthy, "message": server.lines(message)[:1],
+                "expected": message}
+    finally:
         server.stop()
-        raise
 
 
 def default_hook() -> str | None:
@@ -327,59 +389,103 @@ def default_hook() -> str | None:
         return None
 
 
+def compare(runs: dict, tol: float) -> dict:
+    """Each shared server against the unshared one (and the unshared one's concurrent requests against
+    its own one-at-a-time ones, for the size of batching's effect): ``single``, ``single_stream`` and
+    ``sequential`` tokens must be equal; concurrent ones must ``agree`` up to rounding."""
+    base = runs["unshared"]
+    out = {}
+    noise = [agree(c, s, tol) for c, s in zip(base["concurrent"], base["sequential"])]
+    out["unshared"] = {"concurrent_vs_one_at_a_time": noise}
+    for name, r in runs.items():
+        if name == "unshared":
+            continue
+        pairs = [(r["single"], base["single"]), (r["single_stream"], base["single_stream"]),
+                 *zip(r["sequential"], base["sequential"])]
+        out[name] = {
+            "tokens_equal": all(a["ids"] == b["ids"] for a, b in pairs),
+            "logprob_diff": max(abs(x - y) for a, b in pairs for x, y in zip(a["lps"], b["lps"])),
+            "concurrent": [agree(a, b, tol) for a, b in zip(r["concurrent"], base["concurrent"])],
+            "tpot_ratio": r["tpot_s"] / base["tpot_s"],
+        }
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default="unshared,layers,slices", help="servers to run and compare, in order")
     parser.add_argument("--faults", default="", help="servers to kill an engine core of, e.g. unshared,layers")
-    parser.add_argument("--bad-configs", action="store_true", help="start servers with configs we must refuse")
+    parser.add_argument("--bad-configs", default="", help=f"configs to start and see refused: {','.join(BAD)} or all")
     parser.add_argument("--dir", default="/tmp/ascend_compile_vllm_serve")
     parser.add_argument("--port", type=int, default=8077)
     parser.add_argument("--hook", default="auto", help="directory for the servers' PYTHONPATH ('none' for none)")
     parser.add_argument("--start-timeout", type=float, default=300)
     parser.add_argument("--fault-wait", type=float, default=120)
+    parser.add_argument("--timed", type=int, default=3, help="streamed 48-token requests timed per server")
+    parser.add_argument("--decode-tokens", type=lambda v: v if v == "auto" else int(v), default="auto",
+                        help="the slices server's decode_tokens (an int or auto)")
+    parser.add_argument("--tol", type=float, default=0.5,
+                        help="log-probability gap that counts as a near tie (concurrent requests, reported)")
     args = parser.parse_args(argv)
     args.hook = default_hook() if args.hook == "auto" else (None if args.hook == "none" else args.hook)
+    bad = list(BAD) if args.bad_configs == "all" else [n for n in args.bad_configs.split(",") if n]
+    for name in bad:
+        if name not in BAD:
+            parser.error(f"unknown bad config {name!r}: pick from {', '.join(BAD)}")
     os.makedirs(args.dir, exist_ok=True)
     models = {"moe": write_checkpoint(os.path.join(args.dir, "deepseek_v2_moe")),
-              "dense": write_checkpoint(os.path.join(args.dir, "llama_dense"), moe=False) if args.bad_configs else None}
-    summary = {"faults": [], "runs": [], "bad_configs": []}
-    for name in [n for n in args.faults.split(",") if n]:
-        r = fault(name, args, models["moe"])
-        summary["faults"].append(r)
-        print(f"fault, {name}: killed {r['killed']} (EngineCore_DP1); the request: {r['request']} after "
-              f"{r['request_end_s']} s; the server exited after {r['server_exit_s']} s; clean stop {r['clean_stop']}")
-        for line in r["logged"]:
-            print(f"  {line[:300]}")
+              "dense": write_checkpoint(os.path.join(args.dir, "llama_dense"), moe=False) if "dense_dp" in bad else None}
+    summary = {"runs": [], "faults": [], "bad_configs": []}
+    ok = True
     for name in [n for n in args.runs.split(",") if n]:
         r = serve(name, args, models["moe"])
         summary["runs"].append(r)
+        ok &= r["clean_stop"]
         print(f"{name}: healthy after {r['healthy_s']:.0f} s, time per output token {r['tpot_s'] * 1e3:.1f} ms, "
               f"clean stop {r['clean_stop']}")
-        for line in r["ours"]:
-            print(f"  {line[:300]}")
-    ok = True
+        for rank, have, of in r["held"]:
+            print(f"  engine core DP{rank} holds {have:.2f} MiB of the shared series' {of:.2f} MiB")
     runs = {r["name"]: r for r in summary["runs"]}
-    if "unshared" in runs:
-        base = runs["unshared"]
-        for name, r in runs.items():
+    if "unshared" in runs and len(runs) > 1:
+        summary["compare"] = cmp = compare(runs, args.tol)
+
+        def concurrent(results: list) -> str:
+            same = sum(x["diverge_at"] is None for x in results)
+            return (f"same tokens in {same} of {len(results)}, largest logprob difference while equal "
+                    f"{max(x['max_logprob_diff'] for x in results):.3g}, first different token a near tie (within "
+                    f"{args.tol} in the other's top 5) in {sum(x['ok'] for x in results) - same} of {len(results) - same}")
+
+        print(f"unshared, its concurrent requests vs the same ones one at a time: "
+              f"{concurrent(cmp['unshared']['concurrent_vs_one_at_a_time'])}")
+        for name, c in cmp.items():
             if name == "unshared":
                 continue
-            same = {k: r[k] == base[k] for k in ("single", "single_stream", "sequential")}
-            concurrent = sum(a == b for a, b in zip(r["concurrent"], base["concurrent"]))
-            ok &= all(same.values())
-            r["equal"], r["concurrent_equal"] = same, concurrent
-            print(f"{name} vs unshared: single/stream/one-at-a-time tokens equal {same}; concurrent equal "
-                  f"{concurrent} of {len(CONCURRENT)}; time per output token {r['tpot_s'] / base['tpot_s']:.2f}x")
-    if args.bad_configs:
-        for name in BAD:
-            r = bad_config(name, args, models)
-            summary["bad_configs"].append(r)
-            refused = r["exit_s"] is not None and not r["healthy"] and bool(r["message"])
-            ok &= refused
-            print(f"bad config {name}: exited after {r['exit_s'] and round(r['exit_s'])} s, refused={refused}: "
-                  f"{(r['message'] or ['(message not found)'])[0][:300]}")
+            ok &= c["tokens_equal"]  # concurrent ones: reported (batching decides their rounding, shared or not)
+            print(f"{name} vs unshared: single, streamed and one-at-a-time tokens equal: {c['tokens_equal']} (largest "
+                  f"logprob difference {c['logprob_diff']:.3g}); concurrent: {concurrent(c['concurrent'])}; "
+                  f"time per output token {c['tpot_ratio']:.2f}x")
+    for name in [n for n in args.faults.split(",") if n]:
+        r = fault(name, args, models["moe"])
+        summary["faults"].append(r)
+        restart = r["restart_single"]["ids"]
+        same = restart == runs["unshared"]["single"]["ids"] if "unshared" in runs else None
+        ok &= r["server_exit_s"] is not None and r["clean_stop"] and r["restart_clean_stop"] and same is not False
+        print(f"fault, {name}: killed EngineCore_DP1 {r['killed']} after the first tokens; the request: {r['request']} "
+              f"{r['request_end_s']} s after the kill ({r['chunks_after_kill']} chunks after it); the server exited "
+              f"{r['server_exit_s']} s after the kill (code {r['exit_code']}); restarted: healthy after "
+              f"{r['restart_healthy_s']:.0f} s, tokens equal to the unshared server's: {same}")
+        for line in r["logged"][-8:]:
+            print(f"  {line[:300]}")
+    for name in bad:
+        r = bad_config(name, args, models)
+        summary["bad_configs"].append(r)
+        refused = r["exit_s"] is not None and not r["healthy"] and bool(r["message"])
+        ok &= refused
+        print(f"bad config {name}: exited after {r['exit_s'] and round(r['exit_s'])} s, refused with the expected message: "
+              f"{refused}: {(r['message'] or ['(not found: ' + r['expected'] + ')'])[0][:400]}")
     with open(os.path.join(args.dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
+    print("OK" if ok else "FAILED")
     return 0 if ok else 1
 
 

@@ -166,6 +166,10 @@ class SliceState:
         self.path = "decode" if self.tokens <= self.decode_tokens else "prefill"
         self.forwards[self.path] += 1
         self.issued.append(f"agree -> {self.tokens} tokens, {self.path}")
+        if self.forwards[self.path] == 1:
+            log.info("ascend_compile: rank %d of group %s: first sliced forward on the %s path: %d tokens (the most of "
+                     "any rank), %s decode_tokens=%d", dist.get_rank(self.pg), self.group_name, self.path, self.tokens,
+                     "at most" if self.path == "decode" else "above", self.decode_tokens)
 
     def drop_in_flight(self) -> list:
         """Wait for gathers left by a forward that stopped early; returns their positions."""

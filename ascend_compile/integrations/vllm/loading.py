@@ -215,6 +215,11 @@ def shard_loaded_model(model, vllm_config):
     from ...runtime.sharding import shard_model
 
     plan = shard_model(model, cfg)
-    log.info("ascend_compile: shared %s over %d ranks; this rank saves %.1f MiB",
-             sorted(plan.layer_series), plan.world_size, plan.saved_bytes() / 2**20)
+    log.info("ascend_compile: shared %s over %d ranks (layout %r); rank %d of them holds %.2f MiB of their %.2f MiB, "
+             "and saves %.2f MiB", sorted(plan.layer_series), plan.world_size, plan.layout, plan.rank,
+             plan.owned_bytes() / 2**20, plan.series_bytes() / 2**20, plan.saved_bytes() / 2**20)
+    if plan.layout == "slices":
+        log.info("ascend_compile: forwards of up to %d tokens (the most of any rank) compute on the slices, larger ones "
+                 "gather the weights%s", plan.decode_tokens,
+                 f" ({plan.decode_explanation})" if plan.decode_explanation else "")
     return model
