@@ -245,15 +245,20 @@ def _cut_quantized(name: str, module, cut: int, rank: int, world: int) -> dict:
     return shapes
 
 
+def _refuse_unless_whole(name: str, what: str, whole: tuple, loaded_weight, pieces) -> None:
+    """A sliced loader takes the whole, unsharded checkpoint tensor in one piece, or refuses."""
+    if pieces:
+        raise ConfigError(f"{name}: its checkpoint {what} comes in pieces ({pieces}), which layout='slices' "
+                          "cannot load: use SharedWeightConfig(layout='layers') for this series")
+    if tuple(loaded_weight.shape) != whole:
+        raise ConfigError(f"{name}: the checkpoint's {what} is {list(loaded_weight.shape)}, the layer's is "
+                          f"{list(whole)}: layout='slices' loads whole unsharded {what}s only")
+
+
 def load_slice(name: str, whole: tuple, cut: int, start: int, size: int, param, loaded_weight, *args, **kwargs) -> None:
     """The weight loader of a sliced layer: this rank's slice of the checkpoint tensor, narrowed
     before anything is copied."""
-    if args or kwargs:
-        raise ConfigError(f"{name}: its checkpoint weight comes in pieces ({args or kwargs}), which layout='slices' "
-                          "cannot load: use SharedWeightConfig(layout='layers') for this series")
-    if tuple(loaded_weight.shape) != whole:
-        raise ConfigError(f"{name}: the checkpoint's weight is {list(loaded_weight.shape)}, the layer's is "
-                          f"{list(whole)}: layout='slices' loads whole unsharded weights only")
+    _refuse_unless_whole(name, "weight", whole, loaded_weight, args or kwargs)
     param.data.copy_(loaded_weight.narrow(cut, start, size))
 
 
@@ -261,10 +266,5 @@ def load_cut(name: str, whole: tuple, dim: int, start: int, size: int, loader, p
              **kwargs) -> None:
     """The weight loader of a cut parameter of a quantized layer: its own loader, given this rank's
     slice of the checkpoint tensor (with tensor parallel size 1 it narrows nothing further)."""
-    if args or kwargs:
-        raise ConfigError(f"{name}: its checkpoint tensor comes in pieces ({args or kwargs}), which layout='slices' "
-                          "cannot load: use SharedWeightConfig(layout='layers') for this series")
-    if tuple(loaded_weight.shape) != whole:
-        raise ConfigError(f"{name}: the checkpoint's tensor is {list(loaded_weight.shape)}, the layer's is "
-                          f"{list(whole)}: layout='slices' loads whole unsharded tensors only")
+    _refuse_unless_whole(name, "tensor", whole, loaded_weight, args or kwargs)
     loader(param, loaded_weight.narrow(dim, start, size))
