@@ -12,10 +12,9 @@ from . import comm
 class GuardedGraph:
     """A compiled graph with shared weights, checked against the other ranks without a collective.
 
-    - Its collective order is published to the process group's store at compile time and
-      compared with every peer's order for the same layers, at compile time and at calls 1, 2,
-      4, 8, ... until every peer has published (a non-blocking store lookup): a difference
-      raises ``RankMismatchError`` before this graph issues a broadcast.
+    - Its collective order is compared with every peer's order for the same layers through the
+      store (``OrderCheck``): a difference raises ``RankMismatchError`` before this graph issues a
+      broadcast.
     - Its broadcasts wait for peers that are still compiling (ranks compile at different calls):
       ``SharedWeightConfig(timeout)`` must exceed the longest compile; ``_compile_shared`` warns
       when a compile took more than half of it. (Waiting on the store for a peer's compile
@@ -28,34 +27,22 @@ class GuardedGraph:
     def __init__(self, compiled, *, order: list, key: str, plan, graph_id: str,
                  waits: dict, waits_in_order: list, timeout=None, check: bool = True):
         self.compiled = compiled
-        self.order, self.key, self.plan = order, key, plan
+        self.order, self.plan = order, plan
         self.graph_id = graph_id
         self.waits = waits  # names of the nodes that wait for / issue a layer -> "series[index]"
         self.waits_in_order = waits_in_order  # "series[index]" of each wait, in graph order
         self.timeout = timeout
-        self.verified = not check
-        self.calls = 0
-        self.error = None
-        if check:  # raised at the call (Dynamo would wrap it into BackendCompilerFailed here)
-            try:
-                comm.publish_order(key, plan.rank, [str(c) for c in order])
-            except comm.RankMismatchError as e:
-                self.error = e
+        self.check = OrderCheck(
+            key, plan.rank, plan.world_size, [str(c) for c in order],
+            f"compiled graph {graph_id} (shared layers {order[0].layer}..{order[-1].layer})", check)
 
-    def _verify(self) -> None:
-        if self.error is not None:
-            raise self.error
-        self.verified = comm.check_published(
-            self.key, self.plan.rank, self.plan.world_size, [str(c) for c in self.order],
-            f"compiled graph {self.graph_id} (shared layers {self.order[0].layer}..{self.order[-1].layer})",
-        )
+    @property
+    def verified(self) -> bool:
+        return self.check.verified
 
     def __call__(self, *args):
         try:
-            if not self.verified:
-                self.calls += 1
-                if self.calls & (self.calls - 1) == 0:  # calls 1, 2, 4, 8, ...: a peer that never
-                    self._verify()                      # publishes (another layer set) costs little
+            self.check.before_call()
             try:
                 return self.compiled(*args)
             except Exception as e:
@@ -111,43 +98,58 @@ def failed_layer(e: BaseException, names: dict, waits_in_order: list) -> Optiona
     return None
 
 
+class OrderCheck:
+    """A compiled graph's collective order, checked against the other ranks' without a collective:
+    published to the process group's store at compile time (a difference from an order already
+    there is kept and raised at the first call: Dynamo would wrap it into BackendCompilerFailed
+    here), then compared with every peer's at calls 1, 2, 4, 8, ... until every peer has published
+    (a non-blocking store lookup: a peer that never publishes, e.g. with another layer set, costs
+    little). ``before_call`` raises ``RankMismatchError`` before the graph issues a collective."""
+
+    def __init__(self, key: str, rank: int, world_size: int, order: list, what: str, check: bool = True):
+        self.key, self.rank, self.world_size, self.order, self.what = key, rank, world_size, order, what
+        self.verified = not check
+        self.calls = 0
+        self.error = None
+        if check:
+            try:
+                comm.publish_order(key, rank, order)
+            except comm.RankMismatchError as e:
+                self.error = e
+
+    def before_call(self) -> None:
+        if self.verified:
+            return
+        self.calls += 1
+        if self.calls & (self.calls - 1) == 0:  # calls 1, 2, 4, 8, ...
+            if self.error is not None:
+                raise self.error
+            self.verified = comm.check_published(self.key, self.rank, self.world_size, self.order, self.what)
+
+
 class SlicedOrderGuard:
     """A compiled graph of sliced layers (``layout="slices"``), checked against the other ranks'
-    graphs of the same layers as ``GuardedGraph`` checks broadcasts: the order in which it calls
-    its sliced layers (the order of their collectives, fixed by the ordered effect) is published
-    to the store at compile time and compared with every peer's at calls 1, 2, 4, ... until every
-    peer has published. Without it, ranks calling same-shaped layers in different orders would
-    pair one layer's collectives with another's and compute wrong values without an error."""
+    graphs of the same layers as ``GuardedGraph`` checks broadcasts (``OrderCheck``): the order in
+    which it calls its sliced layers is the order of their collectives (fixed by the ordered
+    effect). Without it, ranks calling same-shaped layers in different orders would pair one
+    layer's collectives with another's and compute wrong values without an error."""
 
     def __init__(self, compiled, *, layers: list, graph_id: str, check: bool = True):
         groups = sorted({(g, gen) for _, _, g, gen in layers})
         self.compiled = compiled
         self.group_name, generation = groups[0]  # one model's layers: one sharding
         pg = comm.group_from_name(self.group_name)
-        self.rank, self.world_size = comm.group_rank(pg), comm.group_size(pg)
-        self.order = [f"{series}[{index}] (sliced)" for series, index, _, _ in layers]
+        order = [f"{series}[{index}] (sliced)" for series, index, _, _ in layers]
         token = comm.shard_state(self.group_name, generation).get("token", "")
-        self.key = comm.order_key(self.group_name, generation, sorted(self.order), ("slices",), token)
         self.graph_id = graph_id
-        self.verified = not check
-        self.calls = 0
-        self.error = None
-        if check:
-            try:
-                comm.publish_order(self.key, self.rank, self.order)
-            except comm.RankMismatchError as e:
-                self.error = e
+        self.check = OrderCheck(
+            comm.order_key(self.group_name, generation, sorted(order), ("slices",), token),
+            comm.group_rank(pg), comm.group_size(pg), order,
+            f"compiled graph {graph_id} (sliced layers {order[0]}..{order[-1]})", check)
 
     def __call__(self, *args):
         try:
-            if not self.verified:
-                self.calls += 1
-                if self.calls & (self.calls - 1) == 0:
-                    if self.error is not None:
-                        raise self.error
-                    self.verified = comm.check_published(
-                        self.key, self.rank, self.world_size, self.order,
-                        f"compiled graph {self.graph_id} (sliced layers {self.order[0]}..{self.order[-1]})")
+            self.check.before_call()
             return self.compiled(*args)
         except comm.RankMismatchError as e:
             comm.abort_group(self.group_name, e)  # peers already in a sliced layer's collectives fail at once
