@@ -238,10 +238,8 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
         shared = []
         for layer, members in per_layer.items():
             for index, (mname, module, params) in enumerate(members):
-                # sliced: whole shapes and bytes (a layer sliced at load holds 1/K of them)
-                described = (slices.shared_params(module, params, world) if config.layout == "slices" else
-                             {k: (p, tuple(p.shape), p.numel() * p.element_size()) for k, p in params.items()})
-                for pname, (p, shape, nbytes) in described.items():
+                # whole shapes and bytes (a layer sliced at load holds 1/K of them)
+                for pname, (p, shape, nbytes) in slices.shared_params(module, params, world).items():
                     shared.append(SharedParam(
                         series=f"{layer}.{pname}", index=index, module=mname, param=pname,
                         owner=index % world if config.layout == "layers" else EVERY_RANK,

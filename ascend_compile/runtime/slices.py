@@ -62,9 +62,10 @@ def whole_shape(module: nn.Module, w: torch.Tensor) -> tuple:
 
 
 def shared_params(module: nn.Module, params: dict, world: int) -> dict:
-    """``{param: (tensor, whole shape, whole bytes)}`` of what a sliced series member shares: the
-    configured ``params``, or for a layer sliced at load every parameter that was cut (its
-    other parameters, e.g. per-output-channel scales of an input cut, stay whole on every rank)."""
+    """``{param: (tensor, whole shape, whole bytes)}`` of what a series member shares, in either
+    layout: the configured ``params``, or for a layer an integration sliced at load every parameter
+    that was cut (its other parameters, e.g. per-output-channel scales of an input cut, stay whole on
+    every rank)."""
     presliced = getattr(module, PRESLICED, None)
     if presliced is None:
         return {k: (p, tuple(p.shape), p.numel() * p.element_size()) for k, p in params.items()}
