@@ -483,7 +483,6 @@ def _load_case(rank, world, quantized, share):
 
     import vllm_model
     from vllm.config import CompilationConfig, DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state as ps
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
@@ -493,10 +492,7 @@ def _load_case(rank, world, quantized, share):
     cfg = VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config=extra,
                      compilation_config=CompilationConfig(mode=2, backend="ascend_compile"))
     with set_current_vllm_config(cfg):
-        if not ps.model_parallel_is_initialized():
-            ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
-                                            distributed_init_method=None, backend="gloo")
-            ps.initialize_model_parallel(1, 1)
+        vllm_model.init_model_parallel(rank, world)
         integ.register()
         layers, dim = 8, 2048
         reference = vllm_model.build_quant(3) if quantized else None
@@ -602,7 +598,6 @@ def _fails_alone_case(rank, world, where):
 
     import vllm_model
     from vllm.config import CompilationConfig, DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state as ps
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
     from ascend_compile.integrations import vllm as integ
@@ -611,10 +606,7 @@ def _fails_alone_case(rank, world, where):
     cfg = VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config=extra,
                      compilation_config=CompilationConfig(mode=2, backend="ascend_compile"))
     with set_current_vllm_config(cfg):
-        if not ps.model_parallel_is_initialized():
-            ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
-                                            distributed_init_method=None, backend="gloo")
-            ps.initialize_model_parallel(1, 1)
+        vllm_model.init_model_parallel(rank, world)
         integ.register()
         failing = where == "process"
         quant = vllm_model.raising_config(1, "cannot repack this weight for the device") if failing else None

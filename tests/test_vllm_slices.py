@@ -28,8 +28,8 @@ def _load(rank, world, shared: dict, create_model, checkpoint: dict, device: str
     from unittest import mock
 
     import vllm._custom_ops as ops
+    import vllm_model
     from vllm.config import CompilationConfig, DeviceConfig, LoadConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state as ps
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
@@ -40,10 +40,7 @@ def _load(rank, world, shared: dict, create_model, checkpoint: dict, device: str
                      compilation_config=CompilationConfig(mode=2, backend="ascend_compile"))
     given = {}
     with set_current_vllm_config(cfg):
-        if not ps.model_parallel_is_initialized():
-            ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
-                                            distributed_init_method=None, backend="gloo")
-            ps.initialize_model_parallel(1, 1)
+        vllm_model.init_model_parallel(rank, world)
         integ.register()
 
         class Loader(BaseModelLoader):

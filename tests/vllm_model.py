@@ -19,16 +19,23 @@ HIDDEN, Q_LORA, KV_LORA, HEADS, HEAD_DIM, ROPE, INTER = 64, 32, 16, 4, 16, 8, 96
 def setup_vllm(rank: int, world: int):
     """vLLM's config and model-parallel state on the process group the test pool made."""
     from vllm.config import DeviceConfig, VllmConfig, set_current_vllm_config
-    from vllm.distributed import parallel_state as ps
 
     cfg = VllmConfig(device_config=DeviceConfig(device="cpu"))
     ctx = set_current_vllm_config(cfg)
     ctx.__enter__()
+    init_model_parallel(rank, world)
+    return cfg, ctx
+
+
+def init_model_parallel(rank: int, world: int) -> None:
+    """vLLM's model-parallel state (TP 1, PP 1) on the process group the test pool made, once per process;
+    inside a vLLM config."""
+    from vllm.distributed import parallel_state as ps
+
     if not ps.model_parallel_is_initialized():
         ps.init_distributed_environment(world_size=world, rank=rank, local_rank=rank,
                                         distributed_init_method=None, backend="gloo")
         ps.initialize_model_parallel(1, 1)
-    return cfg, ctx
 
 
 class Layer(nn.Module):
