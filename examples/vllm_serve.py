@@ -110,8 +110,35 @@ def write_checkpoint(path: str, moe: bool = True) -> str:
     return path
 
 
+SESSIONS = "server_sessions"  # in --dir: the session of every server started, one a line
+
+
+def stop_leftovers(directory: str) -> list:
+    """Kill what is left of the servers started with ``--dir directory`` (their sessions, listed in
+    ``SESSIONS``; a process counts only if its command line names ``directory`` or is a vLLM process
+    title, ``VLLM::...``): for a caller
+    whose deadline killed this script before it could stop them. Returns the pids killed."""
+    try:
+        with open(os.path.join(directory, SESSIONS)) as f:
+            sessions = {int(line) for line in f if line.strip()}
+    except FileNotFoundError:
+        return []
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+    killed = []
+    for line in out.splitlines():
+        pid, sid, args = line.split(None, 2) if len(line.split(None, 2)) == 3 else (None, None, "")
+        if sid is not None and int(sid) in sessions and (directory in args or args.startswith("VLLM::")):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
 class Server:
-    """One ``api_server`` in its own session (process group), its output in ``log``."""
+    """One ``api_server`` in its own session (process group), its output in ``log``, its session
+    listed next to it (``stop_leftovers``)."""
 
     def __init__(self, model: str, port: int, log: str, additional=None, extra=(), hook=None, mode=2):
         self.port, self.log, self.model = port, log, model
@@ -128,6 +155,8 @@ class Server:
         self.start = time.monotonic()
         self.out = open(log, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with open(os.path.join(os.path.dirname(os.path.abspath(log)), SESSIONS), "a") as f:
+            f.write(f"{self.proc.pid}\n")  # for stop_leftovers
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

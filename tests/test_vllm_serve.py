@@ -71,10 +71,12 @@ def test_vllm_serve_with_dp2_moe_and_shared_weights_answers_like_the_unshared_se
     example, not compared); each engine core holds half of ``o_proj``; the sliced server's cores
     took both paths; every server stops leaving no process behind."""
     example = os.path.join(HERE, "..", "examples", "vllm_serve.py")
-    code, out, err = run_command([sys.executable, example, "--runs", "unshared,layers,slices", "--timed", "1",
-                                  "--decode-tokens", "8",
-                                  "--dir", str(tmp_path), "--port", str(free_port()), "--start-timeout", "250"],
-                                 timeout=850)
+    try:
+        code, out, err = run_command([sys.executable, example, "--runs", "unshared,layers,slices", "--timed", "1",
+                                      "--decode-tokens", "8", "--dir", str(tmp_path), "--port", str(free_port()),
+                                      "--start-timeout", "250"], timeout=850)
+    finally:  # on our deadline the example is killed before it stops its servers (sessions of their own)
+        _example().stop_leftovers(str(tmp_path))
     assert code == 0, out[-4000:] + err[-4000:]
     with open(tmp_path / "summary.json") as f:
         summary = json.load(f)
@@ -83,7 +85,7 @@ def test_vllm_serve_with_dp2_moe_and_shared_weights_answers_like_the_unshared_se
     for name, r in runs.items():
         assert r["clean_stop"], name
         assert not r["errors"], (name, r["errors"][:5])
-        lengths = [n for _, n, _ in _concurrent()]
+        lengths = [n for _, n, _ in _example().CONCURRENT]
         assert len(r["single"]["ids"]) == 12 and [len(s["ids"]) for s in r["sequential"]] == lengths
         assert [len(c.get("ids", [])) for c in r["concurrent"]] == lengths, r["concurrent"]
     assert runs["unshared"]["held"] == []
@@ -103,18 +105,18 @@ def test_vllm_serve_with_dp2_moe_and_shared_weights_answers_like_the_unshared_se
             assert re.search(rf"rank {rank} of group \S+: first sliced forward on the {path} path", log), (path, rank)
 
 
-def _concurrent():
+def _example():
+    """``examples/vllm_serve.py`` as a module."""
     sys.path.insert(0, os.path.join(HERE, "..", "examples"))
     import vllm_serve
 
-    return vllm_serve.CONCURRENT
+    return vllm_serve
 
 
 def test_agree_accepts_rounding_and_near_ties_only():
     """The concurrent requests' check: equal tokens with log-probabilities within ``tol``, and a
     first difference only where both sides' tokens are near-tied; anything else disagrees."""
-    sys.path.insert(0, os.path.join(HERE, "..", "examples"))
-    from vllm_serve import agree
+    agree = _example().agree
 
     def gen(ids, lps, tops):
         return {"ids": ids, "lps": lps, "tops": tops}
