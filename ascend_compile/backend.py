@@ -15,7 +15,7 @@ from typing import Any, Optional
 from torch import fx
 
 from .config import CompileOptions, ConfigError
-from .debug.dump import GraphDumper, schedule_table
+from .debug.dump import GraphDumper, compile_id, schedule_table
 from .lowering import get_lowering
 from .passes import PassPipeline, default_passes
 from .passes.graph import sliced_layers
@@ -74,7 +74,13 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
         return _compile_sliced(gm, example_inputs, opts, mode, sliced)
     if not groups:
         log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)
-        return _lower(get_lowering(opts.lowering), gm, example_inputs, None, opts, mode)
+        compiled = _lower(get_lowering(opts.lowering), gm, example_inputs, None, opts, mode)
+        if not comm.any_sharding():
+            return compiled
+        from .runtime.guard import OpaqueReadGuard
+
+        # a sharded model's layers may be read inside the graph's opaque ops: refused unless fetch_layers
+        return OpaqueReadGuard(compiled, compile_id())
     try:
         return _compile_shared(gm, example_inputs, opts, mode)
     except BaseException as e:

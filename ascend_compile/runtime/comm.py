@@ -362,6 +362,11 @@ def shard_formats(group_name: str, generation: int = 0) -> dict:
     return state.get("formats", {})
 
 
+def any_sharding() -> bool:
+    """Whether a model was sharded in this process."""
+    return bool(_SHARD_STATE)
+
+
 def has_shard_state(group_name: str) -> bool:
     return group_name in _SHARD_STATE
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import comm
+from . import comm, opaque
 
 
 class GuardedGraph:
@@ -35,6 +35,8 @@ class GuardedGraph:
         self.check = OrderCheck(
             key, plan.rank, plan.world_size, [str(c) for c in order],
             f"compiled graph {graph_id} (shared layers {order[0].layer}..{order[-1].layer})", check)
+        # the layers it fetches itself; a read of any other shared layer while it runs is an opaque op's
+        self.visible = frozenset(opaque.weight_key(plan.group_name, plan.generation, c.layer) for c in order)
 
     @property
     def verified(self) -> bool:
@@ -44,7 +46,8 @@ class GuardedGraph:
         try:
             self.check.before_call()
             try:
-                return self.compiled(*args)
+                with opaque.running_graph(self.graph_id, self.visible):
+                    return self.compiled(*args)
             except Exception as e:
                 layer = getattr(e, "layer", None)  # a window op's PeerError names its layer
                 if layer is not None and isinstance(e, comm.PeerError):
@@ -142,6 +145,7 @@ class SlicedOrderGuard:
         order = [f"{series}[{index}] (sliced)" for series, index, _, _ in layers]
         token = comm.shard_state(self.group_name, generation).get("token", "")
         self.graph_id = graph_id
+        self.visible = frozenset(opaque.weight_key(g, gen, f"{series}.weight[{index}]") for series, index, g, gen in layers)
         self.check = OrderCheck(
             comm.order_key(self.group_name, generation, sorted(order), ("slices",), token),
             comm.group_rank(pg), comm.group_size(pg), order,
@@ -150,7 +154,21 @@ class SlicedOrderGuard:
     def __call__(self, *args):
         try:
             self.check.before_call()
-            return self.compiled(*args)
+            with opaque.running_graph(self.graph_id, self.visible):
+                return self.compiled(*args)
         except comm.RankMismatchError as e:
             comm.abort_group(self.group_name, e)  # peers already in a sliced layer's collectives fail at once
             raise
+
+
+class OpaqueReadGuard:
+    """A compiled graph without shared layers of its own, in a process that holds a sharded model:
+    while it runs, a shared layer read inside an op it cannot see (outside ``fetch_layers``) raises
+    ``OpaqueReadError`` instead of issuing a collective its peers may never join."""
+
+    def __init__(self, compiled, graph_id: str):
+        self.compiled, self.graph_id = compiled, graph_id
+
+    def __call__(self, *args):
+        with opaque.running_graph(self.graph_id, frozenset()):
+            return self.compiled(*args)

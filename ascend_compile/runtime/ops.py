@@ -94,6 +94,13 @@ def shared_weight(
             raise peer_error(f"the broadcast of {layer_name(series, index)} from rank {owner}", group_name, e) from e
         return out
 
+    from . import opaque
+
+    key = opaque.weight_key(group_name, generation, layer_name(series, index))
+    fetched = opaque.lookup(key)
+    if fetched is not None:  # inside fetch_layers: fetched once where the opaque op started
+        return fetched
+    opaque.check_read(key)
     if wrap_windows > 0:  # the windows a compiled forward would use and send (wrap-around)
         from .windows import eager_read
 

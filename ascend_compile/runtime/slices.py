@@ -140,6 +140,7 @@ class SliceState:
         self.tokens = 0  # agreed (largest) token count of the forward under way
         self.in_flight: dict = {}  # position -> (work, buffer)
         self.forwards = {p: 0 for p in PATHS}  # forwards run on each path (dumps, tests, benchmarks)
+        self.opaque: set = set()  # positions read inside ops a graph cannot see (fetched whole by opaque.fetch_layers)
         self.issued = collections.deque(maxlen=4096)  # the latest collectives issued, as text (tests, debugging)
 
     @property
@@ -156,6 +157,23 @@ class SliceState:
             raise comm.peer_error(what, self.group_name, e) from e
 
     # -- the forward's path ---------------------------------------------------------------------
+
+    @property
+    def first(self) -> Optional[int]:
+        """The position of the first layer a forward calls through ``linear`` (where its path is agreed):
+        layers read inside opaque ops are fetched whole by ``fetch_layers`` and take no part."""
+        return next((pos for pos in range(len(self.layers)) if pos not in self.opaque), None)
+
+    def mark_opaque(self, pos: int) -> None:
+        """Layer ``pos`` is read inside an op the graph cannot see: from now on it is fetched whole where
+        that op starts (every rank marks it at the same ``fetch_layers`` entry), never gathered ahead."""
+        self.opaque.add(pos)
+
+    def whole(self, pos: int) -> torch.Tensor:
+        """Layer ``pos``'s whole weight, gathered now (``fetch_layers``)."""
+        work, buf = self.issue_gather(pos, None)
+        self._collective(f"the gather of {self.layers[pos].module}'s slices", work.wait)
+        return whole_weight(buf, self.layers[pos].cut, self.layers[pos].shape, self.pg.size())
 
     def begin_forward(self, tokens: int, device: torch.device) -> None:
         """At the first sliced layer of a forward: agree on the largest token count, pick the path."""
@@ -185,7 +203,7 @@ class SliceState:
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], series: str, index: int) -> torch.Tensor:
         pos = self.position[(series, index)]
         tokens = x.numel() // x.shape[-1] if x.dim() else 1
-        if pos == 0 or self.path is None:
+        if pos == self.first or self.path is None:
             self.begin_forward(tokens, w.device)
         layer = self.layers[pos]
         gemm = getattr(self.modules[pos], SLICE_GEMM, None)
@@ -208,24 +226,28 @@ class SliceState:
         """Layer ``pos``'s whole weight. The gathers of a prefill forward follow ``prefetch_step`` = k
         per series, as ``layout="layers"`` broadcasts: layers ``0..k-1`` of every series at the
         forward's first sliced layer, then layer ``i + k`` of a series when its layer ``i`` is used."""
-        if pos == 0:
+        if pos == self.first:
             for early in range(len(self.layers)):
                 if (self.layers[early].index < self.prefetch_step and early not in self.in_flight
-                        and self.gathers(early)):
+                        and self.gathered_ahead(early)):
                     self.in_flight[early] = self.issue_gather(early, w if early == pos else None)
         if pos not in self.in_flight:
             self.in_flight[pos] = self.issue_gather(pos, w)
         layer = self.layers[pos]
         ahead = self.position.get((layer.series, layer.index + self.prefetch_step))
-        if self.prefetch_step and ahead is not None and ahead not in self.in_flight and self.gathers(ahead):
+        if self.prefetch_step and ahead is not None and ahead not in self.in_flight and self.gathered_ahead(ahead):
             self.in_flight[ahead] = self.issue_gather(ahead, None)
         work, buf = self.in_flight.pop(pos)
         self._collective(f"the gather of {self.layers[pos].module}'s slices", work.wait)
         return whole_weight(buf, self.layers[pos].cut, self.layers[pos].shape, self.pg.size())
 
     def gathers(self, pos: int) -> bool:
-        """Whether layer ``pos`` is gathered at prefill (not when it computes with its own GEMM)."""
+        """Whether layer ``pos`` can be gathered (not when it computes with its own GEMM)."""
         return getattr(self.modules[pos], SLICE_GEMM, None) is None
+
+    def gathered_ahead(self, pos: int) -> bool:
+        """Whether a prefill forward gathers layer ``pos`` ahead of its use (not one read inside an opaque op)."""
+        return self.gathers(pos) and pos not in self.opaque
 
     def issue_gather(self, pos: int, w: Optional[torch.Tensor]):
         w = gather_source(self.layers[pos].cut, self.modules[pos].weight if w is None else w).contiguous()
@@ -329,6 +351,13 @@ def sliced_linear(
     generation: int, out_features: int,
 ) -> torch.Tensor:
     """``F.linear(x, W, b)`` for the layer whose slice of ``W`` this rank holds as ``w``."""
+    from . import opaque
+
+    key = opaque.weight_key(group_name, generation, f"{series}.weight[{index}]")
+    whole = opaque.lookup(key)
+    if whole is not None:  # inside fetch_layers: gathered once where the opaque op started
+        return F.linear(x, whole, b)
+    opaque.check_read(key)
     state = state_of(group_name, generation)
     try:
         return state.linear(x, w, b, series, index)

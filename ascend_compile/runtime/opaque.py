@@ -1,0 +1,175 @@
+"""Shared layers read inside an op a compiled graph cannot see: fetched once where the op starts.
+
+vLLM-Ascend's ``mla_forward`` (and any custom op) calls a model's ``q_b_proj`` once per part of its
+batch and reads ``o_proj.weight`` for a hint before calling it: a different number of reads on
+each rank. Collectives issued per read would not pair. ``fetch_layers(*layers)`` is the unit that
+does: entered by every rank at the same point of every forward (the op's start, before its batch
+is split), it fetches each listed layer's whole weight once (``layout="layers"``: the owner's
+broadcast, through the marker op; ``"slices"``: a gather of the slices), and every read of those
+layers inside the block uses it, with no collective, however many times a rank reads them. The
+reference plugin is driven from the same place (``reach_layer_for_shard_weight_series``).
+
+A read of a shared layer outside such a block while one of our compiled graphs runs, of a layer
+that graph does not itself fetch, is a read the graph cannot see: it raises ``OpaqueReadError``
+naming the layer and the code that read it (and closes the sharing group, so a peer that did not
+read fails at once instead of waiting), never a hang. Eager forwards (no compiled graph) and other
+backends cannot tell such reads from ordinary ones: there ``fetch_layers`` is what makes them right.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from .comm import ShardingError
+
+_local = threading.local()  # .scopes: [{key: whole weight}]; .graphs: [(graph id, visible keys)]; .fetching
+
+
+class OpaqueReadError(ShardingError):
+    """A shared layer was read inside an op the running compiled graph cannot see, outside ``fetch_layers``."""
+
+
+def _scopes() -> list:
+    if not hasattr(_local, "scopes"):
+        _local.scopes = []
+    return _local.scopes
+
+
+def _graphs() -> list:
+    if not hasattr(_local, "graphs"):
+        _local.graphs = []
+    return _local.graphs
+
+
+def weight_key(group_name: str, generation: int, layer: str) -> tuple:
+    """How a fetched weight is named: its sharding (group + generation) and ``"series[index]"``."""
+    return (group_name, generation, layer)
+
+
+def lookup(key: tuple) -> Optional[torch.Tensor]:
+    """The weight fetched for ``key`` by an enclosing ``fetch_layers`` (innermost first), or None."""
+    for scope in reversed(_scopes()):
+        if key in scope:
+            return scope[key]
+    return None
+
+
+def _shared_reads(module: nn.Module) -> list:
+    """``[(key, read)]`` of a shared layer: ``read()`` fetches that parameter's whole value once."""
+    from .slices import state_of
+
+    reads = []
+    sliced = getattr(module, "_ascend_compile_slice", None)
+    if sliced is not None:
+        series, index, group_name, generation, _ = sliced
+        state = state_of(group_name, generation)
+        pos = state.position[(series, index)]
+        if not state.gathers(pos):
+            raise ConfigError(
+                f"{state.layers[pos].module} is read inside an op the compiled graph cannot see, where a layer computing "
+                "on its slices with its own kernel (a quantized layout that is never gathered) would issue its "
+                "collectives once per call, a different number of times on each rank: use "
+                "SharedWeightConfig(layout='layers') for its series"
+            )
+        state.mark_opaque(pos)
+        reads.append((weight_key(group_name, generation, f"{series}.weight[{index}]"), lambda: state.whole(pos)))
+        return reads
+    plist = getattr(module, "parametrizations", None)
+    if plist is not None:
+        from .sharding import SharedWeight
+
+        for pname, chain in plist.items():
+            for p in chain:
+                if isinstance(p, SharedWeight):
+                    key = weight_key(p.group_name, p.generation, f"{p.series}[{p.index}]")
+                    reads.append((key, lambda pname=pname: getattr(module, pname)))
+    return reads
+
+
+def is_shared_layer(module) -> bool:
+    """Whether ``module`` holds a shared parameter (either layout)."""
+    if not isinstance(module, nn.Module):
+        return False
+    if getattr(module, "_ascend_compile_slice", None) is not None:
+        return True
+    plist = getattr(module, "parametrizations", None)
+    if plist is None:
+        return False
+    from .sharding import SharedWeight
+
+    return any(isinstance(p, SharedWeight) for chain in plist.values() for p in chain)
+
+
+@contextlib.contextmanager
+def fetch_layers(*layers: nn.Module):
+    """Fetch the whole weights of these shared layers once, here; every read of them inside the block
+    uses them, with no collective. Every rank of the sharing group must enter it at the same point
+    of every forward with the same layers in the same order (e.g. the first line of a custom op's
+    body, before its batch is split): each entry issues one collective per shared parameter.
+    Layers that are not shared are ignored. The fetched weights are freed at the block's end."""
+    fetched: dict = {}
+    _local.fetching = True
+    try:
+        for layer in layers:
+            for key, read in _shared_reads(layer):
+                if key not in fetched:
+                    fetched[key] = read()
+    finally:
+        _local.fetching = False
+    _scopes().append(fetched)
+    try:
+        yield
+    finally:
+        _scopes().pop()
+
+
+@contextlib.contextmanager
+def running_graph(graph_id: str, visible: frozenset):
+    """While a compiled graph of ours runs: ``visible`` are the keys (``weight_key``) it fetches itself."""
+    _graphs().append((graph_id, visible))
+    try:
+        yield
+    finally:
+        _graphs().pop()
+
+
+def _reader() -> str:
+    """The innermost frame outside ascend_compile, torch and the standard library: who read the layer."""
+    import inspect
+
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    skip = (ours, os.path.dirname(torch.__file__), os.path.dirname(os.__file__))
+    for info in inspect.stack(context=0)[2:]:
+        if not info.filename.startswith(skip):
+            return f"{info.function} at {info.filename}:{info.lineno}"
+    return "unknown code"
+
+
+def check_read(key: tuple) -> None:
+    """Before a read issues a collective: refuse it when a compiled graph of ours is running that
+    does not fetch this layer itself and no ``fetch_layers`` block fetched it (an opaque reader)."""
+    graphs = _graphs()
+    if not graphs or getattr(_local, "fetching", False):
+        return
+    graph_id, visible = graphs[-1]
+    if key in visible:
+        return
+    group_name, _, layer = key
+    error = OpaqueReadError(
+        f"shared layer {layer} (group {group_name!r}) was read by {_reader()}, inside an op that compiled graph "
+        f"{graph_id} cannot see, outside ascend_compile.fetch_layers: there ranks may read it a different number of "
+        "times, and their collectives would not pair. Start the op's body with `with "
+        "ascend_compile.fetch_layers(<the shared layers it reads>):` (every rank, at the same point of every "
+        "forward), or call the layer outside the op."
+    )
+    from .comm import abort_group
+
+    abort_group(group_name, error)  # a peer that did not read goes on to a collective this rank never joins
+    raise error
