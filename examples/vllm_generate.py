@@ -194,7 +194,7 @@ class _Invalidations(logging.Handler):
 
 
 def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None, tp: int = 1,
-             mode: int = 2, reload: bool = False) -> dict:
+             mode: int = 2, reload: bool = False, llm_kwargs: dict | None = None) -> dict:
     from vllm import LLM, SamplingParams
 
     # with TP, a shard may only be shared among the ranks that hold the same one: vLLM's DP group
@@ -204,7 +204,7 @@ def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None,
               tensor_parallel_size=tp, data_parallel_size=2,
               compilation_config={"mode": mode, "backend": "ascend_compile",
                                   **({"debug_dump_path": dump_dir} if dump_dir else {})},
-              additional_config=additional)
+              additional_config=additional, **(llm_kwargs or {}))
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     if mode == 1:
         compile_like_vllms_gpu_runner(runner)

@@ -193,3 +193,70 @@ def test_fetch_layers_refuses_a_sliced_layer_that_cannot_be_gathered():
                 pass
     finally:
         slices.state_of = original
+
+
+# -- the vLLM integration's wiring (integrations/vllm/attention.py: no vLLM needed) -----------------
+
+
+class _Impl:
+    """An attention impl as vLLM-Ascend's AscendMLAImpl holds its layers (not a module)."""
+
+    def __init__(self, layer, mlapo=False):
+        self.q_proj, self.o_proj, self.kv_b_proj = layer.q_b_proj, layer.o_proj, layer.kv_b_proj
+        self.enable_mlapo = mlapo
+
+    def forward(self, x):
+        return self.o_proj(self.q_proj(x))
+
+
+class _Attention(nn.Module):
+    def __init__(self, mlapo=False):
+        super().__init__()
+        self.q_b_proj = nn.Linear(8, 12, bias=False)
+        self.o_proj = nn.Linear(12, 8, bias=False)
+        self.kv_b_proj = nn.Linear(8, 8, bias=False)
+        self.impl = _Impl(self, mlapo)
+
+
+@pytest.mark.parametrize("layer, mlapo, fragment", [
+    ("kv_b_proj", False, "as kv_b_proj: its process_weights_after_loading builds W_UK/W_UV"),
+    ("q_b_proj", True, "as q_proj: with enable_mlapo its weights are folded into the fused MLA preprocess op"),
+])
+def test_layers_an_attention_impl_consumes_at_load_are_refused(layer, mlapo, fragment):
+    from ascend_compile.integrations.vllm.attention import check_attention_readers
+
+    model = nn.Sequential(_Attention(mlapo), _Attention(mlapo))
+    with pytest.raises(ac.ConfigError, match=fragment) as e:
+        check_attention_readers(model, ac.SharedWeightConfig(layers=[layer]))
+    assert f"Remove {layer!r} from additional_config['ascend_compile']['shared_weight']['layers']" in str(e.value)
+    # what is not consumed at load passes: o_proj always, q_b_proj without mlapo
+    check_attention_readers(model, ac.SharedWeightConfig(layers=["o_proj"] + ([] if mlapo else ["q_b_proj"])))
+
+
+def _wired(rank, world, layout):
+    from ascend_compile.integrations.vllm.attention import fetch_in_attention_readers
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(_Attention(), _Attention())
+    model = nn.Sequential(_Attention(), _Attention())
+    model.load_state_dict(ref.state_dict())
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["q_b_proj", "o_proj"], layout=layout))
+    changed = fetch_in_attention_readers(model)
+    again = fetch_in_attention_readers(model)  # wrapped once
+    x = torch.randn(3 + rank, 8)
+    graph = __import__("ascend_compile.runtime.opaque", fromlist=["running_graph"]).running_graph
+    with graph("test", frozenset()):  # as inside a compiled graph: an unfetched read would raise
+        got = [m.impl.forward(x) for m in model]
+    want = [m.impl.forward(x) for m in ref]
+    return {"changed": changed, "again": again, "equal": [torch.equal(g, w) for g, w in zip(got, want)],
+            "diff": max((g - w).abs().max().item() for g, w in zip(got, want))}
+
+
+@pytest.mark.parametrize("layout", ["layers", "slices"])
+def test_attention_impls_holding_shared_layers_fetch_them_where_they_start(layout):
+    for r in run_fresh(_wired, 2, layout, timeout=120):
+        assert r["changed"] == [("0", ["q_proj", "o_proj"]), ("1", ["q_proj", "o_proj"])]
+        assert r["again"] == []
+        if layout == "layers":
+            assert r["equal"] == [True, True]
+        assert r["diff"] <= 1e-6  # slices: the gathered weight is a transposed view (BLAS may round differently)

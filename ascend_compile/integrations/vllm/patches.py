@@ -16,6 +16,7 @@ import logging
 from typing import Optional
 
 from ...config import ConfigError
+from .attention import check_attention_readers, fetch_in_attention_readers
 from .config import CONFIG_KEY, _wants_whole_graph, settings, shared_weight_config
 from .loading import finish_non_owned, shard_loaded_model, skip_non_owned
 from .options import prepare
@@ -25,6 +26,7 @@ from .slicing import slice_before_loading
 log = logging.getLogger(__name__)
 
 SUPPORTED_VLLM = ("0.23.",)  # the vLLM of vLLM-Ascend 0.23; the patches below follow its code
+SUPPORTED_VLLM_ASCEND = ("0.23.",)  # integrations/vllm/attention.py follows its mla_v1.py
 
 _LOADER_PATCHED = "_ascend_compile_wrapped"
 
@@ -150,6 +152,29 @@ def refuse_weight_update(original):
     return start_weight_update
 
 
+def refuse_weight_update_on(worker_cls) -> Optional[type]:
+    """Wrap ``start_weight_update`` of the worker class that actually runs (``parallel_config.worker_cls``:
+    vLLM's GPU/CPU ``Worker``, vLLM-Ascend's ``NPUWorker(WorkerBase)``, ...), where it has one. Returns the
+    class, or None where there is none to wrap."""
+    if not worker_cls or worker_cls == "auto":
+        return None
+    if isinstance(worker_cls, str):
+        try:
+            from vllm.utils.import_utils import resolve_obj_by_qualname
+
+            worker_cls = resolve_obj_by_qualname(worker_cls)
+        except Exception as e:  # noqa: BLE001 - the loader must not fail on what only a weight update needs
+            log.warning("ascend_compile: cannot resolve the worker class %r (%s): its start_weight_update is not "
+                        "refused on a sharded model", worker_cls, e)
+            return None
+    method = getattr(worker_cls, "start_weight_update", None)
+    if method is None:
+        return None
+    if not getattr(method, _RELOAD_PATCHED, False):
+        worker_cls.start_weight_update = refuse_weight_update(method)
+    return worker_cls
+
+
 def keep_whole_graph_mode(platform_cls) -> None:
     """Let ``{"mode": 1 or 2, "backend": "ascend_compile"}`` survive the platform's config check.
 
@@ -187,8 +212,27 @@ def keep_whole_graph_mode(platform_cls) -> None:
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
 
 
-def vllm_version_problem(version: str) -> Optional[str]:
-    """Why the patches below cannot be installed on vLLM ``version`` (None: they can)."""
+def installed_vllm_ascend() -> Optional[str]:
+    """vLLM-Ascend's version, from its package metadata (importing ``vllm_ascend`` imports torch_npu),
+    or None where it is not installed."""
+    from importlib import metadata
+
+    for name in ("vllm-ascend", "vllm_ascend"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def vllm_version_problem(version: str, ascend: Optional[str] = None) -> Optional[str]:
+    """Why the patches below cannot be installed on vLLM ``version`` (with vLLM-Ascend ``ascend``, when
+    installed; None: they can). They follow vLLM 0.23's code and vLLM-Ascend 0.23's attention ops."""
+    if ascend is not None and not ascend.startswith(SUPPORTED_VLLM_ASCEND):
+        return (f"ascend_compile's vLLM integration is written against vLLM-Ascend "
+                f"{', '.join(v + 'x' for v in SUPPORTED_VLLM_ASCEND)} (where its MLA attention op reads q_b_proj and "
+                f"o_proj), and this is vLLM-Ascend {ascend}: its shared weights are not installed. Run vLLM-Ascend 0.23, "
+                f"or remove additional_config[{CONFIG_KEY!r}]['shared_weight'].")
     if version.startswith(SUPPORTED_VLLM):
         return None
     return (f"ascend_compile's vLLM integration is written against vLLM {', '.join(v + 'x' for v in SUPPORTED_VLLM)} "
@@ -234,7 +278,7 @@ def register() -> None:
     from vllm.platforms import current_platform
 
     _log_like_vllm()
-    problem = vllm_version_problem(getattr(vllm, "__version__", "unknown"))
+    problem = vllm_version_problem(getattr(vllm, "__version__", "unknown"), installed_vllm_ascend())
     if problem is not None:
         log.warning("ascend_compile: %s", problem)
         BaseModelLoader.load_model = _refuse_on_this_vllm(BaseModelLoader.load_model, problem)
@@ -262,11 +306,13 @@ def register() -> None:
         cfg = shared_weight_config(vllm_config)
         if cfg is None:
             return original(self, vllm_config, model_config, prefix)
+        refuse_weight_update_on(getattr(vllm_config.parallel_config, "worker_cls", None))
         loader_load_weights = self.load_weights
         skipped: list = []
 
         def load_weights(model, model_config):
             # after create_model, before any weight is read
+            check_attention_readers(model, cfg)
             if cfg.layout == "slices":
                 slice_before_loading(model, cfg)
             else:
@@ -283,6 +329,7 @@ def register() -> None:
             del self.load_weights
         finish_non_owned(model, cfg, skipped, failed)  # every rank gets here, whatever happened above
         model = shard_loaded_model(model, vllm_config)
+        fetch_in_attention_readers(model)  # layers read inside attention ops: fetched once where the op starts
         invalidate_after_load_weights(model)  # a later load_weights (a reload) drops the prefetched windows
         return model
 

@@ -86,6 +86,17 @@ def sliced_quant_method_class() -> type:
     return SlicedQuantMethod
 
 
+def is_sliceable(module) -> bool:
+    """A Row/Column/ReplicatedLinear or a subclass (vLLM-Ascend's ``AscendRowParallelLinear``, ...), not a
+    merged or QKV layer (whose checkpoint comes in pieces)."""
+    from vllm.model_executor.layers.linear import (
+        ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, ReplicatedLinear, RowParallelLinear,
+    )
+
+    return (isinstance(module, (RowParallelLinear, ColumnParallelLinear, ReplicatedLinear))
+            and not isinstance(module, (MergedColumnParallelLinear, QKVParallelLinear)))
+
+
 def _dims(module) -> tuple:
     """``(input dim, output dim)`` of the layer's weight as created (vLLM's ``input_dim`` /
     ``output_dim`` weight attributes; ``[d_out, d_in]`` when it has none)."""
@@ -108,10 +119,10 @@ def check_vllm_sliceable(series: str, members: list, world: int) -> None:
     out = "use SharedWeightConfig(layout='layers') for this series"
     for name, module, params in members:
         kind = type(module).__name__
-        if kind not in SLICEABLE:
+        if not is_sliceable(module):
             raise ConfigError(
                 f"layout='slices' loads {name} as a slice of one checkpoint tensor, but it is a {kind} (sliced: "
-                f"{', '.join(SLICEABLE)}): {out}"
+                f"{', '.join(SLICEABLE)} and their subclasses, not merged or QKV layers): {out}"
             )
         if getattr(module, "tp_size", 1) != 1:
             raise ConfigError(
@@ -119,7 +130,7 @@ def check_vllm_sliceable(series: str, members: list, world: int) -> None:
                 f"(tp_size={module.tp_size}): {out} with additional_config['ascend_compile']['group'] = 'dp'"
             )
         qm = getattr(module, "quant_method", None)
-        if type(qm) is UnquantizedLinearMethod:
+        if isinstance(qm, UnquantizedLinearMethod):
             if set(params) != {"weight"}:
                 raise ConfigError(
                     f"layout='slices' cuts the weight only (the bias stays whole on every rank), but series "
@@ -183,7 +194,7 @@ def slice_before_loading(model, cfg: SharedWeightConfig) -> list:
             d_out, d_in = _whole(module)
             cut = cut_of((d_out, d_in))
             qm = module.quant_method
-            if type(qm) is UnquantizedLinearMethod:
+            if isinstance(qm, UnquantizedLinearMethod):  # vLLM-Ascend's AscendUnquantizedLinearMethod too
                 shapes = _cut_unquantized(name, module, cut, rank, world)
                 module.quant_method = sliced_method_class()()
             else:

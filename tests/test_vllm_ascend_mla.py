@@ -1,0 +1,59 @@
+"""vLLM-Ascend 0.23's MLA attention op, as a CPU stand-in that follows its calls (``tests/ascend_mla_standin.py``),
+through vLLM 0.23's engine on 2 DP ranks: ``q_b_proj`` and ``o_proj`` are called inside the op, a
+different number of times on each rank (mixed batches, decode-only batches, an idle rank's dummy
+forwards); both layouts give the unshared run's tokens."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("vllm")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def summary(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mla")
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "ascend_mla_standin.py"), "--dir", str(out),
+                           "--configs", "unshared,layers,slices,layers-nofetch,kv_b_proj", "--timeout", "400"],
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(out / "summary.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("layout", ["layers", "slices"])
+def test_layers_called_inside_the_attention_op_equal_the_unshared_run(summary, layout):
+    unshared, shared = summary["unshared"], summary[layout]
+    assert "error" not in unshared and "error" not in shared, shared.get("error", unshared.get("error"))
+    for rank in ("0", "1"):
+        assert shared[rank]["tokens"] == unshared[rank]["tokens"], rank
+        plan = shared[rank]["plan"]
+        assert plan["layout"] == layout and plan["saved_bytes"] == plan["series_bytes"] // 2 > 0
+        assert shared[rank]["weight_bytes"] < unshared[rank]["weight_bytes"]
+        # what makes the case: mixed batches (q_b_proj called twice in one op) on both ranks ...
+        assert shared[rank]["q_proj_calls"]["2"] > 0
+        assert shared[rank]["q_proj_calls"] == unshared[rank]["q_proj_calls"]
+    # ... a different number of calls on each rank, and an idle rank's dummy forwards (no call at all)
+    # while its peer computes
+    assert shared["0"]["q_proj_calls"] != shared["1"]["q_proj_calls"]
+    assert shared["0"]["dummy_forwards"] > 0 and shared["1"]["dummy_forwards"] == 0
+    if layout == "slices":  # the layers read inside the op are gathered there: no forward took a path
+        assert shared["0"]["paths"] == {"decode": 0, "prefill": 0}
+
+
+def test_without_the_fetch_at_the_ops_start_every_rank_refuses_instead_of_hanging(summary):
+    error = summary["layers-nofetch"].get("error", "")
+    assert error.startswith("exit "), error[-2000:]  # not "timeout": no rank waited in a collective
+    assert "OpaqueReadError" in error and "cannot see, outside ascend_compile.fetch_layers" in error, error[-3000:]
+
+
+def test_kv_b_proj_read_at_load_is_refused_on_every_rank(summary):
+    error = summary["kv_b_proj"].get("error", "")
+    assert error.startswith("exit "), error[-2000:]
+    assert "is read at load by StandinMLAImpl" in error and "as kv_b_proj" in error, error[-3000:]
+    assert "Remove 'kv_b_proj' from additional_config['ascend_compile']['shared_weight']['layers']" in error
