@@ -163,6 +163,7 @@ def test_an_opaque_read_without_fetch_layers_is_refused_on_every_rank(layout):
     for rank, (status, detail) in enumerate(results):
         assert status == "error", f"rank {rank}: {status} {detail}"
         assert "OpaqueReadError" in detail and "read by _forward at" in detail, detail
+        assert "<- forward <- mla_forward (custom op ascend_compile_test::mla_forward)" in detail, detail[:600]
         assert "inside an op that compiled graph" in detail and "ascend_compile.fetch_layers" in detail
         assert "q_b_proj" in detail  # the first shared layer the op reads
 

@@ -141,17 +141,28 @@ def running_graph(graph_id: str, visible: frozenset):
 
 
 def _reader() -> str:
-    """The innermost frame outside ascend_compile, torch and the standard library: who read the layer."""
+    """Who read the layer: the innermost frames outside ascend_compile, torch, the standard library and
+    vLLM's linear layers (``f at file:line <- g <- h``), and the custom op they run in where torch
+    names it (``torch.library.custom_op``)."""
     import inspect
 
     ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     skip = (ours, os.path.dirname(torch.__file__), os.path.dirname(os.__file__))
     layers = (os.sep + os.path.join("vllm", "model_executor", "layers") + os.sep,
               os.sep + os.path.join("vllm", "model_executor", "parameter.py"))  # the linear layer's own code
+    frames, op = [], None
     for info in inspect.stack(context=0)[2:]:
-        if not info.filename.startswith(skip) and not any(part in info.filename for part in layers):
-            return f"{info.function} at {info.filename}:{info.lineno}"
-    return "unknown code"
+        if op is None and info.filename.endswith(os.path.join("_library", "custom_ops.py")):
+            name = getattr(info.frame.f_locals.get("self"), "_qualname", None)
+            op = name if name and not name.startswith("ascend_compile::") else None  # not our own marker
+        if info.filename.startswith(skip) or any(part in info.filename for part in layers):
+            continue
+        frames.append(info)
+    if not frames:
+        return "unknown code"
+    first = frames[0]
+    chain = " <- ".join([f"{first.function} at {first.filename}:{first.lineno}"] + [f.function for f in frames[1:3]])
+    return chain + (f" (custom op {op})" if op else "")
 
 
 def check_read(key: tuple) -> None:
