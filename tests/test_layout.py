@@ -82,3 +82,14 @@ def test_the_vllm_integration_knows_which_vllm_it_patches():
         assert vllm_version_problem(version) is None, version
     for version in ("0.22.1", "0.24.0", "1.0.0", "unknown"):
         assert f"this is vLLM {version}: its shared weights are not installed" in vllm_version_problem(version)
+
+
+def test_the_vllm_integration_checks_vllm_ascends_version_beside_vllms():
+    from ascend_compile.integrations.vllm.patches import vllm_version_problem
+
+    for ascend in (None, "0.23.0", "0.23.0rc2"):
+        assert vllm_version_problem("0.23.0", ascend) is None, ascend
+    for ascend in ("0.22.0", "0.24.0rc1", "0.12.0"):
+        problem = vllm_version_problem("0.23.0", ascend)
+        assert f"this is vLLM-Ascend {ascend}: its shared weights are not installed" in problem
+        assert "written against vLLM-Ascend 0.23.x" in problem

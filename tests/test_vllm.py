@@ -342,6 +342,40 @@ def test_weight_updates_a_sharded_model_cannot_take_are_refused(monkeypatch):
     assert len(calls) == 2  # vLLM was never reached
 
 
+def test_the_worker_that_runs_refuses_weight_updates_of_a_sharded_model(monkeypatch):
+    """vLLM-Ascend's worker is ``NPUWorker(WorkerBase)``, not vLLM's GPU ``Worker``: the loader wraps
+    ``start_weight_update`` of the class ``parallel_config.worker_cls`` names, whatever it is."""
+    import sys
+    import types
+    from types import SimpleNamespace
+
+    from ascend_compile.integrations.vllm.patches import refuse_weight_update_on
+    from ascend_compile.runtime.comm import ShardingError
+    from ascend_compile.runtime.sharding import PLAN_ATTR
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    class NPUWorker(WorkerBase):  # what vllm_ascend/worker/worker.py v0.23.0 declares, as far as this goes
+        def __init__(self, model):
+            self.model_runner = SimpleNamespace(get_model=lambda: model)
+
+        def start_weight_update(self, is_checkpoint_format=True):
+            return "started"
+
+    module = types.ModuleType("fake_vllm_ascend_worker")
+    module.NPUWorker = NPUWorker
+    monkeypatch.setitem(sys.modules, "fake_vllm_ascend_worker", module)
+    assert refuse_weight_update_on("auto") is None and refuse_weight_update_on(None) is None
+    assert refuse_weight_update_on("fake_vllm_ascend_worker.NPUWorker") is NPUWorker
+    assert refuse_weight_update_on(NPUWorker) is NPUWorker  # wrapped once
+    assert NPUWorker.start_weight_update.__wrapped__.__qualname__.endswith("NPUWorker.start_weight_update")
+    assert not hasattr(NPUWorker.start_weight_update.__wrapped__, "__wrapped__")
+    model = torch.nn.Linear(2, 2)
+    assert NPUWorker(model).start_weight_update() == "started"  # not sharded: as before
+    setattr(model, PLAN_ATTR, SimpleNamespace(layer_series={"o_proj": ["0.o_proj"]}, layout="layers"))
+    with pytest.raises(ShardingError, match=r"start_weight_update on a model whose \['o_proj'\] weights"):
+        NPUWorker(model).start_weight_update()
+
+
 def _quant_case(rank, world):
     import vllm_model
 
