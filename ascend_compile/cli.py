@@ -29,6 +29,17 @@ def _explain(ns) -> int:
     every = sorted(glob.glob(os.path.join(ns.dump_dir, "rank_*", "graph_*", "schedule.json")))
     if ns.all_graphs:
         paths = every
+    ops = sorted(glob.glob(os.path.join(ns.dump_dir, "rank_*", "attention_ops.json")))
+    for p in ops:  # shared layers read inside ops the graphs cannot see (vLLM-Ascend's MLA)
+        with open(p) as f:
+            table = json.load(f)
+        print(f"== {os.path.relpath(p, ns.dump_dir)}: {len(table['ops'])} op(s) read shared layers inside "
+              f"(fetched where each starts; prefetch_step {table['prefetch_step']})")
+        for row in table["ops"]:
+            print(f"  {row['op']}: reads {', '.join(row['reads'])}; fetched {row['fetched']}")
+        print()
+    if ops and not paths:
+        return 0
     if not paths:
         print(f"no rank_*/schedule.json under {ns.dump_dir!r}: compile with options={{'dump_dir': ...}} "
               "or ASCEND_COMPILE_DUMP=dir first", file=sys.stderr)

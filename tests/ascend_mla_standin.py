@@ -197,7 +197,8 @@ def worker(args) -> int:
             raise TimeoutError(f"rank {rank}: no checkpoint at {path}")
         time.sleep(0.2)
     # a budget of 8 tokens a step: prompts are chunked, so steps mix decodes and prefill chunks
-    result = vllm_generate.generate(path, rank, CONFIGS[args.config], None,
+    dump = os.path.join(args.dir, "dumps", args.config) if CONFIGS[args.config] else None
+    result = vllm_generate.generate(path, rank, CONFIGS[args.config], dump,
                                     llm_kwargs={"hf_overrides": {"architectures": [ARCH]},
                                                 "max_num_batched_tokens": 8})
     result["q_proj_calls"] = {str(k): v for k, v in CALLS.items()}

@@ -245,12 +245,25 @@ def _wired(rank, world, layout):
     changed = fetch_in_attention_readers(model)
     again = fetch_in_attention_readers(model)  # wrapped once
     x = torch.randn(3 + rank, 8)
-    graph = __import__("ascend_compile.runtime.opaque", fromlist=["running_graph"]).running_graph
-    with graph("test", frozenset()):  # as inside a compiled graph: an unfetched read would raise
-        got = [m.impl.forward(x) for m in model]
-    want = [m.impl.forward(x) for m in ref]
+    from ascend_compile.integrations.vllm.attention import READERS_ATTR
+    from ascend_compile.runtime.opaque import running_graph
+
+    readers = getattr(model, READERS_ATTR)
+    got, ahead = [], []
+    with running_graph("test", frozenset()):  # as inside a compiled graph: an unfetched read would raise
+        for _ in range(2):  # two forwards
+            for m in model:
+                got.append(m.impl.forward(x))
+                ahead.append(sorted(readers.in_flight))  # op 0 issued op 1's layers; op 1 took them
+    want = [m.impl.forward(x) for m in ref] * 2
+    try:  # an op entered out of the order every forward calls them
+        model[1].impl.forward(x)
+        order_error = None
+    except ac.ShardingError as e:
+        order_error = str(e)
     return {"changed": changed, "again": again, "equal": [torch.equal(g, w) for g, w in zip(got, want)],
-            "diff": max((g - w).abs().max().item() for g, w in zip(got, want))}
+            "diff": max((g - w).abs().max().item() for g, w in zip(got, want)), "ahead": ahead,
+            "schedule": readers.schedule(), "order_error": order_error}
 
 
 @pytest.mark.parametrize("layout", ["layers", "slices"])
@@ -259,5 +272,9 @@ def test_attention_impls_holding_shared_layers_fetch_them_where_they_start(layou
         assert r["changed"] == [("0", ["q_proj", "o_proj"]), ("1", ["q_proj", "o_proj"])]
         assert r["again"] == []
         if layout == "layers":
-            assert r["equal"] == [True, True]
+            assert r["equal"] == [True] * 4
+        assert r["ahead"] == [[1], [], [1], []]
+        assert r["schedule"][1]["fetched"] == "at the start of 0, 1 op(s) ahead"
+        assert r["schedule"][0]["fetched"] == "at its start"
+        assert "1 started after 1, but the layers of ops are prefetched in the order" in r["order_error"]
         assert r["diff"] <= 1e-6  # slices: the gathered weight is a transposed view (BLAS may round differently)

@@ -107,6 +107,140 @@ def is_shared_layer(module) -> bool:
     return any(isinstance(p, SharedWeight) for chain in plist.values() for p in chain)
 
 
+class _Pending:
+    """A fetch issued ahead (an async broadcast or gather): ``wait()`` gives the whole weight."""
+
+    def __init__(self, work, buf: torch.Tensor, finish, what: str, group_name: str):
+        self.work, self.buf, self.finish, self.what, self.group_name = work, buf, finish, what, group_name
+
+    def wait(self) -> torch.Tensor:
+        from .comm import is_comm_failure, peer_error
+
+        try:
+            self.work.wait()
+        except Exception as e:
+            if not is_comm_failure(e):
+                raise
+            raise peer_error(self.what, self.group_name, e) from e
+        return self.finish(self.buf)
+
+
+def _issue_reads(module: nn.Module) -> dict:
+    """``{key: _Pending}``: every shared parameter of ``module`` fetched asynchronously (the owner's
+    broadcast, or a gather of the slices), to be waited for at its use."""
+    import torch.distributed as dist
+
+    from . import formats
+    from .comm import group_from_name, shard_formats
+    from .slices import state_of, whole_weight
+
+    out = {}
+    sliced = getattr(module, "_ascend_compile_slice", None)
+    if sliced is not None:
+        series, index, group_name, generation, _ = sliced
+        state = state_of(group_name, generation)
+        pos = state.position[(series, index)]
+        layer = state.layers[pos]
+        work, buf = state.issue_gather(pos, None)
+        out[weight_key(group_name, generation, f"{series}.weight[{index}]")] = _Pending(
+            work, buf, lambda b, layer=layer, pg=state.pg: whole_weight(b, layer.cut, layer.shape, pg.size()),
+            f"the gather of {layer.module}'s slices", group_name)
+        return out
+    from .sharding import SharedWeight
+
+    for pname, chain in getattr(module, "parametrizations", {}).items():
+        for p in chain:
+            if not isinstance(p, SharedWeight):
+                continue
+            w = chain.original
+            pg = group_from_name(p.group_name)
+            name = f"{p.series}[{p.index}]"
+            buf = formats.empty_in_format(w.shape, w.dtype, w.device,
+                                          shard_formats(p.group_name, p.generation).get(name))
+            if dist.get_rank(pg) == p.owner:
+                buf.copy_(w)
+            work = dist.broadcast(buf, group_src=p.owner, group=pg, async_op=True)
+            out[weight_key(p.group_name, p.generation, name)] = _Pending(
+                work, buf, lambda b: b, f"the broadcast of {name} from rank {p.owner}", p.group_name)
+    return out
+
+
+class OpaqueReaders:
+    """The ops of one sharded model that read shared layers inside (vLLM-Ascend's attention impls),
+    in the order every forward calls them, with the layers each reads. ``enter(pos)`` is
+    ``fetch_layers`` for op ``pos`` that also fetches the layers of the next ``prefetch_step`` ops
+    asynchronously, so their transfer overlaps this op's compute: the reference plugin's
+    ``reach_layer`` prefetch, one op per step. Every rank calls every op in the same order in every
+    forward (vLLM runs every layer's attention in every forward, dummy ones included), so every
+    rank issues the same collectives; an op entered out of that order raises, naming both ops."""
+
+    def __init__(self, readers: list, prefetch_step: int):
+        self.readers = readers  # [(op name, [layers])], in call order
+        self.prefetch_step = max(0, prefetch_step)
+        self.in_flight: dict = {}  # op position -> {key: _Pending}
+        self.last: Optional[int] = None  # the op entered last in this forward
+
+    def schedule(self) -> list:
+        """What dumps show: each op, the layers it reads, and where they are fetched."""
+        rows = []
+        for pos, (name, layers) in enumerate(self.readers):
+            ahead = pos - self.prefetch_step
+            rows.append({"op": name, "reads": [key[2] for m in layers for key, _ in _keys(m)],
+                         "fetched": "at its start" if ahead < 0 or not self.prefetch_step
+                         else f"at the start of {self.readers[ahead][0]}, {self.prefetch_step} op(s) ahead"})
+        return rows
+
+    @contextlib.contextmanager
+    def enter(self, pos: int):
+        name, layers = self.readers[pos]
+        if pos == 0:
+            self._drain()  # left by a forward that stopped early on this rank: complete, drop
+        elif self.prefetch_step and self.last != pos - 1:
+            last = "none" if self.last is None else self.readers[self.last][0]
+            raise ShardingError(
+                f"{name} started after {last}, but the layers of ops are prefetched in the order every forward calls "
+                f"them ({self.readers[0][0]}, ..., {self.readers[-1][0]}): ops that read shared layers must run in that "
+                "order in every forward, on every rank"
+            )
+        self.last = pos
+        fetched: dict = {}
+        for key, pending in sorted(self.in_flight.pop(pos, {}).items()):
+            fetched[key] = pending.wait()
+        _local.fetching = True
+        try:
+            for layer in layers:
+                for key, read in _shared_reads(layer):
+                    if key not in fetched:
+                        fetched[key] = read()
+            for ahead in range(pos + 1, min(pos + self.prefetch_step, len(self.readers) - 1) + 1):
+                if ahead not in self.in_flight:
+                    self.in_flight[ahead] = {k: v for m in self.readers[ahead][1] for k, v in _issue_reads(m).items()}
+        finally:
+            _local.fetching = False
+        _scopes().append(fetched)
+        try:
+            yield
+        finally:
+            _scopes().pop()
+
+    def _drain(self) -> None:
+        for pos in sorted(self.in_flight):
+            for pending in self.in_flight.pop(pos).values():
+                pending.wait()
+
+
+def _keys(module: nn.Module) -> list:
+    """``[(key, None)]`` of a shared layer's parameters, without fetching anything."""
+    sliced = getattr(module, "_ascend_compile_slice", None)
+    if sliced is not None:
+        series, index, group_name, generation, _ = sliced
+        return [(weight_key(group_name, generation, f"{series}.weight[{index}]"), None)]
+    from .sharding import SharedWeight
+
+    return [(weight_key(p.group_name, p.generation, f"{p.series}[{p.index}]"), None)
+            for chain in getattr(module, "parametrizations", {}).values() for p in chain if isinstance(p, SharedWeight)]
+
+
 @contextlib.contextmanager
 def fetch_layers(*layers: nn.Module):
     """Fetch the whole weights of these shared layers once, here; every read of them inside the block

@@ -15,15 +15,17 @@ sees them and nothing here applies.
   from it) and, with ``enable_mlapo``, ``q_proj`` and ``fused_qkv_a_proj`` (folded into the fused
   preprocess op, their weights then set to None).
 - ``fetch_in_attention_readers`` (after sharding): every impl holding shared layers runs its
-  ``forward`` inside ``fetch_layers`` over them, so each such layer is fetched once per layer per
-  forward on every rank, where the reference plugin calls ``reach_layer_for_shard_weight_series``,
-  whatever each rank's batch.
+  ``forward`` inside ``OpaqueReaders.enter`` (``fetch_layers`` with prefetch), so each such layer is
+  fetched once per layer per forward on every rank, whatever each rank's batch: where the reference
+  plugin calls ``reach_layer_for_shard_weight_series``, the layers of the next ``prefetch_step``
+  attention ops are issued asynchronously, and waited for where those ops start.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from typing import Optional
 
 from ...config import ConfigError, SharedWeightConfig
 
@@ -76,27 +78,53 @@ def check_attention_readers(model, cfg: SharedWeightConfig) -> None:
                 )
 
 
-def fetch_in_attention_readers(model) -> list:
-    """Run each attention impl's ``forward`` inside ``fetch_layers`` over the shared layers it holds.
-    Returns ``[(module name, [attribute])]`` of the impls changed."""
-    from ...runtime.opaque import fetch_layers, is_shared_layer
+READERS_ATTR = "_ascend_compile_opaque_readers"
 
-    changed = []
+
+def fetch_in_attention_readers(model, dump_dir: Optional[str] = None) -> list:
+    """Run each attention impl's ``forward`` inside ``OpaqueReaders.enter``: the shared layers it holds
+    are fetched once where it starts (or were fetched ahead, at the start of the op ``prefetch_step``
+    ops before it). Returns ``[(module name, [attribute])]`` of the impls changed; writes the
+    schedule to ``<dump_dir>/rank_<global rank>/attention_ops.json``."""
+    from ...runtime.ops import AUTO_STEP
+    from ...runtime.opaque import OpaqueReaders, is_shared_layer
+    from ...runtime.sharding import get_plan
+
+    plan = get_plan(model)
+    if plan is None or getattr(model, READERS_ATTR, None) is not None:
+        return []
+    found = []
     for name, impl, held in attention_readers(model):
         layers = [(attr, layer) for attr, layer in held if is_shared_layer(layer)]
-        if not layers or getattr(impl.forward, _WRAPPED, None) is not None:
-            continue
+        if layers:
+            found.append((name, impl, layers))
+    if not found:
+        return []
+    step = 1 if plan.prefetch_step == AUTO_STEP else plan.prefetch_step
+    readers = OpaqueReaders([(name, [m for _, m in layers]) for name, _, layers in found], step)
+    setattr(model, READERS_ATTR, readers)
+    for pos, (name, impl, layers) in enumerate(found):
         forward = impl.forward
 
         @functools.wraps(forward)
-        def fetching_forward(*args, __forward=forward, __layers=tuple(m for _, m in layers), **kwargs):
-            with fetch_layers(*__layers):
+        def fetching_forward(*args, __forward=forward, __pos=pos, **kwargs):
+            with readers.enter(__pos):
                 return __forward(*args, **kwargs)
 
         setattr(fetching_forward, _WRAPPED, [a for a, _ in layers])
         impl.forward = fetching_forward
-        changed.append((name, [a for a, _ in layers]))
-    if changed:
-        log.info("ascend_compile: %d attention op(s) read shared layers inside (e.g. %s reads %s): each fetches them "
-                 "once where it starts", len(changed), changed[0][0], changed[0][1])
+    changed = [(name, [a for a, _ in layers]) for name, _, layers in found]
+    log.info("ascend_compile: %d attention op(s) read shared layers inside (e.g. %s reads %s): each fetches them "
+             "where it starts, the next %d op(s)' layers prefetched there", len(changed), changed[0][0],
+             changed[0][1], step)
+    if dump_dir:
+        import json
+        import os
+
+        from ...runtime import comm
+
+        rank_dir = os.path.join(dump_dir, f"rank_{comm.global_rank()}")
+        os.makedirs(rank_dir, exist_ok=True)
+        with open(os.path.join(rank_dir, "attention_ops.json"), "w") as f:
+            json.dump({"prefetch_step": step, "ops": readers.schedule()}, f, indent=1)
     return changed

@@ -15,11 +15,11 @@ import functools
 import logging
 from typing import Optional
 
-from ...config import ConfigError
+from ...config import CompileOptions, ConfigError
 from .attention import check_attention_readers, fetch_in_attention_readers
 from .config import CONFIG_KEY, _wants_whole_graph, settings, shared_weight_config
 from .loading import finish_non_owned, shard_loaded_model, skip_non_owned
-from .options import prepare
+from .options import compile_options, prepare
 from .reload import reshare_after_reload, unshare_for_reload
 from .slicing import slice_before_loading
 
@@ -329,7 +329,8 @@ def register() -> None:
             del self.load_weights
         finish_non_owned(model, cfg, skipped, failed)  # every rank gets here, whatever happened above
         model = shard_loaded_model(model, vllm_config)
-        fetch_in_attention_readers(model)  # layers read inside attention ops: fetched once where the op starts
+        # layers read inside attention ops: fetched once where the op starts, the next ops' prefetched there
+        fetch_in_attention_readers(model, CompileOptions.from_dict(compile_options()).dump_dir)
         invalidate_after_load_weights(model)  # a later load_weights (a reload) drops the prefetched windows
         return model
 
