@@ -17,6 +17,12 @@ Phases: ``decode`` (rank 0 runs 4 tokens, rank 1 runs 1, as an idle DP rank's du
 a decode GEMM reads its weight from memory.
 
 Run: ``python benchmarks/decode.py``; writes ``benchmarks/results/decode.json``.
+
+On a device, start it under torchrun, one process per device, with the process group's backend:
+``torchrun --nproc-per-node 8 benchmarks/decode.py --device npu --backend hccl --lowering aot_eager``
+(``--device cuda --backend nccl`` likewise). Every timing synchronises the device before the clock
+starts and before it stops (``ascend_compile.runtime.timing``), so it measures the work, not its
+launch. Rank 0 prints and writes the report.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ PHASES = {"decode": (4, 1), "prefill": (256, 128)}
 CONFIGS = ("replicated", "layers k=1", "slices", "slices auto", "slices gather-only")
 
 
-def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS):
+def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS, device="cpu", lowering=None):
     import torch
 
     import ascend_compile as ac
@@ -43,20 +49,28 @@ def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS):
 
     torch._dynamo.config.recompile_limit = 64
     shape = StackShape.scaled(layers, hidden)
+    options = {"lowering": lowering} if lowering else None
+    # every configuration through our backend: a graph without shared weights is lowered unchanged
+    # (Inductor on CPU), so the replicated 1.00 and the shared ones use the same lowering
+    compile_ = lambda m: torch.compile(m, backend="ascend_compile", options=options)  # noqa: E731
+
+    def build():
+        return build_stack(shape).to(device)
+
     configs, plans = {}, {}
-    configs["replicated"] = torch.compile(build_stack(shape), backend="inductor")
+    configs["replicated"] = compile_(build())
     if "layers k=1" in wanted:
-        m = build_stack(shape)
+        m = build()
         plans["layers k=1"] = ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, prefetch_step=1))
-        configs["layers k=1"] = torch.compile(m, backend="ascend_compile")
+        configs["layers k=1"] = compile_(m)
     for name, threshold in (("slices", 64), ("slices auto", "auto"), ("slices gather-only", 0)):
         if name not in wanted:
             continue
-        m = build_stack(shape)
+        m = build()
         plans[name] = ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=threshold))
-        configs[name] = torch.compile(m, backend="ascend_compile")
-    inputs = {phase: make_input(shape, tokens=counts[rank], seed=7) for phase, counts in PHASES.items()}
-    ref = build_stack(shape)
+        configs[name] = compile_(m)
+    inputs = {phase: make_input(shape, tokens=counts[min(rank, 1)], seed=7).to(device) for phase, counts in PHASES.items()}
+    ref = build()
     out = {"times": {}, "max_rel_diff": {}, "paths": {}}
     with torch.no_grad():
         for phase, x in inputs.items():
@@ -88,14 +102,37 @@ def main(argv=None) -> int:
                    help="which to run (replicated always runs: it is the 1.00)")
     p.add_argument("--out-name", default="decode.json")
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    p.add_argument("--device", default="cpu", help="under torchrun: the device type of each rank (npu, cuda)")
+    p.add_argument("--backend", default=None, help="under torchrun: the process group's backend (hccl, nccl, gloo)")
+    p.add_argument("--lowering", default=None, help="the ascend_compile lowering (default: the backend's own)")
     a = p.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from ascend_compile.launch import spawn
 
-    report = {"machine": f"{os.cpu_count()} cores, 2 gloo ranks on 127.0.0.1", "tokens_per_rank": PHASES,
-              "layers": a.layers, "sizes": {}}
+    if "RANK" in os.environ:  # under torchrun: this process is one rank, on its own device
+        import torch
+        import torch.distributed as dist
+
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        device = a.device if a.device == "cpu" else f"{a.device}:{int(os.environ.get('LOCAL_RANK', rank))}"
+        if a.device != "cpu":
+            getattr(torch, a.device).set_device(device)
+        dist.init_process_group(a.backend or ("gloo" if a.device == "cpu" else None))
+        machine = f"{world} ranks, {a.device}, {dist.get_backend()}"
+
+        def run(hidden):
+            return _rank(rank, world, hidden, a.layers, a.rounds, tuple(a.configs), device, a.lowering)
+    else:
+        rank, machine = 0, f"{os.cpu_count()} cores, 2 gloo ranks on 127.0.0.1"
+
+        def run(hidden):
+            return spawn(_rank, 2, hidden, a.layers, a.rounds, tuple(a.configs), "cpu", a.lowering, timeout=3600)[0]
+
+    report = {"machine": machine, "tokens_per_rank": PHASES, "layers": a.layers, "sizes": {}}
     for hidden in a.hidden:
-        res = spawn(_rank, 2, hidden, a.layers, a.rounds, tuple(a.configs), timeout=3600)[0]
+        res = run(hidden)
+        if rank != 0:
+            continue
         entry = {"o_proj_mb": 2 * hidden * hidden * 4 / 2**20, "phases": {}, "memory": res["memory"],
                  "paths": res["paths"], "max_rel_diff": res["max_rel_diff"]}
         print(f"\n== hidden {hidden} ({a.layers} layers; o_proj {entry['o_proj_mb']:.0f} MB fp32)")
@@ -110,6 +147,8 @@ def main(argv=None) -> int:
             print(f"  {n}: saves {mem['saved_bytes'] / 2**20:.1f} of {mem['series_bytes'] / 2**20:.1f} MB"
                   + (f", decode_tokens={mem['decode_tokens']}" if mem["decode_tokens"] is not None else ""))
         report["sizes"][str(hidden)] = entry
+    if rank != 0:
+        return 0
     os.makedirs(a.out_dir, exist_ok=True)
     with open(os.path.join(a.out_dir, a.out_name), "w") as f:
         json.dump(report, f, indent=2)

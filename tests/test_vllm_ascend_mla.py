@@ -23,12 +23,22 @@ def summary(tmp_path_factory):
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stderr[-4000:]
     with open(out / "summary.json") as f:
-        return json.load(f)
+        result = json.load(f)
+    result["dumps"] = str(out / "dumps")
+    return result
 
 
 @pytest.mark.parametrize("layout", ["layers", "slices"])
 def test_layers_called_inside_the_attention_op_equal_the_unshared_run(summary, layout):
     unshared, shared = summary["unshared"], summary[layout]
+    explain = subprocess.run([sys.executable, "-m", "ascend_compile.cli", "explain",
+                              os.path.join(summary["dumps"], layout, "ascend_compile")],
+                             capture_output=True, text=True, timeout=120)
+    assert explain.returncode == 0, explain.stderr
+    for rank in ("0", "1"):  # every rank's attention ops, their layers, and where they are fetched
+        assert f"== rank_{rank}/attention_ops.json: 4 op(s) read shared layers inside" in explain.stdout
+    assert ("model.layers.2.self_attn: reads q_b_proj.weight[2], o_proj.weight[2]; fetched at the start of "
+            "model.layers.1.self_attn, 1 op(s) ahead") in explain.stdout
     assert "error" not in unshared and "error" not in shared, shared.get("error", unshared.get("error"))
     for rank in ("0", "1"):
         assert shared[rank]["tokens"] == unshared[rank]["tokens"], rank

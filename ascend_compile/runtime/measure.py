@@ -31,9 +31,9 @@ def measure_flops_per_s(shape: tuple, repeats: int = 5, dtype=torch.float32, dev
 
 
 def _sync(device) -> None:
-    device = torch.device(device)
-    if device.type != "cpu":
-        getattr(torch, device.type).synchronize(device)
+    from .timing import synchronize
+
+    synchronize(device)
 
 
 def measure_link(pg, nbytes: int, repeats: int = 5, device="cpu") -> tuple:
@@ -45,6 +45,7 @@ def measure_link(pg, nbytes: int, repeats: int = 5, device="cpu") -> tuple:
         times = []
         for _ in range(repeats):
             dist.barrier(group=pg)
+            _sync(device)
             start = time.perf_counter()
             dist.broadcast(buf, group_src=0, group=pg)
             _sync(device)

@@ -28,8 +28,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import statistics
-import time
 from typing import Optional
 
 import torch
@@ -459,16 +457,14 @@ def measure_paths(pg, layers: list, prefetch_step: int, reps: int = 3) -> dict:
     if not first:
         return None
 
-    def timed(fn) -> float:
-        fn()  # warm-up: first calls allocate and connect
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+    from .timing import time_call
 
-    def no_fail(what, fn):
+    device = next(iter(first.values()))[1].device
+
+    def timed(fn) -> float:  # the work's time, not its launch's: the device is synchronised around it
+        return time_call(fn, device, reps=reps)
+
+    def run(what, fn):  # decode_linear's collective hook, with no error translation here
         return fn()
 
     decode, gemm, gather = {}, {}, 0.0
@@ -482,7 +478,7 @@ def measure_paths(pg, layers: list, prefetch_step: int, reps: int = 3) -> dict:
         for series, (sl, w) in first.items():
             x = torch.randn(n, sl.shape[1], dtype=w.dtype, device=w.device)
             dist.barrier(group=pg)
-            decode[n] += timed(lambda: decode_linear(x, gather_source(sl.cut, w), sl.cut, n, pg, no_fail))
+            decode[n] += timed(lambda: decode_linear(x, gather_source(sl.cut, w), sl.cut, n, pg, run))
             gemm[n] += timed(lambda: F.linear(x, whole[series]))
     return {"decode": decode, "gemm": gemm, "gather": gather, "prefetch_step": prefetch_step}
 
