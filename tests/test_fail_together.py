@@ -173,3 +173,30 @@ def test_without_a_group_of_its_own_sharing_uses_the_users_and_never_destroys_it
         assert any("made different numbers of process groups" in w for w in r["warnings"]), (rank, r)
         assert r["alive"] == 2.0, (rank, r)  # the default group still works on both ranks
         assert r["reason"].startswith("rank ") and "stopped and aborted the group: RuntimeError: stopped" in r["reason"]
+
+
+def _auto_measure_fails_case(rank, world):
+    import ascend_compile as ac
+    from ascend_compile.models import StackShape, build_stack
+    from ascend_compile.runtime import measure
+
+    if rank == 1:  # after the timed broadcasts, while rank 0 goes on to the exchange of the results
+        def broken(*args, **kwargs):
+            raise MemoryError("out of memory for the matmul measurement")
+
+        measure.measure_flops_per_s = broken
+    try:
+        ac.shard_model(build_stack(StackShape(layers=2)),
+                       ac.SharedWeightConfig(layers=["o_proj"], prefetch_step="auto", timeout=600))
+    except BaseException as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def test_an_auto_step_measurement_failing_on_one_rank_fails_every_rank_at_once():
+    """``prefetch_step="auto"`` (``layout="layers"``) measures the link with collectives at shard time: a
+    rank whose measurement fails closes the sharing group, so its peer fails at once (here well inside
+    the test's 90 s, with a group timeout of 600 s) naming it, instead of waiting in the exchange."""
+    got = run_fresh(_auto_measure_fails_case, 2, timeout=90)
+    assert got[1] == "MemoryError: out of memory for the matmul measurement"
+    assert got[0] is not None and "PeerError" in got[0] and "rank 1" in got[0].lower(), got[0]

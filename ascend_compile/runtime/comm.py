@@ -201,7 +201,15 @@ def gather_or_fail(pg: dist.ProcessGroup, what: str, compute) -> list:
         error = e
     mine = ("ok", value) if error is None else ("error", type(error).__name__, str(error))
     gathered: list = [None] * dist.get_world_size(pg)
-    dist.all_gather_object(gathered, mine, group=pg)
+    name = group_name(pg)
+    try:
+        dist.all_gather_object(gathered, mine, group=pg)
+    except Exception as e:
+        if error is not None:
+            raise error from e
+        if not is_comm_failure(e):
+            raise
+        raise peer_error(f"the exchange of every rank's result {what}", name, e) from e
     if error is not None:
         raise error
     failed = [(r, v) for r, v in enumerate(gathered) if v[0] == "error"]

@@ -333,7 +333,15 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     from . import measure
 
     auto = plan.prefetch_step == AUTO_STEP  # measuring costs a layer-sized buffer or two: only for "auto"
-    costs_here = _measure(pg, per_layer) if auto else None  # its collectives: every rank reaches them
+    try:
+        costs_here = _measure(pg, per_layer) if auto else None  # its collectives: every rank reaches them
+    except Exception as e:
+        if comm.is_comm_failure(e):  # a peer failed in it and closed the group: name it
+            raise comm.peer_error("the link measurement of prefetch_step='auto'", plan.group_name, e) from e
+        # this rank fails alone (out of memory for the measurement buffer, ...): its peers are in the
+        # measurement's collectives or the exchange below; close the group so they fail at once
+        comm.abort_group(plan.group_name, e)
+        raise
 
     def mine() -> dict:
         by_module = {m: module for members in per_layer.values() for m, module, _ in members}
