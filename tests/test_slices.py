@@ -380,3 +380,50 @@ def test_a_measurement_failing_on_one_rank_fails_every_rank():
     got = run_fresh(_measure_fails_case, 2, timeout=120)
     assert got[1] == "MemoryError: out of memory in the decode measurement"
     assert got[0] is not None, "rank 0 finished sharding although its peer failed"
+
+
+class _Skipping(nn.Module):
+    """Sliced layers a forward may skip: ``forward(x, start)`` runs layers ``start..``; ``twice`` calls one
+    layer twice."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList(nn.ModuleDict({"o_proj": nn.Linear(64, 64, bias=False)}) for _ in range(3))
+
+    def forward(self, x, start: int = 0, twice: bool = False):
+        for i, layer in enumerate(self.layers):
+            if i >= start:
+                x = torch.tanh(layer["o_proj"](x))
+                if twice and i == 1:
+                    x = layer["o_proj"](x)
+        return x
+
+
+def _skipping_case(rank, world, compiled):
+    torch._dynamo.reset()
+    ref, model = _Skipping(), _Skipping()
+    plan = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], layout="slices", decode_tokens=8))
+    run = torch.compile(model, backend="ascend_compile", dynamic=False) if compiled else model
+    state = slices.state_of(plan.group_name, plan.generation)
+    out = []
+    # a decode forward from the first layer, then a prefill forward that skips it: the prefill forward
+    # must agree on its own path at the first sliced layer it calls
+    for tokens, start in ((2 + rank, 0), (40 + rank, 1), (3, 1)):
+        x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
+        got = run(x, start)
+        out.append({"path": state.path, "diff": (got - ref(x, start)).abs().max().item()})
+    try:
+        run(torch.randn(2, 64), 0, True)
+        out.append(None)
+    except Exception as e:  # noqa: BLE001 - the message is checked
+        out.append(f"{type(e).__name__}: {e}")
+    return out
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_forward_that_skips_the_first_sliced_layer_agrees_on_its_own_path(compiled):
+    for r in run_fresh(_skipping_case, 2, compiled, timeout=240, allow_dead=False):
+        assert [f["path"] for f in r[:3]] == ["decode", "prefill", "decode"]
+        assert max(f["diff"] for f in r[:3]) <= 1e-5
+        assert "was called after" in r[3] and "a forward calls each sliced layer once" in r[3], r[3]

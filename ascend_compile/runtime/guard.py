@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import comm, opaque
+from . import comm, opaque, slices
 
 
 class GuardedGraph:
@@ -146,6 +146,7 @@ class SlicedOrderGuard:
         token = comm.shard_state(self.group_name, generation).get("token", "")
         self.graph_id = graph_id
         self.visible = frozenset(opaque.weight_key(g, gen, f"{series}.weight[{index}]") for series, index, g, gen in layers)
+        self.state = slices.state_of(self.group_name, generation)
         self.check = OrderCheck(
             comm.order_key(self.group_name, generation, sorted(order), ("slices",), token),
             comm.group_rank(pg), comm.group_size(pg), order,
@@ -154,6 +155,7 @@ class SlicedOrderGuard:
     def __call__(self, *args):
         try:
             self.check.before_call()
+            self.state.start_forward()  # a forward (or the next piece of one) starts here
             with opaque.running_graph(self.graph_id, self.visible):
                 return self.compiled(*args)
         except comm.RankMismatchError as e:

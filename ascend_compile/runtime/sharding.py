@@ -306,7 +306,13 @@ def _shard_slices(model: nn.Module, config: SharedWeightConfig, pg, plan: ShardP
         else:
             threshold, plan.decode_explanation = slices.choose_threshold(slices.agree_costs(gathered))
     plan.decode_tokens = threshold
-    slices.install(plan.group_name, plan.generation, layers, plan.prefetch_step, threshold)
+    state = slices.install(plan.group_name, plan.generation, layers, plan.prefetch_step, threshold)
+
+    def start_forward(module, args):  # an eager forward of the model starts (a compiled one: at its graph's entry)
+        if not torch.compiler.is_compiling():
+            state.start_forward()
+
+    model.register_forward_pre_hook(start_forward)
 
 
 def check_not_sharded(model: nn.Module) -> None:

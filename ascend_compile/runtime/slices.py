@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import weakref
 from typing import Optional
 
 import torch
@@ -135,6 +136,8 @@ class SliceState:
         self.prefetch_step = prefetch_step
         self.decode_tokens = decode_tokens
         self.path: Optional[str] = None  # of the forward under way
+        self.last_pos = -1  # the layer the forward under way called last
+        self.forward_ref = None  # weakref to vLLM's forward context of the forward under way
         self.tokens = 0  # agreed (largest) token count of the forward under way
         self.in_flight: dict = {}  # position -> (work, buffer)
         self.forwards = {p: 0 for p in PATHS}  # forwards run on each path (dumps, tests, benchmarks)
@@ -161,6 +164,27 @@ class SliceState:
         """The position of the first layer a forward calls through ``linear`` (where its path is agreed):
         layers read inside opaque ops are fetched whole by ``fetch_layers`` and take no part."""
         return next((pos for pos in range(len(self.layers)) if pos not in self.opaque), None)
+
+    def start_forward(self) -> None:
+        """A forward starts (the model's entry, a compiled graph's entry, a new vLLM forward context): its
+        path is agreed at the first sliced layer it calls, whichever that is."""
+        self.path, self.last_pos = None, -1
+
+    def _check_forward(self, pos: int) -> None:
+        """Start a forward where one is known to start; refuse a layer called again within one forward."""
+        ctx = _vllm_forward_context()
+        if ctx is not None and (self.forward_ref is None or self.forward_ref() is not ctx):
+            self.forward_ref = weakref.ref(ctx)
+            self.start_forward()
+        if self.path is not None and pos <= self.last_pos and pos != self.first:
+            raise RuntimeError(
+                f"sliced layer {self.layers[pos].module} was called after {self.layers[self.last_pos].module} in one "
+                "forward: a forward calls each sliced layer once, in model order, and agrees on its path at the first "
+                "one it calls (its start comes from the model's entry, a compiled graph's entry or vLLM's forward "
+                "context). A layer called several times, or inside an op the graph cannot see, must be read through "
+                "ascend_compile.fetch_layers"
+            )
+        self.last_pos = pos
 
     def mark_opaque(self, pos: int) -> None:
         """Layer ``pos`` is read inside an op the graph cannot see: from now on it is fetched whole where
@@ -201,6 +225,7 @@ class SliceState:
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], series: str, index: int) -> torch.Tensor:
         pos = self.position[(series, index)]
         tokens = x.numel() // x.shape[-1] if x.dim() else 1
+        self._check_forward(pos)
         if pos == self.first or self.path is None:
             self.begin_forward(tokens, w.device)
         layer = self.layers[pos]
@@ -254,6 +279,16 @@ class SliceState:
         work = self._collective(f"the gather of {self.layers[pos].module}'s slices",
                                 lambda: gather_slices(buf, w, self.pg, async_op=True))
         return work, buf
+
+
+def _vllm_forward_context():
+    """vLLM's forward context of the forward under way (one object per forward), or None outside vLLM."""
+    import sys
+
+    module = sys.modules.get("vllm.forward_context")
+    if module is None or not module.is_forward_context_available():
+        return None
+    return module.get_forward_context()
 
 
 class _Works:
