@@ -10,7 +10,7 @@ broadcasts it to the other ranks just in time, prefetched ``k`` layers ahead.
 
 from .config import CompileOptions, ConfigError, SharedWeightConfig
 from .runtime.comm import PeerError, RankMismatchError, ShardingError
-from .runtime.opaque import OpaqueReadError, fetch_layers
+from .runtime.opaque import ForeignBackendError, OpaqueReadError, fetch_layers
 from .runtime.sharding import ShardPlan, drain_prefetch, get_plan, invalidate_prefetch, parameter_storage_bytes, shard_model
 from .passes.verify import ScheduleError
 
@@ -25,6 +25,6 @@ def backend(gm, example_inputs, **kwargs):
 
 
 __all__ = [
-    "CompileOptions", "ConfigError", "OpaqueReadError", "PeerError", "RankMismatchError", "ScheduleError", "ShardPlan", "ShardingError",
+    "CompileOptions", "ConfigError", "ForeignBackendError", "OpaqueReadError", "PeerError", "RankMismatchError", "ScheduleError", "ShardPlan", "ShardingError",
     "SharedWeightConfig", "backend", "drain_prefetch", "fetch_layers", "get_plan", "invalidate_prefetch", "parameter_storage_bytes", "shard_model",
 ]

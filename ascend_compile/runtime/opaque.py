@@ -299,12 +299,51 @@ def _reader() -> str:
     return chain + (f" (custom op {op})" if op else "")
 
 
+class ForeignBackendError(ShardingError):
+    """A sharded model's shared layer was read by a graph a backend other than ``ascend_compile`` compiled."""
+
+
+_COMPILED_CODE = (os.sep + "_inductor" + os.sep, os.sep + os.path.join("_functorch", "_aot_autograd") + os.sep)
+
+
+def _foreign_compiler() -> Optional[str]:
+    """Where the read runs, when that is code a compiler made or runs (FX-generated code, Inductor's
+    output or its constant folding, AOTAutograd's runtime), outside any graph of ours: its file."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith("<eval_with_key") or any(part in name for part in _COMPILED_CODE):
+            return name
+        frame = frame.f_back
+    return None
+
+
 def check_read(key: tuple) -> None:
     """Before a read issues a collective: refuse it when a compiled graph of ours is running that
-    does not fetch this layer itself and no ``fetch_layers`` block fetched it (an opaque reader)."""
-    graphs = _graphs()
-    if not graphs or getattr(_local, "fetching", False):
+    does not fetch this layer itself and no ``fetch_layers`` block fetched it (an opaque reader),
+    and when a graph some other backend compiled reads it (see ``ForeignBackendError``)."""
+    if getattr(_local, "fetching", False):
         return
+    graphs = _graphs()
+    if not graphs:
+        where = _foreign_compiler()
+        if where is None:
+            return  # an eager forward
+        group_name, _, layer = key
+        error = ForeignBackendError(
+            f"shared layer {layer} (group {group_name!r}) was read by a graph that a backend other than "
+            f"ascend_compile compiled ({where}): such a backend may reorder the reads of shared layers, differently "
+            "on each rank and at each size (Inductor's reorder_for_peak_memory and reorder_for_locality do), or "
+            "read them at compile time (Inductor's freezing folds them into constants), and ranks whose broadcasts "
+            "do not pair hang. Compile a sharded model with backend=\"ascend_compile\" (options={\"lowering\": "
+            "\"inductor\"} for Inductor; without freezing), or run it eagerly."
+        )
+        from .comm import abort_group
+
+        abort_group(group_name, error)
+        raise error
     graph_id, visible = graphs[-1]
     if key in visible:
         return

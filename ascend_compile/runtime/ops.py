@@ -3,10 +3,11 @@
 ``ascend_compile::shared_weight(Tensor w, str series, int index, int owner, str group_name,
 int prefetch_step, int wrap_windows=0, int layers=0, int generation=0) -> Tensor`` stands for "the full value of layer ``index`` of ``series``,
 whose real storage lives on group rank ``owner``". Every read of a shared parameter goes
-through it, so the sharded model is one program for eager, any backend, and our compiler:
+through it, so the sharded model is one program for eager forwards and our compiler:
 
-- eagerly (and under any backend, to which the op is opaque) it is a synchronous broadcast
-  from the owner into a fresh buffer: correct, not overlapped;
+- eagerly it is a synchronous broadcast from the owner into a fresh buffer: correct, not
+  overlapped. Inside a graph another backend compiled, it refuses (``opaque.check_read``): such a
+  backend may reorder the reads (differently on each rank) or fold them at compile time;
 - our backend rewrites it into functional ``broadcast`` + ``wait_tensor`` and schedules them.
 
 A placeholder therefore never reaches a matmul: the only way to the weight is the op.

@@ -3,7 +3,7 @@
 Layer ``i`` of a series is owned by group rank ``i % K``. The owner keeps its real tensor;
 every other rank keeps a storage-less stand-in of the same shape and dtype (a 0-dim tensor
 expanded to the shape: one element of storage). Reads go through a parametrization whose
-forward is the ``shared_weight`` marker op, so eager, any backend and our compiler see the
+forward is the ``shared_weight`` marker op, so eager forwards and our compiler see the
 same program.
 """
 
@@ -207,7 +207,8 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     """Share the parameters of every series in ``config`` across the ranks of its group.
 
     Call after the weights are loaded, on every rank, with the same model and config.
-    Guarantees: the model's outputs are unchanged (eagerly and under any backend); on each
+    Guarantees: the model's outputs are unchanged (eagerly and under ``backend="ascend_compile"``;
+    other backends are refused at the first read, ``ForeignBackendError``); on each
     rank only the layers it owns keep storage; the plan is identical on every rank (checked).
     Shared parameters stop requiring grad: sharing is for inference.
     """
