@@ -427,3 +427,31 @@ def test_a_forward_that_skips_the_first_sliced_layer_agrees_on_its_own_path(comp
         assert [f["path"] for f in r[:3]] == ["decode", "prefill", "decode"]
         assert max(f["diff"] for f in r[:3]) <= 1e-5
         assert "was called after" in r[3] and "a forward calls each sliced layer once" in r[3], r[3]
+
+
+def _all_gather_case(rank, world):
+    """The prefill gathers as a device runs them (HCCL, NCCL: ``all_gather_into_tensor``), on gloo."""
+    import torch.distributed as dist
+
+    real = dist.all_gather_into_tensor
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    slices.BROADCAST_GATHER_BACKENDS, dist.all_gather_into_tensor = (), counted
+    try:
+        out = _forwards(rank, world, 8, TOKENS, False, True)
+    finally:
+        slices.BROADCAST_GATHER_BACKENDS, dist.all_gather_into_tensor = ("gloo",), real
+    out["all_gathers"] = len(calls)
+    return out
+
+
+def test_prefill_gathers_through_all_gather_as_on_a_device():
+    results = run_fresh(_all_gather_case, 2, timeout=240)
+    _check(results, 2, PATHS)
+    # two prefill forwards gather 8 layers each through all_gather_into_tensor (the decode path's input
+    # all-gathers of the output-cut q_b_proj count too: 4 layers in each of the 2 decode forwards)
+    assert results[0]["all_gathers"] == 2 * 8 + 2 * 4

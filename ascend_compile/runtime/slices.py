@@ -303,11 +303,16 @@ class _Works:
         return True
 
 
+# process-group backends on which a gather is one broadcast per rank instead of an all-gather
+BROADCAST_GATHER_BACKENDS = ("gloo",)
+
+
 def gather_slices(buf: torch.Tensor, w: torch.Tensor, pg, async_op: bool = False):
-    """Every rank's ``w`` stacked along dim 0 into ``buf``. An all-gather, except on gloo, whose
-    all-gather took 1.7x the time of one broadcast per rank on these CPU machines (8 MB, 2 ranks):
-    there each rank broadcasts its slice into its block of ``buf``."""
-    if dist.get_backend(pg) != "gloo":
+    """Every rank's ``w`` stacked along dim 0 into ``buf``. An all-gather (HCCL, NCCL), except on gloo,
+    whose all-gather took 1.7x the time of one broadcast per rank on these CPU machines (8 MB, 2
+    ranks): there each rank broadcasts its slice into its block of ``buf``
+    (``BROADCAST_GATHER_BACKENDS``)."""
+    if dist.get_backend(pg) not in BROADCAST_GATHER_BACKENDS:
         return dist.all_gather_into_tensor(buf, w, group=pg, async_op=async_op)
     rows, rank = w.shape[0], dist.get_rank(pg)
     buf[rank * rows:(rank + 1) * rows].copy_(w)
