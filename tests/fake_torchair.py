@@ -143,26 +143,103 @@ class StreamChecker(torch.fx.Interpreter):
                 clock[stream] = max(clock.get(stream, 0), count)
 
 
-class _Namespace:
-    pass
+class OptionValue:
+    """torchair's ``configs/_option_base.py`` OptionValue: a value checked against its allowed ones."""
+
+    def __init__(self, default, optional=None):
+        self.optional = optional
+        self.value = default
+
+    @property
+    def value(self):
+        return self._value
+
+    @value.setter
+    def value(self, v):
+        if self.optional is not None and v is not None and v not in self.optional:
+            raise ValueError(f"value {v!r} not in {self.optional}")
+        self._value = v
 
 
-class CompilerConfig:
+class CallableValue(OptionValue):
+    @OptionValue.value.setter
+    def value(self, v):
+        if v is not None and not callable(v):
+            raise ValueError(f"{v!r} is not callable")
+        self._value = v
+
+
+class NpuBaseConfig:
+    """torchair's NpuBaseConfig: after ``__init__`` the option names are fixed; setting another
+    raises ``ValueError`` ("... has no option ..."), setting an option sets its ``value``."""
+
+    def _fix(self):
+        fixed = [k for k, v in vars(self).items() if isinstance(v, (OptionValue, NpuBaseConfig))]
+        object.__setattr__(self, "_fixed_attrs", fixed)
+
+    def __setattr__(self, key, value):
+        if hasattr(self, "_fixed_attrs"):
+            if key not in self._fixed_attrs:
+                raise ValueError(f"{type(self).__name__} has no option {key}")
+            if isinstance(getattr(self, key), OptionValue):
+                getattr(self, key).value = value
+                return
+        object.__setattr__(self, key, value)
+
+
+def _config(name, **options):
+    cfg = type(name, (NpuBaseConfig,), {})()
+    for k, v in options.items():
+        setattr(cfg, k, v)
+    cfg._fix()
+    return cfg
+
+
+class CompilerConfig(NpuBaseConfig):
+    """The options of torchair's ``configs/compiler_config.py`` this project sets or reads (master, 2026-06)."""
+
     def __init__(self):
-        self.mode = "max-autotune"
-        self.debug = _Namespace()
-        self.debug.graph_dump = _Namespace()
-        self.debug.graph_dump.type = None
-        self.debug.graph_dump.path = None
-        self.debug.aclgraph = _Namespace()
-        self.debug.aclgraph.clone_input = True
-        self.experimental_config = _Namespace()
-        self.experimental_config.frozen_parameter = False
-        self.experimental_config.keep_inference_input_mutations = False
-        self.experimental_config.tiling_schedule_optimize = False
-        self.experimental_config.static_model_ops_lower_limit = None
-        self.post_grad_custom_pre_pass = None
-        self.post_grad_custom_post_pass = None
+        self.mode = OptionValue("max-autotune", ["max-autotune", "reduce-overhead", "npugraph_ex"])
+        self.debug = _config("_DebugConfig",
+                             graph_dump=_config("_Dump", type=OptionValue(None, ["txt", "pbtxt", "py"]),
+                                                path=OptionValue(None)),
+                             run_eagerly=OptionValue(False, [True, False]),
+                             aclgraph=_config("_AclGraphDebugConfig", clone_input=OptionValue(True, [True, False])))
+        self.experimental_config = _config(
+            "_ExperimentalConfig", frozen_parameter=OptionValue(False, [True, False]),
+            keep_inference_input_mutations=OptionValue(True, [True, False]),
+            tiling_schedule_optimize=OptionValue(False, [True, False]), static_model_ops_lower_limit=OptionValue(None))
+        self.post_grad_custom_pre_pass = CallableValue(None)
+        self.post_grad_custom_post_pass = CallableValue(None)
+        self._fix()
+
+
+class _Converters(dict):
+    """torchair's converter registry: aten, prims, c10d functional, air and npu ops convert (torchair
+    ships converters for them); any other op only where one was registered."""
+
+    NAMESPACES = ("aten", "prims", "_c10d_functional", "air", "npu")
+
+    def get(self, op, default=None):
+        if dict.__contains__(self, op):
+            return dict.__getitem__(self, op)
+        namespace = getattr(op, "namespace", None) or str(op).split(".")[0]
+        return (lambda *a, **k: None) if namespace in self.NAMESPACES else default
+
+    def __contains__(self, op):
+        return self.get(op) is not None
+
+
+class ConverterMissing(RuntimeError):
+    """What GE (``max-autotune``) refuses: an op with no converter."""
+
+
+def _check_converters(gm, registry) -> None:
+    import operator
+
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is not operator.getitem and n.target not in registry:
+            raise ConverterMissing(f"No converter registered for {n.target} (fake torchair, max-autotune)")
 
 
 def get_npu_backend(compiler_config=None):
@@ -172,8 +249,10 @@ def get_npu_backend(compiler_config=None):
     config = compiler_config or CompilerConfig()
 
     def fw_compiler(gm, example_inputs):
-        if config.post_grad_custom_post_pass is not None:
-            config.post_grad_custom_post_pass(gm, example_inputs, config)
+        if config.post_grad_custom_post_pass.value is not None:
+            config.post_grad_custom_post_pass.value(gm, example_inputs, config)
+        if config.mode.value == "max-autotune":  # a GE graph: every op needs a converter
+            _check_converters(gm, sys.modules["torchair._ge_concrete_graph.fx2ge_converter"]._CONVERTERS)
         RECORDED.append({"config": config, "graph": gm})
         return make_boxed_func(lambda *args: StreamChecker(gm).run(*args))
 
@@ -191,7 +270,7 @@ def install() -> types.ModuleType:
     air.CompilerConfig = CompilerConfig
     air.get_npu_backend = get_npu_backend
     converters = types.ModuleType("torchair._ge_concrete_graph.fx2ge_converter")
-    converters._CONVERTERS = {}
+    converters._CONVERTERS = _Converters()
 
     def register_fx_node_ge_converter(op):
         def register(fn):

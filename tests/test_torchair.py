@@ -25,11 +25,11 @@ def test_compiler_config_carries_the_options():
     try:
         cfg = lowering.compiler_config(air, {"mode": "reduce-overhead", "graph_dump_type": "pbtxt",
                                              "graph_dump_path": "/tmp/ge", "frozen_parameter": True})
-        assert cfg.mode == "reduce-overhead"
-        assert (cfg.debug.graph_dump.type, cfg.debug.graph_dump.path) == ("pbtxt", "/tmp/ge")
-        assert cfg.experimental_config.frozen_parameter is True
-        assert cfg.post_grad_custom_post_pass is None  # nothing to run without shared weights
-        assert lowering.compiler_config(air, {}).mode == "max-autotune"
+        assert cfg.mode.value == "reduce-overhead"  # torchair keeps options as OptionValues
+        assert (cfg.debug.graph_dump.type.value, cfg.debug.graph_dump.path.value) == ("pbtxt", "/tmp/ge")
+        assert cfg.experimental_config.frozen_parameter.value is True
+        assert cfg.post_grad_custom_post_pass.value is None  # nothing to run without shared weights
+        assert lowering.compiler_config(air, {}).mode.value == "max-autotune"
         with pytest.raises(ConfigError, match=r"unknown options\['torchair'\] key\(s\) \['frozen'\]"):
             lowering.compiler_config(air, {"frozen": True})
         with pytest.raises(ConfigError, match="must be one of \\['max-autotune', 'reduce-overhead'\\]"):
@@ -78,7 +78,7 @@ def _torchair_case(rank, world, k):
                 if n.target is torch.ops.air.scope_enter.default:
                     name += ":" + n.args[1][0]
                 ops.append(name)
-        return {"equal": torch.equal(out, ref), "ops": ops, "frozen": rec["config"].experimental_config.frozen_parameter}
+        return {"equal": torch.equal(out, ref), "ops": ops, "frozen": rec["config"].experimental_config.frozen_parameter.value}
     finally:
         fake_torchair.uninstall()
 
@@ -176,3 +176,109 @@ def test_the_fake_refuses_what_the_npu_would_get_wrong():
         assert "waited on no event recorded there after it" in said["record before the broadcast"]
         assert "waits on a tensor that no air.record of this graph run returned" in said["a token from elsewhere"]
         assert "scope_enter without scope_exit" in said["no scope_exit"]
+
+
+def test_the_fake_config_refuses_what_torchairs_config_refuses():
+    """torchair's CompilerConfig (NpuBaseConfig) refuses options it does not have and values outside an
+    option's choices; the fake does too, so a lowering that set an attribute torchair ignores fails here."""
+    air = fake_torchair.install()
+    try:
+        cfg = air.CompilerConfig()
+        with pytest.raises(ValueError, match="CompilerConfig has no option post_grad_pass"):
+            cfg.post_grad_pass = lambda *a: None
+        with pytest.raises(ValueError, match="has no option clone_inputs"):
+            cfg.debug.aclgraph.clone_inputs = False
+        with pytest.raises(ValueError, match="not in"):
+            cfg.mode = "fast"
+        with pytest.raises(ValueError, match="is not callable"):
+            cfg.post_grad_custom_post_pass = "not a function"
+    finally:
+        fake_torchair.uninstall()
+
+
+def test_a_torchair_without_the_pass_hook_is_refused():
+    """torchair before 7.3 (commit 25fbad12) has no post_grad_custom_post_pass: our passes could not run."""
+    air = fake_torchair.install()
+    try:
+        class OldConfig(fake_torchair.NpuBaseConfig):
+            def __init__(self):
+                self.mode = fake_torchair.OptionValue("max-autotune", ["max-autotune", "reduce-overhead"])
+                self._fix()
+
+        air.CompilerConfig = OldConfig
+        with pytest.raises(ConfigError, match="CompilerConfig has no post_grad_custom_post_pass: ascend_compile's passes"):
+            lowering.compiler_config(air, {}, pipeline=lambda gm: gm)
+        assert lowering.compiler_config(air, {}).mode.value == "max-autotune"  # nothing to register: fine
+    finally:
+        fake_torchair.uninstall()
+
+
+def test_passes_torchair_never_ran_are_an_error():
+    class Pipeline:
+        runs = 0
+
+    pipeline = Pipeline()
+    checked = lowering._PassesChecked(lambda x: x + 1, pipeline)
+    with pytest.raises(ConfigError, match="took post_grad_custom_post_pass but never called it"):
+        checked(1)
+    pipeline.runs = 1
+    assert checked(1) == 2 and checked(2) == 3
+
+
+@torch.library.custom_op("ascend_compile_test::attention", mutates_args=())
+def _attention(x: torch.Tensor) -> torch.Tensor:
+    """A Python custom op with no GE converter, as vLLM-Ascend 0.23's attention ops are."""
+    return torch.tanh(x)
+
+
+@_attention.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class _WithAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stack = build_stack(StackShape(layers=2))
+
+    def forward(self, x):
+        return self.stack(torch.ops.ascend_compile_test.attention(x))
+
+
+def _converter_case(rank, world, mode):
+    fake_torchair.install()
+    try:
+        torch._dynamo.reset()
+        ref, model = _WithAttention(), _WithAttention()
+        ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1, wrap_around=False))
+        x = make_input(StackShape(layers=2))
+        try:
+            out = torch.compile(model, backend="ascend_compile", options={"lowering": "torchair",
+                                                                           "torchair": {"mode": mode}})(x)
+        except Exception as e:  # noqa: BLE001 - the message is checked
+            return str(e)
+        return torch.equal(out, ref(x))
+    finally:
+        fake_torchair.uninstall()
+
+
+def test_ge_mode_names_the_op_without_a_converter_and_capture_mode_runs_it():
+    for said in run_ranks(_converter_case, 2, "max-autotune"):
+        assert "needs a converter for every op, and this torchair has none for ['ascend_compile_test.attention.default']" \
+            in said, said
+        assert "options={'torchair': {'mode': 'reduce-overhead'}}" in said
+    assert run_ranks(_converter_case, 2, "reduce-overhead") == [True, True]
+
+
+def test_the_fake_ge_refuses_an_op_without_a_converter():
+    air = fake_torchair.install()
+    try:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=r"No converter registered for ascend_compile_test.attention.default"):
+            torch.compile(_WithAttention(), backend=air.get_npu_backend())(make_input(StackShape(layers=2)))
+        torch._dynamo.reset()
+        config = air.CompilerConfig()
+        config.mode = "reduce-overhead"  # captured, not converted: runs
+        torch.compile(_WithAttention(), backend=air.get_npu_backend(compiler_config=config))(make_input(StackShape(layers=2)))
+    finally:
+        fake_torchair.uninstall()

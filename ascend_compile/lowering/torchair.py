@@ -79,22 +79,79 @@ def compiler_config(torchair, settings: dict, pipeline=None):
             target = getattr(target, part)
         setattr(target, leaf, value)
     if pipeline is not None:
-        user_pass = getattr(config, "post_grad_custom_post_pass", None)
+        if not hasattr(config, "post_grad_custom_post_pass"):
+            raise ConfigError(_NO_PASS_HOOK.format(what="has no post_grad_custom_post_pass"))
+        user_pass = config.post_grad_custom_post_pass
+        user_pass = getattr(user_pass, "value", user_pass)  # torchair keeps options as OptionValues
 
         def ascend_compile_pass(gm, example_inputs, cfg):
             if user_pass is not None:
                 user_pass(gm, example_inputs, cfg)
             pipeline(gm)
+            if mode == "max-autotune":
+                check_converters(gm)
 
-        config.post_grad_custom_post_pass = ascend_compile_pass
+        try:
+            config.post_grad_custom_post_pass = ascend_compile_pass
+        except Exception as e:  # noqa: BLE001 - a config that refuses the hook
+            raise ConfigError(_NO_PASS_HOOK.format(what=f"refused post_grad_custom_post_pass ({e})")) from e
     return config
+
+
+def check_converters(gm) -> None:
+    """GE (``max-autotune``) converts every op of the graph or fails: name the ops without a converter in
+    this torchair (vLLM-Ascend's attention ops are Python custom ops with none) before GE does."""
+    import operator
+
+    try:
+        from torchair._ge_concrete_graph import fx2ge_converter
+    except ImportError:
+        return  # no registry to read: GE's own error
+    registry = getattr(fx2ge_converter, "_CONVERTERS", None)
+    if registry is None:
+        return
+    missing = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_function"
+                      and n.target is not operator.getitem and registry.get(n.target) is None})
+    if missing:
+        raise ConfigError(
+            f"torchair's GE graph mode (max-autotune) needs a converter for every op, and this torchair has none for "
+            f"{missing}: compile with options={{'torchair': {{'mode': 'reduce-overhead'}}}} (ACL graph capture, which "
+            "runs the ops as they are), or register GE converters for them."
+        )
+
+
+_NO_PASS_HOOK = (
+    "this torchair's CompilerConfig {what}: ascend_compile's passes (broadcast rewrite, prefetch schedule, "
+    "stream order) run inside torchair through that hook, and without them every shared weight would be fetched "
+    "by a synchronous broadcast at its use. Use a torchair whose CompilerConfig has post_grad_custom_post_pass "
+    "(it comes with torch_npu), or lower with options={{'lowering': 'aot_eager'}}."
+)
 
 
 def compile(gm, example_inputs, pipeline, options):
     torchair = import_torchair()
     register_converters(torchair)
     backend = torchair.get_npu_backend(compiler_config=compiler_config(torchair, options.torchair, pipeline))
-    return backend(gm, example_inputs)
+    compiled = backend(gm, example_inputs)
+    if pipeline is None or pipeline.runs:
+        return compiled
+    return _PassesChecked(compiled, pipeline)  # torchair compiles at the first call: check after it
+
+
+class _PassesChecked:
+    """A torchair graph compiled at its first call: after that call, our passes must have run in it.
+    Every rank has the same torchair, so every rank raises at the same call."""
+
+    def __init__(self, compiled, pipeline):
+        self.compiled, self.pipeline, self.checked = compiled, pipeline, False
+
+    def __call__(self, *args):
+        out = self.compiled(*args)
+        if not self.checked:
+            if not self.pipeline.runs:
+                raise ConfigError(_NO_PASS_HOOK.format(what="took post_grad_custom_post_pass but never called it"))
+            self.checked = True
+        return out
 
 
 def register_converters(torchair) -> None:

@@ -40,8 +40,10 @@ class PassPipeline:
     ordering_edges: Optional[list] = None  # [(before, after)] node names pin_order asked for
     ordering_report: Optional[dict] = None  # what of them reached the lowering's scheduler
     layer_nodes: dict = dataclasses.field(default_factory=dict)  # node name -> "series[index]" it issues/waits
+    runs: int = 0  # graphs it ran on (a lowering checks that its compiler called it)
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        self.runs += 1
         for i, (name, fn) in enumerate(self.passes, start=1):
             if self.observer:
                 self.observer(i, name, "before", gm)
