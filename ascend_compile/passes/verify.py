@@ -1,6 +1,6 @@
 """Check the scheduling invariants on a final graph; raise naming the node and the layer.
 
-Invariants, per series with prefetch step ``k`` (README, "How it works"):
+Invariants, per series with prefetch step ``k`` (docs/how_it_works.md):
 
 1. no ``shared_weight`` marker is left (a stand-in must never reach a matmul);
 2. every broadcast has exactly one wait, after it, and every wait reads a broadcast;
