@@ -185,7 +185,7 @@ def worker(args) -> int:
     if args.config.endswith("-nofetch"):
         from ascend_compile.integrations.vllm import patches
 
-        patches.fetch_in_attention_readers = lambda model: []
+        patches.fetch_in_attention_readers = lambda model, dump_dir=None: []
     path = os.path.join(args.dir, "deepseek_v2_4")
     if rank == 0 and not os.path.exists(os.path.join(path, "config.json")):
         vllm_generate.write_checkpoint("deepseek_v2", path, 4)
