@@ -103,12 +103,14 @@ def register(model: Model) -> None:
 
 # Each rank's batches: (tokens, decode tokens) or None (an idle rank's dummy forward): a mixed batch
 # calls q_b_proj twice, a decode-only batch once, a dummy batch not at all.
+# Each rank keeps its token count (5 and 3: one compile per rank), as vLLM pads a rank's batch
 BATCHES = [
     [(5, 2), (3, 3)],  # rank 0 mixed, rank 1 decode only
-    [(3, 3), None],  # rank 1 idle
-    [None, (4, 0)],  # rank 0 idle, rank 1 prefill only
+    [(5, 5), None],  # rank 1 idle
+    [None, (3, 0)],  # rank 0 idle, rank 1 prefill only
     [None, None],  # profile run
 ]
+TOKENS = (5, 3)
 
 
 def _opaque_forwards(rank, world, layout, compiled, scoped):
@@ -125,16 +127,17 @@ def _opaque_forwards(rank, world, layout, compiled, scoped):
     out = []
     for batches in BATCHES:
         batch = batches[rank]
-        tokens = batch[0] if batch else 1
-        x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens + 10 * rank))
+        tokens = TOKENS[rank]
+        assert batch is None or batch[0] == tokens
+        x = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(len(out) + 10 * rank))
         CONTEXT["meta"] = None if batch is None else {"num_decode_tokens": batch[1]}
-        CONTEXT["layers"].clear()
-        register(ref)
-        want = want_of(x)
         CONTEXT["layers"].clear()
         register(model)
         with torch.device("meta"):  # anything that does not take the model's device shows up
-            got = run(x)
+            got = run(x)  # (without fetch_layers it raises here, before the reference compiles)
+        CONTEXT["layers"].clear()
+        register(ref)
+        want = want_of(x)
         out.append({"bitwise": torch.equal(got, want), "max_diff": (got - want).abs().max().item(),
                     "device": str(got.device), "calls": model.layers[0].impl.calls[-1]})
     return {"forwards": out, "saved": plan.saved_bytes()}
