@@ -467,3 +467,47 @@ def test_prefill_gathers_through_all_gather_as_on_a_device():
     # two prefill forwards gather 8 layers each through all_gather_into_tensor (the decode path's input
     # all-gathers of the output-cut q_b_proj count too: 4 layers in each of the 2 decode forwards)
     assert results[0]["all_gathers"] == 2 * 8 + 2 * 4
+
+
+class _ForwardContext:  # vLLM's ForwardContext (a dataclass): one object per forward
+    def __init__(self, dp_metadata):
+        self.dp_metadata = dp_metadata
+
+
+def _vllm_count_case(rank, world):
+    """Under vLLM with data parallelism a MoE model's forward context carries every DP rank's token count
+    (``dp_metadata.num_tokens_across_dp_cpu``): the sliced forward takes its path from it, with no
+    collective and no host sync of its own."""
+    import sys
+    import types
+
+    counts = torch.tensor([3, 40])
+    fake = types.ModuleType("vllm.forward_context")
+    ctx = {"now": None}
+    fake.is_forward_context_available = lambda: ctx["now"] is not None
+    fake.get_forward_context = lambda: ctx["now"]
+    sys.modules["vllm.forward_context"] = fake
+    try:
+        torch._dynamo.reset()
+        shape = StackShape(layers=2)
+        ref, model = build_stack(shape), build_stack(shape)
+        plan = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=8))
+        state = slices.state_of(plan.group_name, plan.generation)
+        out = []
+        for across in (counts, torch.tensor([3, 5])):
+            ctx["now"] = _ForwardContext(types.SimpleNamespace(num_tokens_across_dp_cpu=across))  # one per forward
+            x = make_input(shape, tokens=int(across[rank]), seed=rank)
+            state.issued.clear()
+            got = model(x)
+            out.append({"issued": state.issued[0], "path": state.path,
+                        "close": bool(((got - ref(x)).abs().max() <= 1e-5 * ref(x).abs().max()).item())})
+        return out
+    finally:
+        sys.modules.pop("vllm.forward_context", None)
+
+
+def test_under_vllm_a_sliced_forward_takes_the_token_count_vllm_agreed():
+    for r in run_fresh(_vllm_count_case, 2, timeout=120):
+        assert [f["issued"] for f in r] == ["agree (vLLM's num_tokens_across_dp) -> 40 tokens, prefill",
+                                           "agree (vLLM's num_tokens_across_dp) -> 5 tokens, decode"]
+        assert all(f["close"] for f in r)

@@ -200,13 +200,17 @@ class SliceState:
     def begin_forward(self, tokens: int, device: torch.device) -> None:
         """At the first sliced layer of a forward: agree on the largest token count, pick the path."""
         self.drop_in_flight()
-        count = torch.tensor([tokens], dtype=torch.int64, device=device)
-        self._collective("the token-count agreement of a sliced forward",
-                         lambda: dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.pg))
-        self.tokens = int(count.item())
+        agreed = _vllm_tokens_across_dp()
+        if agreed is not None and agreed >= tokens:  # vLLM's DP padding agreed already: no collective, no sync
+            self.tokens, source = agreed, " (vLLM's num_tokens_across_dp)"
+        else:
+            count = torch.tensor([tokens], dtype=torch.int64, device=device)
+            self._collective("the token-count agreement of a sliced forward",
+                             lambda: dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.pg))
+            self.tokens, source = int(count.item()), ""
         self.path = "decode" if self.tokens <= self.decode_tokens else "prefill"
         self.forwards[self.path] += 1
-        self.issued.append(f"agree -> {self.tokens} tokens, {self.path}")
+        self.issued.append(f"agree{source} -> {self.tokens} tokens, {self.path}")
         if self.forwards[self.path] == 1:
             log.info("ascend_compile: rank %d of group %s: first sliced forward on the %s path: %d tokens (the most of "
                      "any rank), %s decode_tokens=%d", dist.get_rank(self.pg), self.group_name, self.path, self.tokens,
@@ -289,6 +293,16 @@ def _vllm_forward_context():
     if module is None or not module.is_forward_context_available():
         return None
     return module.get_forward_context()
+
+
+def _vllm_tokens_across_dp():
+    """The largest token count of any data-parallel rank in the forward under way, as vLLM agreed it
+    (``forward_context.dp_metadata.num_tokens_across_dp_cpu``; vLLM 0.23 makes it for MoE models with
+    data parallelism, the same on every rank), or None. The sharing group is the DP group or a part of
+    it (tensor parallelism is refused for slices), so the largest count over DP bounds every peer's."""
+    ctx = _vllm_forward_context()
+    across = getattr(getattr(ctx, "dp_metadata", None), "num_tokens_across_dp_cpu", None)
+    return int(across.max()) if across is not None and across.numel() else None
 
 
 class _Works:
