@@ -203,25 +203,15 @@ class OpaqueReaders:
                 "order in every forward, on every rank"
             )
         self.last = pos
-        fetched: dict = {}
-        for key, pending in sorted(self.in_flight.pop(pos, {}).items()):
-            fetched[key] = pending.wait()
-        _local.fetching = True
-        try:
-            for layer in layers:
-                for key, read in _shared_reads(layer):
-                    if key not in fetched:
-                        fetched[key] = read()
+        waited = {key: pending.wait() for key, pending in sorted(self.in_flight.pop(pos, {}).items())}
+
+        def issue_ahead() -> None:  # after this op's own fetches: the same order on every rank
             for ahead in range(pos + 1, min(pos + self.prefetch_step, len(self.readers) - 1) + 1):
                 if ahead not in self.in_flight:
                     self.in_flight[ahead] = {k: v for m in self.readers[ahead][1] for k, v in _issue_reads(m).items()}
-        finally:
-            _local.fetching = False
-        _scopes().append(fetched)
-        try:
+
+        with _in_scope(_fetch(layers, waited, then=issue_ahead)):
             yield
-        finally:
-            _scopes().pop()
 
     def _drain(self) -> None:
         for pos in sorted(self.in_flight):
@@ -248,15 +238,30 @@ def fetch_layers(*layers: nn.Module):
     of every forward with the same layers in the same order (e.g. the first line of a custom op's
     body, before its batch is split): each entry issues one collective per shared parameter.
     Layers that are not shared are ignored. The fetched weights are freed at the block's end."""
-    fetched: dict = {}
+    with _in_scope(_fetch(layers)):
+        yield
+
+
+def _fetch(layers, fetched: Optional[dict] = None, then=None) -> dict:
+    """``{key: whole weight}`` of ``layers``' shared parameters: those in ``fetched`` as they are, the
+    others fetched now, in the layers' order; then ``then()`` (its collectives come after them)."""
+    fetched = dict(fetched or {})
     _local.fetching = True
     try:
         for layer in layers:
             for key, read in _shared_reads(layer):
                 if key not in fetched:
                     fetched[key] = read()
+        if then is not None:
+            then()
     finally:
         _local.fetching = False
+    return fetched
+
+
+@contextlib.contextmanager
+def _in_scope(fetched: dict):
+    """Reads of ``fetched``'s layers inside the block use those weights (``lookup``)."""
     _scopes().append(fetched)
     try:
         yield
