@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the test suite in the environments scripts/install.sh built:
+# Run the test suite in the environments scripts/install.sh built (each run prints its 25 slowest tests):
 #
 #   1. the core suite (everything but tests/test_vllm*.py) on torch 2.10.0, in .venv;
 #   2. the vLLM tests (tests/test_vllm*.py) on torch 2.11.0 + vLLM 0.23.0 (CPU build), in .venv-vllm.
@@ -21,7 +21,7 @@ run() {  # $1 what, $2 venv, $3 the phase's own pytest arguments (one word), the
     shift 3
     echo "== $what: $("$venv/bin/python" -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")') ($venv)"
     # shellcheck disable=SC2086  # $own: a glob or an option, expanded here
-    "$venv/bin/python" -m pytest $own "$@" || rc=$?
+    "$venv/bin/python" -m pytest --durations=25 $own "$@" || rc=$?
     echo "== $what: $((SECONDS - start)) s (pytest exit $rc)"
     # shellcheck disable=SC2086
     if [ "$rc" -eq 5 ] && [ $# -gt 0 ] && "$venv/bin/python" -m pytest -q --collect-only $own >/dev/null; then
