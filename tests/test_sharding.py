@@ -111,23 +111,7 @@ def test_world_size_one_is_refused():
     assert "world size 1: there is no other rank to share weights with" in msg
 
 
-def _other_backend_case(rank, world, backend):
-    torch._dynamo.reset()
-    shape = StackShape(layers=4)
-    x = make_input(shape)
-    ref_model = build_stack(shape)
-    ref = torch.compile(ref_model, backend=backend)(x)
-    model = build_stack(shape)
-    ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES))
-    out = torch.compile(model, backend=backend, fullgraph=True)(x)
-    return torch.equal(out, ref), float((out - ref).abs().max())
-
-
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_other_backends_stay_correct(backend):
-    # the marker is opaque to them: it runs its eager broadcast, never the stand-in
-    for equal, diff in run_ranks(_other_backend_case, 2, backend):
-        assert equal, f"{backend}: max |diff| {diff}"
+# Other backends (plain Inductor, aot_eager) are refused: tests/test_stock_backends.py
 
 
 def _default_device_case(rank, world, step):

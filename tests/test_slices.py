@@ -106,7 +106,10 @@ def _graph_case(rank, world):
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=fw)
 
-    torch.compile(model, backend=backend, fullgraph=True)(make_input(shape, tokens=2))
+    try:  # a backend of someone else's: its graphs are what this test reads; running one is refused
+        torch.compile(model, backend=backend, fullgraph=True)(make_input(shape, tokens=2))
+    except Exception as e:  # noqa: BLE001
+        seen["refused"] = f"{type(e).__name__}: {e}"
     return seen
 
 
@@ -116,6 +119,7 @@ def test_graph_holds_the_sliced_layers_in_order_with_effect_tokens():
     assert seen["dynamo"] == order
     assert seen["aot"] == order  # after AOTAutograd: every call threaded by the ordered effect's token
     assert seen["effects"] == 6
+    assert "ForeignBackendError" in seen["refused"], seen["refused"]  # run by a backend not ours: refused
 
 
 def _auto_case(rank, world):
@@ -395,20 +399,17 @@ def test_a_measurement_failing_on_one_rank_fails_every_rank():
 
 
 class _Skipping(nn.Module):
-    """Sliced layers a forward may skip: ``forward(x, start)`` runs layers ``start..``; ``twice`` calls one
-    layer twice."""
+    """Sliced layers a forward may skip: ``forward(x, start)`` runs layers ``start..``."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.layers = nn.ModuleList(nn.ModuleDict({"o_proj": nn.Linear(64, 64, bias=False)}) for _ in range(3))
 
-    def forward(self, x, start: int = 0, twice: bool = False):
+    def forward(self, x, start: int = 0):
         for i, layer in enumerate(self.layers):
             if i >= start:
                 x = torch.tanh(layer["o_proj"](x))
-                if twice and i == 1:
-                    x = layer["o_proj"](x)
         return x
 
 
@@ -425,20 +426,14 @@ def _skipping_case(rank, world, compiled):
         x = torch.randn(tokens, 64, generator=torch.Generator().manual_seed(tokens))
         got = run(x, start)
         out.append({"path": state.path, "diff": (got - ref(x, start)).abs().max().item()})
-    try:
-        run(torch.randn(2, 64), 0, True)
-        out.append(None)
-    except Exception as e:  # noqa: BLE001 - the message is checked
-        out.append(f"{type(e).__name__}: {e}")
     return out
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_a_forward_that_skips_the_first_sliced_layer_agrees_on_its_own_path(compiled):
     for r in run_fresh(_skipping_case, 2, compiled, timeout=240, allow_dead=False):
-        assert [f["path"] for f in r[:3]] == ["decode", "prefill", "decode"]
-        assert max(f["diff"] for f in r[:3]) <= 1e-5
-        assert "was called after" in r[3] and "a forward calls each sliced layer once" in r[3], r[3]
+        assert [f["path"] for f in r] == ["decode", "prefill", "decode"]
+        assert max(f["diff"] for f in r) <= 1e-5
 
 
 def _all_gather_case(rank, world):

@@ -136,7 +136,6 @@ class SliceState:
         self.prefetch_step = prefetch_step
         self.decode_tokens = decode_tokens
         self.path: Optional[str] = None  # of the forward under way
-        self.last_pos = -1  # the layer the forward under way called last
         self.forward_ref = None  # weakref to vLLM's forward context of the forward under way
         self.tokens = 0  # agreed (largest) token count of the forward under way
         self.in_flight: dict = {}  # position -> (work, buffer)
@@ -168,23 +167,14 @@ class SliceState:
     def start_forward(self) -> None:
         """A forward starts (the model's entry, a compiled graph's entry, a new vLLM forward context): its
         path is agreed at the first sliced layer it calls, whichever that is."""
-        self.path, self.last_pos = None, -1
+        self.path = None
 
-    def _check_forward(self, pos: int) -> None:
-        """Start a forward where one is known to start; refuse a layer called again within one forward."""
+    def _check_forward(self) -> None:
+        """Start a forward where vLLM says one starts (a new forward context)."""
         ctx = _vllm_forward_context()
         if ctx is not None and (self.forward_ref is None or self.forward_ref() is not ctx):
             self.forward_ref = weakref.ref(ctx)
             self.start_forward()
-        if self.path is not None and pos <= self.last_pos and pos != self.first:
-            raise RuntimeError(
-                f"sliced layer {self.layers[pos].module} was called after {self.layers[self.last_pos].module} in one "
-                "forward: a forward calls each sliced layer once, in model order, and agrees on its path at the first "
-                "one it calls (its start comes from the model's entry, a compiled graph's entry or vLLM's forward "
-                "context). A layer called several times, or inside an op the graph cannot see, must be read through "
-                "ascend_compile.fetch_layers"
-            )
-        self.last_pos = pos
 
     def mark_opaque(self, pos: int) -> None:
         """Layer ``pos`` is read inside an op the graph cannot see: from now on it is fetched whole where
@@ -229,7 +219,7 @@ class SliceState:
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], series: str, index: int) -> torch.Tensor:
         pos = self.position[(series, index)]
         tokens = x.numel() // x.shape[-1] if x.dim() else 1
-        self._check_forward(pos)
+        self._check_forward()
         if pos == self.first or self.path is None:
             self.begin_forward(tokens, w.device)
         layer = self.layers[pos]
