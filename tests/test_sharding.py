@@ -111,7 +111,7 @@ def test_world_size_one_is_refused():
     assert "world size 1: there is no other rank to share weights with" in msg
 
 
-# Other backends (plain Inductor, aot_eager) are refused: tests/test_stock_backends.py
+# Other backends: plain Inductor is refused, eager and aot_eager stay correct (tests/test_stock_backends.py)
 
 
 def _default_device_case(rank, world, step):

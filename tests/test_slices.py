@@ -106,10 +106,7 @@ def _graph_case(rank, world):
 
         return aot_module_simplified(gm, example_inputs, fw_compiler=fw)
 
-    try:  # a backend of someone else's: its graphs are what this test reads; running one is refused
-        torch.compile(model, backend=backend, fullgraph=True)(make_input(shape, tokens=2))
-    except Exception as e:  # noqa: BLE001
-        seen["refused"] = f"{type(e).__name__}: {e}"
+    torch.compile(model, backend=backend, fullgraph=True)(make_input(shape, tokens=2))
     return seen
 
 
@@ -119,7 +116,6 @@ def test_graph_holds_the_sliced_layers_in_order_with_effect_tokens():
     assert seen["dynamo"] == order
     assert seen["aot"] == order  # after AOTAutograd: every call threaded by the ordered effect's token
     assert seen["effects"] == 6
-    assert "ForeignBackendError" in seen["refused"], seen["refused"]  # run by a backend not ours: refused
 
 
 def _auto_case(rank, world):

@@ -305,22 +305,23 @@ def _reader() -> str:
 
 
 class ForeignBackendError(ShardingError):
-    """A sharded model's shared layer was read by a graph a backend other than ``ascend_compile`` compiled."""
+    """A sharded model's shared layer was read by a graph Inductor compiled as a backend of its own."""
 
 
-_COMPILED_CODE = (os.sep + "_inductor" + os.sep, os.sep + os.path.join("_functorch", "_aot_autograd") + os.sep)
+# Inductor's runtime (output_code.py) and its compile-time folding (freezing, constant_folding): on the
+# stack of a read inside a graph Inductor compiled, or folds. Backends that run the traced graph as it
+# is (eager, aot_eager, torch._dynamo.explain) keep program order and stay correct.
+_REORDERING_COMPILER = os.sep + "_inductor" + os.sep
 
 
 def _foreign_compiler() -> Optional[str]:
-    """Where the read runs, when that is code a compiler made or runs (FX-generated code, Inductor's
-    output or its constant folding, AOTAutograd's runtime), outside any graph of ours: its file."""
+    """Where the read runs, when that is inside Inductor (outside any graph of ours): its file."""
     import sys
 
     frame = sys._getframe(2)
     while frame is not None:
-        name = frame.f_code.co_filename
-        if name.startswith("<eval_with_key") or any(part in name for part in _COMPILED_CODE):
-            return name
+        if _REORDERING_COMPILER in frame.f_code.co_filename:
+            return frame.f_code.co_filename
         frame = frame.f_back
     return None
 
@@ -328,7 +329,7 @@ def _foreign_compiler() -> Optional[str]:
 def check_read(key: tuple) -> None:
     """Before a read issues a collective: refuse it when a compiled graph of ours is running that
     does not fetch this layer itself and no ``fetch_layers`` block fetched it (an opaque reader),
-    and when a graph some other backend compiled reads it (see ``ForeignBackendError``)."""
+    and when a graph Inductor compiled as a backend of its own reads it (``ForeignBackendError``)."""
     if getattr(_local, "fetching", False):
         return
     graphs = _graphs()
@@ -338,12 +339,12 @@ def check_read(key: tuple) -> None:
             return  # an eager forward
         group_name, _, layer = key
         error = ForeignBackendError(
-            f"shared layer {layer} (group {group_name!r}) was read by a graph that a backend other than "
-            f"ascend_compile compiled ({where}): such a backend may reorder the reads of shared layers, differently "
-            "on each rank and at each size (Inductor's reorder_for_peak_memory and reorder_for_locality do), or "
-            "read them at compile time (Inductor's freezing folds them into constants), and ranks whose broadcasts "
-            "do not pair hang. Compile a sharded model with backend=\"ascend_compile\" (options={\"lowering\": "
-            "\"inductor\"} for Inductor; without freezing), or run it eagerly."
+            f"shared layer {layer} (group {group_name!r}) was read inside a graph that Inductor compiled as a "
+            f"backend of its own ({where}): Inductor reorders the reads of shared layers (reorder_for_peak_memory, "
+            "reorder_for_locality), differently on each rank and at each size, and with freezing reads them at "
+            "compile time, folding them into constants; ranks whose broadcasts do not pair hang. Compile a sharded "
+            "model with backend=\"ascend_compile\" (options={\"lowering\": \"inductor\"} for Inductor; without "
+            "freezing), or run it eagerly."
         )
         from .comm import abort_group
 

@@ -6,8 +6,8 @@ whose real storage lives on group rank ``owner``". Every read of a shared parame
 through it, so the sharded model is one program for eager forwards and our compiler:
 
 - eagerly it is a synchronous broadcast from the owner into a fresh buffer: correct, not
-  overlapped. Inside a graph another backend compiled, it refuses (``opaque.check_read``): such a
-  backend may reorder the reads (differently on each rank) or fold them at compile time;
+  overlapped. Inside a graph plain Inductor compiled, it refuses (``opaque.check_read``): Inductor
+  reorders the reads (differently on each rank) and with freezing folds them at compile time;
 - our backend rewrites it into functional ``broadcast`` + ``wait_tensor`` and schedules them.
 
 A placeholder therefore never reaches a matmul: the only way to the weight is the op.

@@ -208,7 +208,7 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
 
     Call after the weights are loaded, on every rank, with the same model and config.
     Guarantees: the model's outputs are unchanged (eagerly and under ``backend="ascend_compile"``;
-    other backends are refused at the first read, ``ForeignBackendError``); on each
+    plain Inductor is refused at the first read, ``ForeignBackendError``); on each
     rank only the layers it owns keep storage; the plan is identical on every rank (checked).
     Shared parameters stop requiring grad: sharing is for inference.
     """
