@@ -145,7 +145,7 @@ class SlicedOrderGuard:
         order = [f"{series}[{index}] (sliced)" for series, index, _, _ in layers]
         token = comm.shard_state(self.group_name, generation).get("token", "")
         self.graph_id = graph_id
-        self.visible = frozenset(opaque.weight_key(g, gen, f"{series}.weight[{index}]") for series, index, g, gen in layers)
+        self.visible = frozenset(opaque.sliced_key(*layer) for layer in layers)
         self.state = slices.state_of(self.group_name, generation)
         self.check = OrderCheck(
             comm.order_key(self.group_name, generation, sorted(order), ("slices",), token),

@@ -18,22 +18,18 @@ import time
 import torch
 import torch.distributed as dist
 
+from .timing import synchronize
+
 def measure_flops_per_s(shape: tuple, repeats: int = 5, dtype=torch.float32, device="cpu") -> float:
     m, k, n = (max(int(x), 1) for x in shape)
     a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
     torch.mm(a, b)
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
-    _sync(device)
-    return 2 * m * k * n * repeats / max(time.perf_counter() - start, 1e-9)
-
-
-def _sync(device) -> None:
-    from .timing import synchronize
-
     synchronize(device)
+    return 2 * m * k * n * repeats / max(time.perf_counter() - start, 1e-9)
 
 
 def measure_link(pg, nbytes: int, repeats: int = 5, device="cpu") -> tuple:
@@ -45,10 +41,10 @@ def measure_link(pg, nbytes: int, repeats: int = 5, device="cpu") -> tuple:
         times = []
         for _ in range(repeats):
             dist.barrier(group=pg)
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             dist.broadcast(buf, group_src=0, group=pg)
-            _sync(device)
+            synchronize(device)
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 

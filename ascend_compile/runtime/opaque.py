@@ -61,16 +61,50 @@ def lookup(key: tuple) -> Optional[torch.Tensor]:
     return None
 
 
-def _shared_reads(module: nn.Module) -> list:
-    """``[(key, read)]`` of a shared layer: ``read()`` fetches that parameter's whole value once."""
-    from .slices import state_of
+def sliced_key(series: str, index: int, group_name: str, generation: int) -> tuple:
+    """``weight_key`` of a sliced layer's weight (``series`` is the layer series, e.g. ``"o_proj"``)."""
+    return weight_key(group_name, generation, f"{series}.weight[{index}]")
 
-    reads = []
+
+def _shared_params(module) -> list:
+    """``[(key, sliced layer's position or None, SharedWeight parametrization or None, its chain)]``:
+    what of ``module`` is shared, in either layout (``[]`` for anything else)."""
+    if not isinstance(module, nn.Module):
+        return []
     sliced = getattr(module, "_ascend_compile_slice", None)
     if sliced is not None:
+        from .slices import state_of
+
         series, index, group_name, generation, _ = sliced
-        state = state_of(group_name, generation)
-        pos = state.position[(series, index)]
+        pos = state_of(group_name, generation).position[(series, index)]
+        return [(sliced_key(series, index, group_name, generation), pos, None, None)]
+    from .sharding import SharedWeight
+
+    return [(weight_key(p.group_name, p.generation, f"{p.series}[{p.index}]"), None, p, (pname, chain))
+            for pname, chain in getattr(module, "parametrizations", {}).items() for p in chain
+            if isinstance(p, SharedWeight)]
+
+
+def is_shared_layer(module) -> bool:
+    """Whether ``module`` holds a shared parameter (either layout)."""
+    return bool(_shared_params(module))
+
+
+def _slice_state(module):
+    from .slices import state_of
+
+    _, _, group_name, generation, _ = module._ascend_compile_slice
+    return state_of(group_name, generation)
+
+
+def _shared_reads(module: nn.Module) -> list:
+    """``[(key, read)]`` of a shared layer: ``read()`` fetches that parameter's whole value once."""
+    reads = []
+    for key, pos, _, param in _shared_params(module):
+        if pos is None:
+            reads.append((key, lambda pname=param[0]: getattr(module, pname)))
+            continue
+        state = _slice_state(module)
         if not state.gathers(pos):
             raise ConfigError(
                 f"{state.layers[pos].module} is read inside an op the compiled graph cannot see, where a layer computing "
@@ -79,32 +113,8 @@ def _shared_reads(module: nn.Module) -> list:
                 "SharedWeightConfig(layout='layers') for its series"
             )
         state.mark_opaque(pos)
-        reads.append((weight_key(group_name, generation, f"{series}.weight[{index}]"), lambda: state.whole(pos)))
-        return reads
-    plist = getattr(module, "parametrizations", None)
-    if plist is not None:
-        from .sharding import SharedWeight
-
-        for pname, chain in plist.items():
-            for p in chain:
-                if isinstance(p, SharedWeight):
-                    key = weight_key(p.group_name, p.generation, f"{p.series}[{p.index}]")
-                    reads.append((key, lambda pname=pname: getattr(module, pname)))
+        reads.append((key, lambda state=state, pos=pos: state.whole(pos)))
     return reads
-
-
-def is_shared_layer(module) -> bool:
-    """Whether ``module`` holds a shared parameter (either layout)."""
-    if not isinstance(module, nn.Module):
-        return False
-    if getattr(module, "_ascend_compile_slice", None) is not None:
-        return True
-    plist = getattr(module, "parametrizations", None)
-    if plist is None:
-        return False
-    from .sharding import SharedWeight
-
-    return any(isinstance(p, SharedWeight) for chain in plist.values() for p in chain)
 
 
 class _Pending:
@@ -132,36 +142,23 @@ def _issue_reads(module: nn.Module) -> dict:
 
     from . import formats
     from .comm import group_from_name, shard_formats
-    from .slices import state_of, whole_weight
 
     out = {}
-    sliced = getattr(module, "_ascend_compile_slice", None)
-    if sliced is not None:
-        series, index, group_name, generation, _ = sliced
-        state = state_of(group_name, generation)
-        pos = state.position[(series, index)]
-        layer = state.layers[pos]
-        work, buf = state.issue_gather(pos, None)
-        out[weight_key(group_name, generation, f"{series}.weight[{index}]")] = _Pending(
-            work, buf, lambda b, layer=layer, pg=state.pg: whole_weight(b, layer.cut, layer.shape, pg.size()),
-            f"the gather of {layer.module}'s slices", group_name)
-        return out
-    from .sharding import SharedWeight
-
-    for pname, chain in getattr(module, "parametrizations", {}).items():
-        for p in chain:
-            if not isinstance(p, SharedWeight):
-                continue
-            w = chain.original
-            pg = group_from_name(p.group_name)
-            name = f"{p.series}[{p.index}]"
-            buf = formats.empty_in_format(w.shape, w.dtype, w.device,
-                                          shard_formats(p.group_name, p.generation).get(name))
-            if dist.get_rank(pg) == p.owner:
-                buf.copy_(w)
-            work = dist.broadcast(buf, group_src=p.owner, group=pg, async_op=True)
-            out[weight_key(p.group_name, p.generation, name)] = _Pending(
-                work, buf, lambda b: b, f"the broadcast of {name} from rank {p.owner}", p.group_name)
+    for key, pos, p, param in _shared_params(module):
+        if pos is not None:
+            state = _slice_state(module)
+            work, buf = state.issue_gather(pos, None)
+            out[key] = _Pending(work, buf, lambda b, state=state, pos=pos: state.whole_of(pos, b),
+                                f"the gather of {state.layers[pos].module}'s slices", state.group_name)
+            continue
+        w = param[1].original
+        pg = group_from_name(p.group_name)
+        name = f"{p.series}[{p.index}]"
+        buf = formats.empty_in_format(w.shape, w.dtype, w.device, shard_formats(p.group_name, p.generation).get(name))
+        if dist.get_rank(pg) == p.owner:
+            buf.copy_(w)
+        work = dist.broadcast(buf, group_src=p.owner, group=pg, async_op=True)
+        out[key] = _Pending(work, buf, lambda b: b, f"the broadcast of {name} from rank {p.owner}", p.group_name)
     return out
 
 
@@ -185,7 +182,7 @@ class OpaqueReaders:
         rows = []
         for pos, (name, layers) in enumerate(self.readers):
             ahead = pos - self.prefetch_step
-            rows.append({"op": name, "reads": [key[2] for m in layers for key, _ in _keys(m)],
+            rows.append({"op": name, "reads": [key[2] for m in layers for key, *_ in _shared_params(m)],
                          "fetched": "at its start" if ahead < 0 or not self.prefetch_step
                          else f"at the start of {self.readers[ahead][0]}, {self.prefetch_step} op(s) ahead"})
         return rows
@@ -217,18 +214,6 @@ class OpaqueReaders:
         for pos in sorted(self.in_flight):
             for pending in self.in_flight.pop(pos).values():
                 pending.wait()
-
-
-def _keys(module: nn.Module) -> list:
-    """``[(key, None)]`` of a shared layer's parameters, without fetching anything."""
-    sliced = getattr(module, "_ascend_compile_slice", None)
-    if sliced is not None:
-        series, index, group_name, generation, _ = sliced
-        return [(weight_key(group_name, generation, f"{series}.weight[{index}]"), None)]
-    from .sharding import SharedWeight
-
-    return [(weight_key(p.group_name, p.generation, f"{p.series}[{p.index}]"), None)
-            for chain in getattr(module, "parametrizations", {}).values() for p in chain if isinstance(p, SharedWeight)]
 
 
 @contextlib.contextmanager
@@ -346,10 +331,7 @@ def check_read(key: tuple) -> None:
             "model with backend=\"ascend_compile\" (options={\"lowering\": \"inductor\"} for Inductor; without "
             "freezing), or run it eagerly."
         )
-        from .comm import abort_group
-
-        abort_group(group_name, error)
-        raise error
+        _refuse(group_name, error)
     graph_id, visible = graphs[-1]
     if key in visible:
         return
@@ -361,7 +343,13 @@ def check_read(key: tuple) -> None:
         "ascend_compile.fetch_layers(<the shared layers it reads>):` (every rank, at the same point of every "
         "forward), or call the layer outside the op."
     )
+    _refuse(group_name, error)
+
+
+def _refuse(group_name: str, error: Exception) -> None:
+    """Raise ``error`` after closing the sharing group: a peer that did not read goes on to a collective
+    this rank never joins, and fails at once instead."""
     from .comm import abort_group
 
-    abort_group(group_name, error)  # a peer that did not read goes on to a collective this rank never joins
+    abort_group(group_name, error)
     raise error

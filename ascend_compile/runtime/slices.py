@@ -169,7 +169,7 @@ class SliceState:
         path is agreed at the first sliced layer it calls, whichever that is."""
         self.path = None
 
-    def _check_forward(self) -> None:
+    def _start_on_new_vllm_forward(self) -> None:
         """Start a forward where vLLM says one starts (a new forward context)."""
         ctx = _vllm_forward_context()
         if ctx is not None and (self.forward_ref is None or self.forward_ref() is not ctx):
@@ -183,8 +183,14 @@ class SliceState:
 
     def whole(self, pos: int) -> torch.Tensor:
         """Layer ``pos``'s whole weight, gathered now (``fetch_layers``)."""
-        work, buf = self.issue_gather(pos, None)
+        return self._wait_whole(pos, *self.issue_gather(pos, None))
+
+    def _wait_whole(self, pos: int, work, buf: torch.Tensor) -> torch.Tensor:
         self._collective(f"the gather of {self.layers[pos].module}'s slices", work.wait)
+        return self.whole_of(pos, buf)
+
+    def whole_of(self, pos: int, buf: torch.Tensor) -> torch.Tensor:
+        """Layer ``pos``'s whole weight (a view) from its gathered buffer."""
         return whole_weight(buf, self.layers[pos].cut, self.layers[pos].shape, self.pg.size())
 
     def begin_forward(self, tokens: int, device: torch.device) -> None:
@@ -219,7 +225,7 @@ class SliceState:
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], series: str, index: int) -> torch.Tensor:
         pos = self.position[(series, index)]
         tokens = x.numel() // x.shape[-1] if x.dim() else 1
-        self._check_forward()
+        self._start_on_new_vllm_forward()
         if pos == self.first or self.path is None:
             self.begin_forward(tokens, w.device)
         layer = self.layers[pos]
@@ -254,9 +260,7 @@ class SliceState:
         ahead = self.position.get((layer.series, layer.index + self.prefetch_step))
         if self.prefetch_step and ahead is not None and ahead not in self.in_flight and self.gathered_ahead(ahead):
             self.in_flight[ahead] = self.issue_gather(ahead, None)
-        work, buf = self.in_flight.pop(pos)
-        self._collective(f"the gather of {self.layers[pos].module}'s slices", work.wait)
-        return whole_weight(buf, self.layers[pos].cut, self.layers[pos].shape, self.pg.size())
+        return self._wait_whole(pos, *self.in_flight.pop(pos))
 
     def gathers(self, pos: int) -> bool:
         """Whether layer ``pos`` can be gathered (not when it computes with its own GEMM)."""
@@ -395,7 +399,7 @@ def sliced_linear(
     """``F.linear(x, W, b)`` for the layer whose slice of ``W`` this rank holds as ``w``."""
     from . import opaque
 
-    key = opaque.weight_key(group_name, generation, f"{series}.weight[{index}]")
+    key = opaque.sliced_key(series, index, group_name, generation)
     whole = opaque.lookup(key)
     if whole is not None:  # inside fetch_layers: gathered once where the opaque op started
         return F.linear(x, whole, b)

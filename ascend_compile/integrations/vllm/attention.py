@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 # what an attention impl consumes at load: attribute -> why ("" when only under enable_mlapo)
 READ_AT_LOAD = {"kv_b_proj": "its process_weights_after_loading builds W_UK/W_UV from kv_b_proj's weight"}
 FOLDED_BY_MLAPO = ("q_proj", "fused_qkv_a_proj")
-_WRAPPED = "_ascend_compile_fetches"
 
 
 def attention_readers(model) -> list:
@@ -111,7 +110,6 @@ def fetch_in_attention_readers(model, dump_dir: Optional[str] = None) -> list:
             with readers.enter(__pos):
                 return __forward(*args, **kwargs)
 
-        setattr(fetching_forward, _WRAPPED, [a for a, _ in layers])
         impl.forward = fetching_forward
     changed = [(name, [a for a, _ in layers]) for name, _, layers in found]
     log.info("ascend_compile: %d attention op(s) read shared layers inside (e.g. %s reads %s): each fetches them "
