@@ -294,7 +294,7 @@ def register() -> None:
                     "weights of a model with shared weights will fail in vLLM", first_line(e))
     else:
         GPUModelRunner.reload_weights = reload_unshared(GPUModelRunner.reload_weights)
-        Worker.start_weight_update = refuse_weight_update(Worker.start_weight_update)
+        refuse_weight_update_on(Worker)
 
     original = BaseModelLoader.load_model
     if getattr(original, _LOADER_PATCHED, False):
