@@ -39,6 +39,17 @@ def check_prefetch_step(value: Any, where: str = "prefetch_step") -> PrefetchSte
     return value
 
 
+def check_share_size(value: Any, where: str = "share_size") -> Optional[Union[int, str]]:
+    if value is None or value == "machine":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise ConfigError(
+            f"{where} must be an int >= 2 that divides the group's size (2, 4, 8, 16, ...), 'machine' (the ranks "
+            f"on one machine) or None (the whole group), got {value!r}"
+        )
+    return value
+
+
 @dataclasses.dataclass
 class SharedWeightConfig:
     """Which repeated layers to share across ranks, and how far ahead to fetch them.
@@ -68,6 +79,13 @@ class SharedWeightConfig:
     Same memory saved. No wrap-around.
     ``decode_tokens``: with ``"slices"``, the largest token count (the most of any rank in a
     forward) computed on the slices; ``"auto"`` (the default) measures both paths at shard time.
+    ``share_size``: share among blocks of this many consecutive ranks of ``group`` instead of all of
+    them (``None``): ``2``, ``4``, ``8``, ... (must divide the group's size), or ``"machine"``: the
+    group's ranks on one machine. Each block owns a whole copy of the shared layers among its ranks
+    and has its own process group, schedule and failures; no collective crosses blocks. Smaller
+    blocks save less memory (``(K-1)/K`` of the series) over faster links.
+    ``ranks_per_machine``: for ``share_size="machine"``, ranks of the whole job on one machine
+    (default: the launcher's ``LOCAL_WORLD_SIZE``); global ranks ``[m*n, (m+1)*n)`` are machine ``m``.
     """
 
     layers: Sequence[str]
@@ -78,6 +96,8 @@ class SharedWeightConfig:
     wrap_around: Optional[bool] = None
     layout: str = "layers"
     decode_tokens: Optional[Union[int, str]] = None
+    share_size: Optional[Union[int, str]] = None
+    ranks_per_machine: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -114,6 +134,12 @@ class SharedWeightConfig:
         elif self.decode_tokens is not None:
             raise ConfigError("decode_tokens chooses between the two paths of layout='slices'; "
                               "with layout='layers' every forward broadcasts whole layers: drop it or set layout='slices'")
+        self.share_size = check_share_size(self.share_size)
+        if self.ranks_per_machine is not None and (isinstance(self.ranks_per_machine, bool)
+                                                   or not isinstance(self.ranks_per_machine, int)
+                                                   or self.ranks_per_machine < 1):
+            raise ConfigError(f"ranks_per_machine must be an int >= 1 (or None for the launcher's LOCAL_WORLD_SIZE), "
+                              f"got {self.ranks_per_machine!r}")
         if self.wrap_around is None:
             self.wrap_around = default_lowering() != "torchair"
         if not isinstance(self.wrap_around, bool):

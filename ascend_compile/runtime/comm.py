@@ -69,7 +69,8 @@ def groups_known() -> int:
 _SHARING_GROUPS: dict = {}  # name of a group of ours -> name of the user's group it was made over
 
 
-def sharing_group(pg: dist.ProcessGroup, timeout: Optional[float], same_names: bool = True) -> dist.ProcessGroup:
+def sharing_group(pg: dist.ProcessGroup, timeout: Optional[float], same_names: bool = True,
+                  blocks: Optional[tuple] = None) -> dist.ProcessGroup:
     """A new process group over the ranks of ``pg``, for the shared weights' broadcasts only.
 
     Every rank of ``pg`` calls it together (at shard time). Its own group means: ``timeout``
@@ -79,10 +80,19 @@ def sharing_group(pg: dist.ProcessGroup, timeout: Optional[float], same_names: b
     communicator (on HCCL: its buffers, ``HCCL_BUFFSIZE``). ``same_names``: the ranks made the
     same number of groups before, so they name the new one alike (``use_local_synchronization``
     names it from the ranks and that count); otherwise the broadcasts use ``pg`` itself and a
-    rank that stops inside a forward cannot close it (its peers then fail at its timeout)."""
+    rank that stops inside a forward cannot close it (its peers then fail at its timeout).
+    ``blocks``: the global ranks of each block of ``share_size`` (default: one block, all of ``pg``);
+    every rank creates every block's group in the same order, and returns its own block's."""
     import datetime
     import logging
 
+    blocks = blocks or (tuple(dist.get_process_group_ranks(pg)),)
+    if not same_names and len(blocks) > 1:  # the ranks gathered the same counts: every rank raises
+        raise ShardingError(
+            f"the ranks of process group {group_name(pg)!r} made different numbers of process groups before "
+            "shard_model, so they cannot name the share_size blocks' groups alike. Create the same process groups "
+            "on every rank before shard_model, or share over the whole group (share_size=None)"
+        )
     if not same_names:
         logging.getLogger(__name__).warning(
             "ascend_compile: the ranks of process group %r made different numbers of process groups before "
@@ -92,8 +102,12 @@ def sharing_group(pg: dist.ProcessGroup, timeout: Optional[float], same_names: b
             set_timeout(pg, timeout)
         return pg
     kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout is not None else {}
-    ours = dist.new_group(dist.get_process_group_ranks(pg), backend=dist.get_backend(pg),
-                          use_local_synchronization=True, group_desc="ascend_compile_shared_weights", **kwargs)
+    me, ours = dist.get_rank(), None
+    for ranks in blocks:  # a non-member returns at once: only a block's own ranks synchronise
+        made = dist.new_group(list(ranks), backend=dist.get_backend(pg), use_local_synchronization=True,
+                              group_desc="ascend_compile_shared_weights", **kwargs)
+        if me in ranks:
+            ours = made
     _SHARING_GROUPS[group_name(ours)] = group_name(pg)
     return ours
 

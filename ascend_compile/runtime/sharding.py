@@ -14,11 +14,12 @@ import difflib
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import ConfigError, SharedWeightConfig
-from . import comm, formats, slices, windows
+from . import blocks, comm, formats, slices, windows
 from .comm import ShardingError
 from .ops import AUTO_STEP, Marker, layer_name, series_windows
 
@@ -56,6 +57,8 @@ class ShardPlan:
     layout: str = "layers"  # or "slices": every rank keeps 1/world_size of every layer
     decode_tokens: Optional[int] = None  # slices: the largest agreed token count computed on the slices
     decode_explanation: str = ""  # slices with decode_tokens="auto": the measurements behind the choice
+    block: int = 0  # share_size: this rank's block of the user's group (rank, world_size: within the block)
+    blocks: int = 1  # how many blocks the user's group splits into
 
     def series_bytes(self) -> int:
         """Bytes of all shared parameters, as a replicated model holds them on every rank."""
@@ -215,8 +218,8 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     if not isinstance(config, SharedWeightConfig):
         raise TypeError(f"config must be an ascend_compile.SharedWeightConfig, got {type(config).__name__}")
     pg = comm.resolve_group(config.group)
-    rank, world = comm.group_rank(pg), comm.group_size(pg)
     gname = comm.group_name(pg)
+    group_ranks = dist.get_process_group_ranks(pg)
     step = config.prefetch_step
     if config.layout == "slices" and step == "auto":
         step = 1  # the gathers of a prefill forward: one layer ahead
@@ -224,8 +227,11 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     local: dict = {}
 
     def plan_here() -> dict:
-        """This rank's plan; what can fail here may fail on one rank only (its model)."""
+        """This rank's plan; what can fail here may fail on one rank only (its model, its config)."""
         check_not_sharded(model)
+        split = local["blocks"] = blocks.split(group_ranks, config.share_size, config.ranks_per_machine, gname)
+        me = dist.get_rank()
+        rank, world = split.rank_in_block(me), split.size
         per_layer = local["per_layer"] = series_members(model, config)
         for layer, members in per_layer.items():
             if step != "auto" and step > len(members) - 1:
@@ -247,17 +253,21 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
                         shape=shape, dtype=str(p.dtype).replace("torch.", ""), nbytes=nbytes,
                     ))
         local["plan"] = ShardPlan(gname, rank, world, step_value, {k: [m for m, _, _ in v] for k, v in per_layer.items()},
-                                  shared, wrap_windows=config.wrap_windows(), layout=config.layout)
-        return {"plan": {k: v for k, v in local["plan"].to_json().items() if k != "rank"},
-                "groups": comm.groups_known()}
+                                  shared, wrap_windows=config.wrap_windows(), layout=config.layout,
+                                  block=split.index_of(me), blocks=len(split.members))
+        return {"plan": {k: v for k, v in local["plan"].to_json().items() if k not in ("rank", "block")},
+                "groups": comm.groups_known(), "machine": blocks.machine_name()}
 
     # every rank reports its plan or its error: one rank's odd model makes every rank raise, none waits
     gathered = comm.gather_or_fail(pg, "to plan the sharding", plan_here)
     comm.raise_if_different([g["plan"] for g in gathered], "sharding plan (model structure and config)")
     plan, per_layer, shared = local["plan"], local["per_layer"], local["plan"].params
-    # the broadcasts get a group of their own: its timeout bounds only them, and a rank that stops
-    # inside a forward can close it so that its peers fail at once (comm.abort_group)
-    ours = comm.sharing_group(pg, config.timeout, same_names=len({g["groups"] for g in gathered}) == 1)
+    rank, split = plan.rank, local["blocks"]
+    blocks.check_machines(split, [g["machine"] for g in gathered], group_ranks)
+    # the broadcasts get a group of their own (one per block): its timeout bounds only them, and a rank
+    # that stops inside a forward can close it so that its peers fail at once (comm.abort_group)
+    ours = comm.sharing_group(pg, config.timeout, same_names=len({g["groups"] for g in gathered}) == 1,
+                              blocks=split.members)
     if ours is pg:  # several shardings may share pg: windows are named by their group, so none cross forwards
         plan.wrap_windows = 0
     plan.group_name = gname = comm.group_name(ours)

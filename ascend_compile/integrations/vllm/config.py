@@ -40,7 +40,20 @@ def shared_weight_config(vllm_config) -> Optional[SharedWeightConfig]:
     ours = settings(vllm_config)
     if "shared_weight" not in ours:
         return None
-    return SharedWeightConfig.from_dict(dict(ours["shared_weight"], group=_group(ours.get("group", "world"))))
+    d = dict(ours["shared_weight"], group=_group(ours.get("group", "world")))
+    if d.get("share_size") == "machine" and d.get("ranks_per_machine") is None and not os.environ.get("LOCAL_WORLD_SIZE"):
+        d["ranks_per_machine"] = _ranks_per_machine(vllm_config)  # vLLM's own launch: no LOCAL_WORLD_SIZE
+    return SharedWeightConfig.from_dict(d)
+
+
+def _ranks_per_machine(vllm_config) -> Optional[int]:
+    """Ranks on one machine as vLLM's config has them: its local data-parallel ranks, each with its
+    tensor- and pipeline-parallel ranks (``data_parallel_size_local`` x TP x PP)."""
+    pc = getattr(vllm_config, "parallel_config", None)
+    local = getattr(pc, "data_parallel_size_local", None)
+    if not local:
+        return None
+    return int(local) * _tp(vllm_config) * int(getattr(pc, "pipeline_parallel_size", 1) or 1)
 
 
 def _group(name: str):
@@ -97,9 +110,21 @@ def check_config(vllm_config) -> None:
             "set compilation_config={'mode': %d, 'backend': 'ascend_compile'}" % mode
         )
     check_parallelism(vllm_config, ours.get("group", "world"))
+    check_share_size(vllm_config, cfg, ours.get("group", "world"))
 
 
-def _why_eager(vllm_config) -> tuple:
+def check_share_size(vllm_config, cfg: SharedWeightConfig, group: str) -> None:
+    """A numeric ``share_size`` must divide the sharing group's size, known from the config alone."""
+    from ...runtime import blocks
+
+    pc = getattr(vllm_config, "parallel_config", None)
+    if pc is None or not isinstance(cfg.share_size, int):
+        return
+    tp, pp, dp = (int(getattr(pc, k, 1) or 1) for k in
+                  ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"))
+    size = {"dp": dp, "tp": tp}.get(group, tp * pp * dp)
+    blocks.split(range(size), cfg.share_size, group=group)
+(vllm_config) -> tuple:
     """``(why vLLM's config says mode 0, what to undo)``. vLLM 0.23's ``VllmConfig.__post_init__``
     sets mode 0 (NONE) for ``model_config.enforce_eager`` (``LLM(enforce_eager=True)``,
     ``--enforce-eager``), ``TORCH_COMPILE_DISABLE=1`` and ``VLLM_USE_BREAKABLE_CUDAGRAPH=1``."""

@@ -28,11 +28,10 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
     its device before loading (processing without values leaves them on meta): the stand-ins
     made after processing go there, never to the default device.
     """
-    from ...runtime import comm
+    from ...runtime import blocks, comm
     from ...runtime.sharding import series_members, standin_like
 
-    pg = comm.resolve_group(cfg.group)
-    rank, world = comm.group_rank(pg), comm.group_size(pg)
+    rank, world = blocks.position(comm.resolve_group(cfg.group), cfg)
     skipped = []
     for members in series_members(model, cfg).values():
         for index, (name, module, params) in enumerate(members):

@@ -182,11 +182,10 @@ def slice_before_loading(model, cfg: SharedWeightConfig) -> list:
       activations (``SLICE_GEMM``: its processed layout is not gathered)."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-    from ...runtime import comm
+    from ...runtime import blocks, comm
     from ...runtime.sharding import series_members
 
-    pg = comm.resolve_group(cfg.group)
-    rank, world = comm.group_rank(pg), comm.group_size(pg)
+    rank, world = blocks.position(comm.resolve_group(cfg.group), cfg)
     sliced = []
     for series, members in series_members(model, cfg).items():
         check_vllm_sliceable(series, members, world)
