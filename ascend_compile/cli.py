@@ -136,7 +136,46 @@ def _plan(ns) -> int:
         print(f"  {tokens:>11}  {base * 1e3:8.2f} ms  {cell('layers')}  {cell('slices decode')}  {cell('slices gather')}")
     print(f"  layout='slices' computes on the slices up to {step.decode_threshold(k)} tokens per rank (decode_tokens); "
           "both layouts save the same memory")
-    return 0
+    return _compare_sizes(ns, step, k)
+
+
+ANCHOR = ("vLLM-Ascend fine-grained TP of o_proj alone (published, measured; DeepSeek-R1 W8A8, DP32 on 32 Atlas A2): "
+          "oproj_tensor_parallel_size=8 saves 5.8 GB per NPU at +1.5 ms TPOT; size 4: no TPOT increase reported")
+
+
+def _compare_sizes(ns, step, k: int) -> int:
+    """share_size for a deployment: memory saved and modelled step times per size and layout."""
+    from .passes.cost_model import Deployment, compare_share_sizes, recommend
+
+    measured = []
+    for spec in ns.measured_us or []:
+        try:
+            size, us = spec.split("=")
+            measured.append((int(size), float(us) * 1e-6))
+        except ValueError:
+            print(f"bad --measured-us {spec!r}: use SIZE=MICROSECONDS, e.g. 8=35", file=sys.stderr)
+            return 2
+    where = Deployment(ns.machines, ns.devices_per_machine, ns.hccs_gbps * 1e9, ns.roce_gbps * 1e9,
+                       ns.latency_us * 1e-6, ns.roce_latency_us * 1e-6, tuple(measured))
+    rows = compare_share_sizes(step, where, ns.sizes, ns.decode_tokens, ns.tokens, k)
+    skipped = [s for s in ns.sizes if s not in {r["size"] for r in rows}]
+    print(f"\nshare_size for {ns.machines} machine(s) x {ns.devices_per_machine} devices (a data-parallel group of "
+          f"{where.devices}): HCCS {ns.hccs_gbps:g} GB/s within a machine, RoCE {ns.roce_gbps:g} GB/s between machines; "
+          f"{ns.decode_tokens} tokens per rank at decode, {ns.tokens} at prefill; step times modelled"
+          + (f"; per-collective latency measured for share_size {sorted(s for s, _ in measured)}" if measured else ""))
+    print(f"  {'share_size':>10}  {'layout':<7} {'link':<5} {'latency':<9} {'saved/device':>12}  "
+          f"{'decode step':>18}  {'prefill step':>18}")
+    for r in rows:
+        print(f"  {r['size']:>10}  {r['layout']:<7} {r['link']:<5} {r['latency']:<9} {r['saved'] / 2**30:8.2f} GiB  "
+              f"{r['decode_s'] * 1e3:8.2f} ms {r['decode_s'] / r['replicated_decode_s']:6.2f}x  "
+              f"{r['prefill_s'] * 1e3:8.2f} ms {r['prefill_s'] / r['replicated_prefill_s']:6.2f}x")
+    if skipped:
+        print(f"  left out: share_size {skipped} (does not divide {where.devices} devices)")
+    goal = ns.memory_goal_gib * 2**30 if ns.memory_goal_gib is not None else None
+    best, why = recommend(rows, goal)
+    print(f"recommended: {why}")
+    print(f"anchor: {ANCHOR}")
+    return 0 if best is not None or goal is None else 1
 
 
 DEVICES = {  # sharing group presets for ``plan``
@@ -192,6 +231,17 @@ def main(argv=None) -> int:
     p.add_argument("--memory-budget-gib", type=float, default=None, help="memory allowed for the fetched layers' buffers")
     p.add_argument("--wrap-around", type=int, default=0,
                    help="layers per series sent during the previous step (default 0: the torchair lowering has none)")
+    p.add_argument("--machines", type=int, default=4, help="machines the data-parallel group runs on (share_size table)")
+    p.add_argument("--devices-per-machine", type=int, default=8, help="devices per machine (Atlas A2: 8)")
+    p.add_argument("--hccs-gbps", type=float, default=56.0, help="link within a machine, GB/s")
+    p.add_argument("--roce-gbps", type=float, default=25.0, help="link between machines, GB/s (200 Gb/s RoCE: 25)")
+    p.add_argument("--roce-latency-us", type=float, default=50.0, help="latency per collective between machines")
+    p.add_argument("--sizes", type=int, nargs="+", default=[2, 4, 8, 16], help="share_size values to compare")
+    p.add_argument("--memory-goal-gib", type=float, default=None,
+                   help="recommend the fastest share_size that saves at least this much per device (exits 1 if none)")
+    p.add_argument("--measured-us", nargs="+", default=None, metavar="SIZE=US",
+                   help="per-collective latency measured on the devices for a share_size (docs/npu_runbook.md), "
+                        "instead of the modelled --latency-us / --roce-latency-us")
     p.set_defaults(fn=_plan)
 
     ns = parser.parse_args(argv)

@@ -1,14 +1,17 @@
-"""Generate with vLLM's own engine on 2 data-parallel ranks, with and without shared weights, and compare.
+"""Generate with vLLM's own engine on data-parallel ranks, with and without shared weights, and compare.
 
     .venv-vllm/bin/python examples/vllm_generate.py [--model llama|deepseek_v2] [--prefetch-step 1|auto]
-                                                    [--tp 1|2] [--mode 2|1] [--reload]
+                                                    [--tp 1|2] [--dp 2|4] [--mode 2|1] [--reload]
                                                     [--layout layers|slices] [--decode-tokens N|auto]
+                                                    [--share-size N|machine]
 
-It starts two jobs of ``2 * tp`` ranks each with ``torchrun --standalone`` (the way serving jobs
-start ranks), one without sharing and one with. There are two data-parallel replicas
-(``distributed_executor_backend="external_launcher"``, ``data_parallel_size=2``), each of
+It starts two jobs of ``dp * tp`` ranks each with ``torchrun --standalone`` (the way serving jobs
+start ranks), one without sharing and one with. There are ``--dp`` (default 2) data-parallel replicas
+(``distributed_executor_backend="external_launcher"``, ``data_parallel_size``), each of
 ``--tp`` tensor-parallel ranks (``tensor_parallel_size``; global rank ``r`` is DP rank
-``r // tp``); the two replicas get different prompts, the TP ranks of one replica the same.
+``r // tp``); the replicas get different prompts, the TP ranks of one replica the same.
+``--share-size``: share among blocks of that many ranks (``share_size``; ``machine``: the ranks
+torchrun started on this machine).
 The model (a tiny random checkpoint written by ``transformers``) is served twice, both times
 compiled by vLLM with our backend (``--mode 2``: DYNAMO_TRACE_ONCE, one trace; ``--mode 1``:
 STOCK_TORCH_COMPILE, plain ``torch.compile`` of the whole model, recompiling with dynamic shapes
@@ -194,14 +197,14 @@ class _Invalidations(logging.Handler):
 
 
 def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None, tp: int = 1,
-             mode: int = 2, reload: bool = False, llm_kwargs: dict | None = None) -> dict:
+             mode: int = 2, reload: bool = False, llm_kwargs: dict | None = None, dp: int = 2) -> dict:
     from vllm import LLM, SamplingParams
 
     # with TP, a shard may only be shared among the ranks that hold the same one: vLLM's DP group
     additional = {"ascend_compile": {"shared_weight": shared, **({"group": "dp"} if tp > 1 else {})}} if shared else {}
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=256, max_num_seqs=8,
               kv_cache_memory_bytes=32 << 20, distributed_executor_backend="external_launcher",
-              tensor_parallel_size=tp, data_parallel_size=2,
+              tensor_parallel_size=tp, data_parallel_size=dp,
               compilation_config={"mode": mode, "backend": "ascend_compile",
                                   **({"debug_dump_path": dump_dir} if dump_dir else {})},
               additional_config=additional, **(llm_kwargs or {}))
@@ -263,8 +266,17 @@ def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None,
     if plan is not None:
         result["plan"] = {"series": sorted(plan.layer_series), "saved_bytes": plan.saved_bytes(),
                           "series_bytes": plan.series_bytes(), "world_size": plan.world_size,
+                          "block": plan.block, "blocks": plan.blocks, "ranks": _ranks(plan.group_name),
                           "layout": plan.layout, "decode_tokens": plan.decode_tokens}
     return result
+
+
+def _ranks(group: str) -> list:
+    """The global ranks of the group the weights are shared over (a share_size block's)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return dist.get_process_group_ranks(_resolve_process_group(group))
 
 
 def _path_counts(plan) -> dict:
@@ -295,11 +307,13 @@ def worker(args) -> int:
             raise TimeoutError(f"rank {rank}: no checkpoint at {path} after 300 s (rank 0 writes it)")
         time.sleep(0.2)
     shared = {"layers": layers, "prefetch_step": step} if args.share else None
+    if shared and args.share_size:
+        shared["share_size"] = args.share_size if args.share_size == "machine" else int(args.share_size)
     if shared and args.layout == "slices":
         shared.update(layout="slices", decode_tokens=args.decode_tokens if args.decode_tokens == "auto"
                       else int(args.decode_tokens))
     result = generate(path, dp_rank, shared, os.path.join(args.dir, "dumps") if args.share else None,
-                      tp=args.tp, mode=args.mode, reload=args.reload)
+                      tp=args.tp, mode=args.mode, reload=args.reload, dp=args.dp)
     result["dp_rank"] = dp_rank
     with open(os.path.join(args.dir, f"{'shared' if args.share else 'unshared'}_rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -313,8 +327,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prefetch-step", default="1", help="an int or 'auto'")
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--dir", default="/tmp/ascend_compile_vllm_example", help="checkpoint, results, dumps")
-    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of each of the 2 DP replicas; "
-                        "the jobs run 2 * tp ranks, sharing over vLLM's DP group when tp > 1")
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size of each DP replica; "
+                        "the jobs run dp * tp ranks, sharing over vLLM's DP group when tp > 1")
+    parser.add_argument("--dp", type=int, default=2, help="data_parallel_size (DP replicas)")
+    parser.add_argument("--share-size", default=None,
+                        help="share among blocks of this many ranks of the group (an int, or 'machine')")
     parser.add_argument("--mode", type=int, choices=[1, 2], default=2,
                         help="vLLM compilation mode: 2 (DYNAMO_TRACE_ONCE) or 1 (STOCK_TORCH_COMPILE, dynamic shapes)")
     parser.add_argument("--reload", action="store_true",
@@ -340,7 +357,7 @@ def main(argv=None) -> int:
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--share"]
     results = {}
-    ranks = 2 * args.tp
+    ranks = args.dp * args.tp
     for share in (False, True):
         name = "shared" if share else "unshared"
         for rank in range(ranks):  # no stale results from an earlier run in the same directory
@@ -378,7 +395,7 @@ def main(argv=None) -> int:
                   f"on the prefill path (decode_tokens={plan['decode_tokens']})")
         print(f"rank {rank}: time per forward: shared {s['seconds_per_forward'] * 1e3:.2f} ms, unshared "
               f"{u['seconds_per_forward'] * 1e3:.2f} ms ({s['seconds_per_forward'] / u['seconds_per_forward']:.2f}x)")
-        print(f"rank {rank}: equal={equal}; shared {plan['series']} over {plan['world_size']} ranks: this rank holds "
+        print(f"rank {rank}: equal={equal}; shared {plan['series']} over {plan['world_size']} ranks {plan['ranks']}: this rank holds "
               f"{s['weight_bytes'] / 2**20:.2f} MiB of weights instead of {u['weight_bytes'] / 2**20:.2f} MiB "
               f"(saved {(u['weight_bytes'] - s['weight_bytes']) / 2**20:.2f} MiB; plan: "
               f"{plan['saved_bytes'] / 2**20:.2f} of {plan['series_bytes'] / 2**20:.2f} MiB)")

@@ -167,3 +167,21 @@ def test_explain_compares_only_graphs_of_one_sharding(tmp_path, capsys):
         assert cli.main(["explain", str(root), "--all-graphs"]) == expect, capsys.readouterr().out
         out = capsys.readouterr().out
         assert ("fetch the same layers in different orders" in out) == bool(expect), out
+
+
+def test_plan_compares_share_sizes_for_a_deployment_and_recommends_one(capsys):
+    args = ["plan", "--dtype", "int8", "--series", "o_proj=16384x7168", "--machines", "4", "--devices-per-machine", "8"]
+    assert cli.main(args + ["--memory-goal-gib", "5", "--measured-us", "8=35"]) == 0
+    out = capsys.readouterr().out
+    assert "share_size for 4 machine(s) x 8 devices (a data-parallel group of 32)" in out
+    rows = re.findall(r"^\s+(\d+)\s+(layers|slices)\s+(HCCS|RoCE)\s+(modelled|measured)\s+(\d+\.\d+) GiB", out, re.M)
+    assert [(int(k), layout) for k, layout, *_ in rows] == [(k, lay) for k in (2, 4, 8, 16) for lay in ("layers", "slices")]
+    assert {(int(k), link, src) for k, _, link, src, _ in rows} == {
+        (2, "HCCS", "modelled"), (4, "HCCS", "modelled"), (8, "HCCS", "measured"), (16, "RoCE", "modelled")}
+    assert re.search(r"recommended: share_size=(8|16), layout='(layers|slices)': the fastest decode step among those "
+                     r"saving >= 5.00 GiB", out), out
+    assert "anchor: vLLM-Ascend fine-grained TP of o_proj alone" in out and "5.8 GB per NPU at +1.5 ms TPOT" in out
+    assert cli.main(args + ["--memory-goal-gib", "50"]) == 1  # no size saves that much: said, and exit 1
+    assert "recommended: no size saves 50.00 GiB per device" in capsys.readouterr().out
+    assert cli.main(args + ["--measured-us", "8"]) == 2
+    assert "use SIZE=MICROSECONDS" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The prefetch cost model: simulated times, the choice of k, and its agreement across ranks."""
 
 import json
+import re
 import os
 import tempfile
 
@@ -146,3 +147,37 @@ def test_gathering_slices_moves_one_kth_of_a_broadcast():
     assert s["slices gather"] < s["layers"]  # all links busy, not only the owner's
     assert _v3(ranks=16).steps(1)["slices gather"] <= _v3(ranks=8).steps(1)["slices gather"]
     assert set(s) == {"replicated", "layers", "slices gather", "slices decode"}
+
+
+def _deepseek_o_proj(**kw):
+    from ascend_compile.passes.cost_model import StepInputs
+
+    return StepInputs(series=(("o_proj", 16384, 7168),), bytes_per_element=1, layers=61, ranks=8,
+                      link_bandwidth=56e9, memory_bandwidth=1600e9, flops_per_s=120e12, latency_s=20e-6,
+                      params_per_layer=37e9 / 61, **kw)
+
+
+def test_share_sizes_cross_machines_above_a_machine_and_take_measured_latencies():
+    from ascend_compile.passes.cost_model import Deployment, compare_share_sizes, recommend
+
+    where = Deployment(4, 8, 56e9, 25e9, 20e-6, 50e-6)
+    rows = compare_share_sizes(_deepseek_o_proj(), where, [2, 3, 4, 8, 16], 32, 4096)
+    assert sorted({r["size"] for r in rows}) == [2, 4, 8, 16]  # 3 does not divide 32 devices
+    by = {(r["size"], r["layout"]): r for r in rows}
+    assert [by[(k, "layers")]["link"] for k in (2, 4, 8, 16)] == ["HCCS"] * 3 + ["RoCE"]
+    layer = 16384 * 7168  # int8: one byte an element
+    for k in (2, 4, 8, 16):  # (K-1)/K of the series, less the two buffers of prefetch_step=1
+        assert by[(k, "slices")]["saved"] == by[(k, "layers")]["saved"] == layer * 61 * (k - 1) / k - 2 * layer
+    # broadcasting whole layers over RoCE is slower than over HCCS at prefill
+    assert by[(16, "layers")]["prefill_s"] > by[(8, "layers")]["prefill_s"]
+    measured = compare_share_sizes(_deepseek_o_proj(), Deployment(4, 8, 56e9, 25e9, 20e-6, 50e-6, ((8, 2e-3),)),
+                                   [8], 32, 4096)
+    assert {r["latency"] for r in measured} == {"measured"} and all(r["latency"] == "modelled" for r in rows)
+    assert measured[0]["decode_s"] > by[(8, "layers")]["decode_s"]  # 2 ms a collective instead of 20 us
+    best, why = recommend(rows, memory_goal=5 * 2**30)
+    assert best["saved"] >= 5 * 2**30
+    assert best["decode_s"] == min(r["decode_s"] for r in rows if r["saved"] >= 5 * 2**30)
+    assert why.startswith(f"share_size={best['size']}, layout={best['layout']!r}: the fastest decode step among those "
+                          "saving >= 5.00 GiB")
+    none, why = recommend(rows, memory_goal=100 * 2**30)
+    assert none is None and re.match(r"no size saves 100.00 GiB per device; the most is \d+\.\d+ GiB \(share_size=16\)", why)

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import ascend_compile as ac
+from ascend_compile import cli
 from ascend_compile.config import ConfigError
 from ascend_compile.models import StackShape, build_stack, make_input
 from ascend_compile.runtime import blocks, comm, slices
@@ -19,7 +20,7 @@ from ranks import run_fresh, run_ranks
 SERIES = ["o_proj", "q_b_proj"]
 
 
-def _blocks_case(rank, world, layout, share_size):
+def _blocks_case(rank, world, layout, share_size, dump):
     """Shard over 4 ranks in blocks of 2; block 0 runs 2 forwards, block 1 runs 3 of other sizes
     (a collective that crossed blocks would hang). The default device is meta: a tensor that does not
     take the model's device fails."""
@@ -38,7 +39,7 @@ def _blocks_case(rank, world, layout, share_size):
         os.environ.pop("LOCAL_WORLD_SIZE", None)
     after = ac.parameter_storage_bytes(model)
     ours = comm.group_from_name(plan.group_name)
-    fn = torch.compile(model, backend="ascend_compile", options={"lowering": "aot_eager"}, dynamic=False)
+    fn = torch.compile(model, backend="ascend_compile", options={"lowering": "aot_eager", "dump_dir": dump}, dynamic=False)
     tokens = [3, 16] if rank < 2 else [2, 16, 5]
     forwards = []
     for i, n in enumerate(tokens):
@@ -55,8 +56,8 @@ def _blocks_case(rank, world, layout, share_size):
 
 
 @pytest.mark.parametrize("layout,share_size", [("layers", 2), ("slices", "machine")])
-def test_blocks_of_two_equal_the_unsharded_model_and_keep_their_blocks_memory(layout, share_size):
-    results = run_ranks(_blocks_case, 4, layout, share_size)
+def test_blocks_of_two_equal_the_unsharded_model_and_keep_their_blocks_memory(layout, share_size, tmp_path, capsys):
+    results = run_ranks(_blocks_case, 4, layout, share_size, str(tmp_path))
     assert [r["block"] for r in results] == [0, 0, 1, 1]
     assert [r["rank"] for r in results] == [0, 1, 0, 1]
     assert {(r["blocks"], r["world"]) for r in results} == {(2, 2)}
@@ -73,6 +74,12 @@ def test_blocks_of_two_equal_the_unsharded_model_and_keep_their_blocks_memory(la
                 assert f["bitwise"], (rank, f)
             else:  # the slices sum partial products in another order
                 assert f["max_diff"] <= 1e-5, (rank, f)
+    # explain names each rank's block; the blocks' graphs are never compared with each other's
+    assert cli.main(["explain", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for rank in range(4):
+        assert re.search(rf"== rank_{rank}/schedule.json\nrank {rank % 2} / world 2 \(global ranks "
+                         rf"\[{rank // 2 * 2}, {rank // 2 * 2 + 1}\]\)", out), out
     if layout == "slices":  # a block agrees on its path alone: block 1's 5 tokens gather, block 0's 3 do not
         assert [f["path"] for f in results[2]["forwards"]] == ["decode", "prefill", "prefill"]
         assert [f["path"] for f in results[0]["forwards"]] == ["decode", "prefill"]
@@ -165,3 +172,24 @@ def test_blocks_split_consecutive_ranks_and_name_the_sizes_that_fit():
     assert blocks.sizes_within_machines(["a", "a", "b", "b", "c", "c", "d", "d"]) == [2]
     with pytest.raises(ConfigError, match=r"share_size must be an int >= 2"):
         ac.SharedWeightConfig(layers=["o_proj"], share_size=1)
+
+
+def test_the_runbooks_collective_benchmark_feeds_the_planner(tmp_path, capsys):
+    """docs/npu_runbook.md's share_size step, on gloo: per-size collective costs, then ``plan`` with them."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "4",
+                           os.path.join(root, "benchmarks", "collectives.py"), "--bytes", "65536", "--reps", "3",
+                           "--sizes", "2", "3", "4"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = re.findall(r"^\s+(\d+)\s+(\d+\.\d) us\s+(\d+\.\d) us", proc.stdout, re.M)
+    assert [int(k) for k, _, _ in rows] == [2, 4], proc.stdout  # 3 does not divide 4 ranks
+    line = re.search(r"^ascend-compile plan (--measured-us 2=\d+ 4=\d+)$", proc.stdout, re.M)
+    assert line, proc.stdout
+    args = line.group(1).split()
+    assert cli.main(["plan", "--machines", "1", "--devices-per-machine", "4", *args]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+2\s+layers\s+HCCS\s+measured", out, re.M) and re.search(r"^\s+4\s+slices\s+HCCS\s+measured", out, re.M)

@@ -761,24 +761,29 @@ def _assert_ranks_ran_in_lockstep(results: dict, ranks: int, idle: list) -> None
 # DeepSeek-V2 through the engine: tests/test_vllm_ascend_mla.py (q_b_proj and o_proj inside the attention op)
 @pytest.mark.parametrize("model, step", [("llama", "auto")])
 def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_path):
-    """``LLM(...).generate`` on 2 data-parallel ranks under torchrun (external launcher), each
-    rank with different requests, compiled by vLLM (mode 2) with our backend: greedy tokens
-    with shared weights equal those without, on every rank (prefill and decode)."""
-    out, results = _run_example(tmp_path, "--model", model, "--prefetch-step", step)
+    """``LLM(...).generate`` on 4 data-parallel ranks under torchrun (external launcher), each
+    rank with different requests, compiled by vLLM (mode 2) with our backend, sharing in blocks of
+    2 (``share_size=2``): greedy tokens with shared weights equal those without, on every rank
+    (prefill and decode), and each rank holds what its block saves."""
+    out, results = _run_example(tmp_path, "--model", model, "--prefetch-step", step, "--dp", "4", "--share-size", "2")
     series = ["down_proj", "o_proj"] + (["q_b_proj"] if model == "deepseek_v2" else [])
-    for rank in range(2):
+    for rank in range(4):
         unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
         assert unshared["plan"] is None
-        assert shared["plan"]["series"] == series and shared["plan"]["world_size"] == 2
+        plan = shared["plan"]
+        assert plan["series"] == series and plan["world_size"] == 2 and plan["blocks"] == 2
+        assert plan["block"] == rank // 2 and plan["ranks"] == [rank // 2 * 2, rank // 2 * 2 + 1]
         assert shared["tokens"] == unshared["tokens"]
-        # what this rank holds: less by what the plan says it no longer stores (stand-ins keep 1 element each)
+        # what this rank holds: less by what the plan says it no longer stores (stand-ins keep 1 element each);
+        # a block of 2 saves half of every series
         saved = unshared["weight_bytes"] - shared["weight_bytes"]
-        assert abs(saved - shared["plan"]["saved_bytes"]) < 0.02 * shared["plan"]["saved_bytes"]
+        assert plan["saved_bytes"] == plan["series_bytes"] // 2
+        assert abs(saved - plan["saved_bytes"]) < 0.02 * plan["saved_bytes"]
         assert f"rank {rank}: equal=True" in out
-    # the ranks served different requests (rank 0 fewer and shorter ones): rank 0 finished first and
-    # ran vLLM's dummy forwards until rank 1 was done, the same number of forwards on both ranks
-    _assert_ranks_ran_in_lockstep(results, 2, idle=[0])
-    assert results["shared_rank0"]["tokens"] != results["shared_rank1"]["tokens"]
+    # the ranks served different requests (rank 0 fewest and shortest): ranks 0-2 finished first and
+    # ran vLLM's dummy forwards until rank 3 was done, the same number of forwards on every rank
+    _assert_ranks_ran_in_lockstep(results, 4, idle=[0, 1, 2])
+    assert len({str(results[f"shared_rank{r}"]["tokens"]) for r in range(4)}) == 4
 
 
 @pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
@@ -818,13 +823,15 @@ def test_generate_with_tp2_x_dp2_equals_the_unshared_run(tmp_path):
     replicas of 2 tensor-parallel ranks each (``--tp 2``), the replicas with different requests,
     compiled by vLLM (mode 2) with our backend. Each TP shard is shared between the 2 ranks that
     hold it (``"group": "dp"``): greedy tokens equal those without sharing, on every rank."""
-    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--tp", "2")
+    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--tp", "2", "--share-size", "machine")
     for rank in range(4):
         unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
         assert unshared["plan"] is None
         assert shared["dp_rank"] == unshared["dp_rank"] == rank // 2  # ranks 0, 1: replica 0; 2, 3: replica 1
         # shared over the DP group (2 ranks), not the world of 4: each rank's TP shard of every layer
         assert shared["plan"]["series"] == ["down_proj", "o_proj"] and shared["plan"]["world_size"] == 2
+        # share_size="machine": torchrun's 4 ranks on this machine; TP rank t's DP group is global ranks t, t + 2
+        assert shared["plan"]["ranks"] == [rank % 2, rank % 2 + 2] and shared["plan"]["blocks"] == 1
         assert shared["tokens"] == unshared["tokens"]
         saved = unshared["weight_bytes"] - shared["weight_bytes"]
         assert abs(saved - shared["plan"]["saved_bytes"]) < 0.02 * shared["plan"]["saved_bytes"]

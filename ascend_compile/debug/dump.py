@@ -140,7 +140,8 @@ def timeline_svg(table: dict) -> str:
 
 def slices_table(layers: list, rank: int) -> dict:
     """``schedule.json`` of a graph with sliced layers (``layout="slices"``): the threshold, and per layer
-    its cut and the bytes each path moves. ``layers``: ``sliced_layers`` of the graph."""
+    its cut and the bytes each path moves. ``layers``: ``sliced_layers`` of the graph; ``rank``: the
+    global rank (the table names the rank within the sharing group, as the layers layout's does)."""
     from ..runtime import slices
 
     out = {"rank": rank, "layout": "slices", "sliced": []}
@@ -151,7 +152,7 @@ def slices_table(layers: list, rank: int) -> dict:
         d_out, d_in = layer.shape
         size = state.modules[state.position[(series, index)]].weight.element_size()
         sent = [d_in / world, d_out] if layer.cut == slices.INPUT_CUT else [d_in, d_out / world]
-        out.update(world_size=world, group=group, decode_tokens=state.decode_tokens,
+        out.update(rank=state.pg.rank(), world_size=world, group=group, ranks=_global_ranks(group), decode_tokens=state.decode_tokens,
                    prefetch_step=state.prefetch_step, forwards=dict(state.forwards))
         out["sliced"].append({
             "layer": layer_name(series, index), "module": layer.module, "cut": slices.cut_name(layer.cut),
@@ -164,7 +165,7 @@ def slices_table(layers: list, rank: int) -> dict:
 def format_schedule(table: dict) -> str:
     """The schedule table as text, as ``ascend-compile explain`` prints it."""
     if table.get("layout") == "slices":
-        lines = [f"rank {table.get('rank')} / world {table.get('world_size')}  layout=slices  "
+        lines = [f"rank {table.get('rank')} / world {table.get('world_size')}{_sharing(table)}  layout=slices  "
                  f"sliced layers={len(table['sliced'])}  decode path up to {table.get('decode_tokens')} tokens "
                  f"(the most of any rank), else gathers {table.get('prefetch_step')} layer(s) ahead; "
                  f"forwards before this compile: {table.get('forwards')}"]
@@ -172,7 +173,8 @@ def format_schedule(table: dict) -> str:
                   f"prefill gathers {r['gather_bytes']} B" for r in table["sliced"]]
         return "\n".join(lines)
     rows = table.get("collectives", [])
-    head = (f"rank {table.get('rank')} / world {table.get('world_size')}  prefetch_step={table.get('prefetch_step')}  "
+    head = (f"rank {table.get('rank')} / world {table.get('world_size')}{_sharing(table)}  "
+            f"prefetch_step={table.get('prefetch_step')}  "
             f"collectives={len(rows)}")
     cols = ("#", "series", "index", "owner", "bytes", "issue", "wait", "first_use", "kind")
     width = max([len(c) for c in cols] + [len(str(r["series"])) for r in rows])
@@ -224,11 +226,30 @@ def schedule_problems(tables: dict) -> list:
     return problems
 
 
+def _global_ranks(group: str):
+    """The global ranks of a live process group (a ``share_size`` block's), or None."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return dist.get_process_group_ranks(_resolve_process_group(group))
+    except Exception:  # a plan made by hand (tests) names no live group
+        return None
+
+
+def _sharing(table: dict) -> str:
+    ranks = table.get("ranks")
+    return f" (global ranks {ranks})" if ranks else ""
+
+
 def schedule_table(plan, rows: list) -> dict:
     """``schedule.json``: the plan's ranks and group, and each collective of ``rows`` (``collective_schedule``)."""
     steps = sorted({r["prefetch_step"] for r in rows})
     return {
-        "rank": plan.rank, "world_size": plan.world_size, "group": plan.group_name,
+        "rank": plan.rank, "world_size": plan.world_size, "group": plan.group_name, "ranks": _global_ranks(plan.group_name),
         "prefetch_step": steps[0] if len(steps) == 1 else steps,
         "collectives": [{k: r[k] for k in ("series", "index", "owner", "bytes", "issue", "wait", "first_use", "last_use", "kind")}
                         for r in rows],

@@ -187,3 +187,77 @@ class StepInputs:
                 break
             chosen, n = n, n * 2
         return chosen
+
+
+@dataclasses.dataclass(frozen=True)
+class Deployment:
+    """Where a data-parallel group runs, for comparing ``share_size`` (``ascend-compile plan``): blocks
+    of up to ``devices_per_machine`` ranks talk over the machine's link (HCCS), larger ones over the
+    link between machines (RoCE). ``measured_latency_s``: ``{K: seconds per collective}`` measured on
+    the devices (``docs/npu_runbook.md``), used instead of the modelled latency for that size."""
+
+    machines: int
+    devices_per_machine: int
+    hccs_bandwidth: float  # bytes / s
+    roce_bandwidth: float
+    hccs_latency_s: float
+    roce_latency_s: float
+    measured_latency_s: tuple = ()  # ((K, seconds), ...)
+
+    @property
+    def devices(self) -> int:
+        return self.machines * self.devices_per_machine
+
+    def link(self, size: int) -> tuple:
+        """``(bandwidth, latency_s, link name, latency source)`` of a block of ``size`` ranks."""
+        inside = size <= self.devices_per_machine
+        bandwidth = self.hccs_bandwidth if inside else self.roce_bandwidth
+        measured = dict(self.measured_latency_s)
+        if size in measured:
+            return bandwidth, measured[size], "HCCS" if inside else "RoCE", "measured"
+        return bandwidth, self.hccs_latency_s if inside else self.roce_latency_s, "HCCS" if inside else "RoCE", "modelled"
+
+
+def compare_share_sizes(step: StepInputs, where: Deployment, sizes, decode_tokens: int, prefill_tokens: int,
+                        prefetch_step: int = 1) -> list:
+    """One row per (size, layout): memory saved per device (the series' ``(K-1)/K``, less the
+    ``prefetch_step + 1`` layer buffers a fetch holds at its peak) and the modelled seconds per step at
+    decode and at prefill. Sizes that do not divide the group are left out. ``slices`` takes the path
+    it would choose at each token count (its decode path up to ``decode_threshold``, else gathers)."""
+    layer_bytes = step.series_bytes()
+    rows = []
+    for size in sizes:
+        if size < 2 or where.devices % size:
+            continue
+        bandwidth, latency, link, source = where.link(size)
+        at = dataclasses.replace(step, ranks=size, link_bandwidth=bandwidth, latency_s=latency)
+        saved = layer_bytes * step.layers * (size - 1) / size - (prefetch_step + 1) * layer_bytes
+        threshold = at.decode_threshold(prefetch_step)
+        times = {n: at.steps(n, prefetch_step) for n in (decode_tokens, prefill_tokens)}
+        for layout in ("layers", "slices"):
+            def t(n):
+                s = times[n]
+                if layout == "layers":
+                    return s["layers"]
+                return s["slices decode"] if n <= threshold else s["slices gather"]
+
+            rows.append({"size": size, "layout": layout, "link": link, "latency": source, "saved": saved,
+                         "decode_s": t(decode_tokens), "prefill_s": t(prefill_tokens),
+                         "replicated_decode_s": times[decode_tokens]["replicated"],
+                         "replicated_prefill_s": times[prefill_tokens]["replicated"]})
+    return rows
+
+
+def recommend(rows: list, memory_goal: Optional[float] = None) -> tuple:
+    """``(row or None, why)``: the smallest decode step time among the rows that save at least
+    ``memory_goal`` bytes per device (ties: the faster prefill, then the smaller size)."""
+    fits = [r for r in rows if memory_goal is None or r["saved"] >= memory_goal]
+    goal = "" if memory_goal is None else f" among those saving >= {memory_goal / 2**30:.2f} GiB per device"
+    if not fits:
+        most = max(rows, key=lambda r: r["saved"]) if rows else None
+        return None, (f"no size saves {memory_goal / 2**30:.2f} GiB per device"
+                      + (f"; the most is {most['saved'] / 2**30:.2f} GiB (share_size={most['size']})" if most else ""))
+    best = min(fits, key=lambda r: (r["decode_s"], r["prefill_s"], r["size"]))
+    return best, (f"share_size={best['size']}, layout={best['layout']!r}: the fastest decode step{goal} "
+                  f"({best['decode_s'] * 1e3:.2f} ms, {best['decode_s'] / best['replicated_decode_s']:.2f}x replicated; "
+                  f"saves {best['saved'] / 2**30:.2f} GiB per device)")

@@ -124,7 +124,9 @@ def check_share_size(vllm_config, cfg: SharedWeightConfig, group: str) -> None:
                   ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"))
     size = {"dp": dp, "tp": tp}.get(group, tp * pp * dp)
     blocks.split(range(size), cfg.share_size, group=group)
-(vllm_config) -> tuple:
+
+
+def _why_eager(vllm_config) -> tuple:
     """``(why vLLM's config says mode 0, what to undo)``. vLLM 0.23's ``VllmConfig.__post_init__``
     sets mode 0 (NONE) for ``model_config.enforce_eager`` (``LLM(enforce_eager=True)``,
     ``--enforce-eager``), ``TORCH_COMPILE_DISABLE=1`` and ``VLLM_USE_BREAKABLE_CUDAGRAPH=1``."""
