@@ -85,7 +85,8 @@ class SharedWeightConfig:
     and has its own process group, schedule and failures; no collective crosses blocks. Smaller
     blocks save less memory (``(K-1)/K`` of the series) over faster links.
     ``ranks_per_machine``: for ``share_size="machine"``, ranks of the whole job on one machine
-    (default: the launcher's ``LOCAL_WORLD_SIZE``); global ranks ``[m*n, (m+1)*n)`` are machine ``m``.
+    (default: torchrun's ``WORLD_SIZE / GROUP_WORLD_SIZE``, else ``LOCAL_WORLD_SIZE``); global ranks
+    ``[m*n, (m+1)*n)`` are machine ``m``.
     """
 
     layers: Sequence[str]
@@ -138,7 +139,7 @@ class SharedWeightConfig:
         if self.ranks_per_machine is not None and (isinstance(self.ranks_per_machine, bool)
                                                    or not isinstance(self.ranks_per_machine, int)
                                                    or self.ranks_per_machine < 1):
-            raise ConfigError(f"ranks_per_machine must be an int >= 1 (or None for the launcher's LOCAL_WORLD_SIZE), "
+            raise ConfigError(f"ranks_per_machine must be an int >= 1 (or None for the launcher's count), "
                               f"got {self.ranks_per_machine!r}")
         if self.wrap_around is None:
             self.wrap_around = default_lowering() != "torchair"

@@ -193,3 +193,16 @@ def test_the_runbooks_collective_benchmark_feeds_the_planner(tmp_path, capsys):
     assert cli.main(["plan", "--machines", "1", "--devices-per-machine", "4", *args]) == 0
     out = capsys.readouterr().out
     assert re.search(r"^\s+2\s+layers\s+HCCS\s+measured", out, re.M) and re.search(r"^\s+4\s+slices\s+HCCS\s+measured", out, re.M)
+
+
+def test_machine_size_comes_from_torchrun_before_local_world_size(monkeypatch):
+    # vLLM's CPU platform rewrites LOCAL_WORLD_SIZE to the TP size: torchrun's own count comes first
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert blocks.ranks_per_machine() == 4
+    assert blocks.ranks_per_machine(8) == 8  # SharedWeightConfig(ranks_per_machine=8)
+    monkeypatch.delenv("GROUP_WORLD_SIZE")
+    assert blocks.ranks_per_machine() == 2
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert blocks.ranks_per_machine() is None

@@ -4,7 +4,7 @@ A group of ``n`` ranks splits into ``n / K`` blocks of ``K`` consecutive group r
 holds group ranks ``[b*K, (b+1)*K)`` and owns a whole copy of the shared layers among them
 (layer ``i`` on its rank ``i % K``). ``K`` is the group's size (``share_size=None``), a number, or
 ``"machine"``: the group's ranks on one machine, from the launcher (global ranks ``[m*L, (m+1)*L)``
-run on machine ``m``, ``L`` = ``LOCAL_WORLD_SIZE`` or ``ranks_per_machine``). Everything here is
+run on machine ``m``, ``L`` from torchrun or ``ranks_per_machine``: ``ranks_per_machine``). Everything here is
 arithmetic on values every rank has: no collective. ``check_machines`` checks the blocks against
 the machines the ranks report at shard time.
 """
@@ -56,9 +56,18 @@ def machine_name() -> str:
 
 
 def ranks_per_machine(explicit: Optional[int] = None) -> Optional[int]:
+    """Ranks of the job on one machine: ``explicit``, else torchrun's ``WORLD_SIZE / GROUP_WORLD_SIZE``
+    (its machines), else ``LOCAL_WORLD_SIZE``. torchrun's own count comes first because platforms
+    rewrite ``LOCAL_WORLD_SIZE`` (vLLM's CPU platform sets it to the tensor-parallel size)."""
     if explicit is not None:
         return explicit
-    value = os.environ.get("LOCAL_WORLD_SIZE")
+    world, machines = _positive(os.environ.get("WORLD_SIZE")), _positive(os.environ.get("GROUP_WORLD_SIZE"))
+    if world and machines and world % machines == 0:
+        return world // machines
+    return _positive(os.environ.get("LOCAL_WORLD_SIZE"))
+
+
+def _positive(value: Optional[str]) -> Optional[int]:
     return int(value) if value and value.isdigit() and int(value) > 0 else None
 
 
@@ -81,7 +90,8 @@ def split(group_ranks: Sequence[int], share_size: Any = None, per_machine: Optio
         if per is None:
             raise ConfigError(
                 "share_size='machine' needs to know which ranks run on one machine: start the ranks with torchrun "
-                "(it sets LOCAL_WORLD_SIZE), set SharedWeightConfig(ranks_per_machine=...), or give share_size as "
+                "(WORLD_SIZE / GROUP_WORLD_SIZE, or LOCAL_WORLD_SIZE), set SharedWeightConfig(ranks_per_machine=...), "
+                "or give share_size as "
                 f"a number ({', '.join(map(str, divisors(n)))} divide the {n} ranks of {where})"
             )
         machines = [r // per for r in ranks]

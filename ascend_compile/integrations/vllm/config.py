@@ -41,8 +41,9 @@ def shared_weight_config(vllm_config) -> Optional[SharedWeightConfig]:
     if "shared_weight" not in ours:
         return None
     d = dict(ours["shared_weight"], group=_group(ours.get("group", "world")))
-    if d.get("share_size") == "machine" and d.get("ranks_per_machine") is None and not os.environ.get("LOCAL_WORLD_SIZE"):
-        d["ranks_per_machine"] = _ranks_per_machine(vllm_config)  # vLLM's own launch: no LOCAL_WORLD_SIZE
+    if d.get("share_size") == "machine" and d.get("ranks_per_machine") is None and not os.environ.get("GROUP_WORLD_SIZE"):
+        # vLLM started the ranks (no torchrun); its CPU platform rewrites LOCAL_WORLD_SIZE to the TP size
+        d["ranks_per_machine"] = _ranks_per_machine(vllm_config)
     return SharedWeightConfig.from_dict(d)
 
 
