@@ -93,6 +93,27 @@ def test_parallel_layouts_that_would_be_wrong_or_hang_are_refused():
     integ.check_config(_Cfg(sw(), dp=2))  # the external launcher
 
 
+def test_a_share_size_that_does_not_divide_the_group_is_refused_with_vllms_config(monkeypatch):
+    from ascend_compile.integrations import vllm as integ
+
+    def sized(size, group="dp"):
+        return {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "share_size": size}, "group": group}}
+
+    with pytest.raises(ConfigError, match=r"share_size=4 does not divide the 6 ranks of process group 'dp': "
+                                          r"use one of \[2, 3, 6\]"):
+        integ.check_config(_Cfg(sized(4), tp=2, dp=6))
+    with pytest.raises(ConfigError, match=r"share_size=8 does not divide the 4 ranks of process group 'world'"):
+        integ.check_config(_Cfg(sized(8, "world"), dp=4))
+    integ.check_config(_Cfg(sized(2), tp=2, dp=4))
+    integ.check_config(_Cfg(sized("machine"), tp=2, dp=4))  # known at shard time
+    # "machine" without torchrun: vLLM's local DP ranks, each with its TP x PP ranks
+    monkeypatch.delenv("GROUP_WORLD_SIZE", raising=False)
+    cfg = _Cfg(sized("machine"), tp=2, dp=8)
+    cfg.parallel_config.data_parallel_size_local = 4
+    monkeypatch.setattr(integ.config, "_group", lambda name: None)
+    assert integ.shared_weight_config(cfg).ranks_per_machine == 8
+
+
 def test_config_errors_name_the_key_and_the_fix():
     from ascend_compile.integrations import vllm as integ
 
