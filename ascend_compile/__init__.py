@@ -9,7 +9,7 @@ broadcasts it to the other ranks just in time, prefetched ``k`` layers ahead.
 """
 
 from .config import CompileOptions, ConfigError, SharedWeightConfig
-from .runtime.comm import PeerError, RankMismatchError, ShardingError
+from .runtime.errors import PeerError, RankMismatchError, ShardingError
 from .runtime.opaque import ForeignBackendError, OpaqueReadError, fetch_layers
 from .runtime.sharding import ShardPlan, drain_prefetch, get_plan, invalidate_prefetch, parameter_storage_bytes, shard_model
 from .passes.verify import ScheduleError

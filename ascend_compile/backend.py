@@ -22,9 +22,9 @@ from .passes.graph import sliced_layers
 from .passes.plan import marker_groups
 from .passes.planning import make_plan, planned_schedule, resolve_auto_step
 from .passes.prefetch import collective_order, order_layers
-from .runtime import comm
+from .runtime import failing, groups, order, state
 from .runtime.guard import GuardedGraph
-from .runtime.ops import layer_name
+from .runtime.marker import layer_name
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
     if not groups:
         log.debug("ascend_compile: no shared weights in this graph; lowering %s unchanged", opts.lowering)
         compiled = _lower(get_lowering(opts.lowering), gm, example_inputs, None, opts, mode)
-        if not comm.any_sharding():
+        if not state.any_sharding():
             return compiled
         from .runtime.guard import OpaqueReadGuard
 
@@ -91,7 +91,7 @@ def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: An
             # group so they fail at once naming this rank. (With suppress_errors, Dynamo runs this
             # forward eagerly instead, and the eager markers issue the same collectives.)
             for name in sorted(groups):
-                comm.abort_group(name, e)
+                failing.abort_group(name, e)
         raise
 
 
@@ -103,8 +103,8 @@ def _compile_sliced(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
     from .debug.dump import slices_table
     from .runtime.guard import SlicedOrderGuard
 
-    dumper = GraphDumper(opts.dump_dir, comm.global_rank())
-    dumper.schedule(slices_table(sliced, comm.global_rank()))
+    dumper = GraphDumper(opts.dump_dir, groups.global_rank())
+    dumper.schedule(slices_table(sliced, groups.global_rank()))
     compiled = _lower(get_lowering(opts.lowering), gm, example_inputs, None, opts, mode)
     return SlicedOrderGuard(compiled, layers=sliced, graph_id=dumper.graph_id, check=opts.check_ranks)
 
@@ -126,7 +126,7 @@ def _compile_shared(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
     plan, explanation = resolve_auto_step(gm, plan, opts)
     # Directories by global rank: with several sharing groups (one per data-parallel replica,
     # say) group ranks repeat across processes and would overwrite each other's dumps.
-    global_rank = comm.global_rank()
+    global_rank = groups.global_rank()
     dumper = GraphDumper(opts.dump_dir, global_rank)
     planned = planned_schedule(gm, plan)
     pipeline = PassPipeline(plan, default_passes(plan.pin_order, getattr(lowering, "STREAMS", False)),
@@ -141,21 +141,21 @@ def _compile_shared(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
     table["pass_seconds"] = dict(pipeline.seconds)
     if pipeline.ordering_report is not None:
         table["ordering_edges"] = pipeline.ordering_report
-    order = collective_order(planned)
-    state = comm.shard_state(plan.group_name, plan.generation)
-    key = comm.order_key(plan.group_name, state["generation"], order_layers(order), plan.wrap, state.get("token", ""))
-    table["order"] = [str(c) for c in order]
+    fetches = collective_order(planned)
+    sharding = state.get(plan.group_name, plan.generation)
+    key = order.order_key(plan.group_name, sharding.generation, order_layers(fetches), plan.wrap, sharding.token)
+    table["order"] = [str(c) for c in fetches]
     table["order_key"] = key  # graphs under one key must have equal orders (``ascend-compile explain`` checks)
     dumper.schedule(table)
     seconds = time.monotonic() - start
-    if state.get("timeout") is not None and seconds > 0.5 * state["timeout"]:
+    if sharding.timeout is not None and seconds > 0.5 * sharding.timeout:
         log.warning("ascend_compile: compiled graph %s took %.1f s to compile, more than half of "
                     "SharedWeightConfig(timeout=%s): when this rank recompiles at a call where its peers do not, they "
                     "wait that long in a broadcast and may give up (PeerError). Set the timeout well above the longest "
-                    "compile.", dumper.graph_id, seconds, state["timeout"])
+                    "compile.", dumper.graph_id, seconds, sharding.timeout)
     return GuardedGraph(
-        compiled, order=order, key=key,
-        plan=plan, graph_id=dumper.graph_id, waits=pipeline.layer_nodes, timeout=state.get("timeout"),
+        compiled, order=fetches, key=key,
+        plan=plan, graph_id=dumper.graph_id, waits=pipeline.layer_nodes, timeout=sharding.timeout,
         # the c10d waits only (Inductor's wrapper shows them as wait_tensor; window ops name their layer)
         waits_in_order=[layer_name(r["series"], r["index"]) for r in sorted(pipeline.final_schedule or planned,
                                                                              key=lambda r: r["wait"] or 0)

@@ -44,7 +44,7 @@ def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS, device="cpu", low
 
     import ascend_compile as ac
     from ascend_compile.models import StackShape, build_stack, make_input
-    from ascend_compile.runtime import slices
+    from ascend_compile.runtime import state as shardings
     from timing import median_seconds  # benchmarks/
 
     torch._dynamo.config.recompile_limit = 64
@@ -83,7 +83,7 @@ def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS, device="cpu", low
             out["times"][phase] = median_seconds(configs, x, rounds)
             for name, plan in plans.items():
                 if plan.layout == "slices":
-                    state = slices.state_of(plan.group_name, plan.generation)
+                    state = shardings.get(plan.group_name, plan.generation).slices
                     out["paths"][f"{phase} {name}"] = state.path
     if "layers k=1" in configs:
         ac.drain_prefetch(configs["layers k=1"]._orig_mod)

@@ -13,7 +13,7 @@ from torch import nn
 import torch.distributed as dist
 
 from ascend_compile.config import SharedWeightConfig
-from ascend_compile.runtime import comm
+from ascend_compile.runtime import groups
 from ascend_compile.runtime.sharding import series_members, standin_like
 
 
@@ -23,8 +23,8 @@ class EagerHookSharing:
     def __init__(self, model: nn.Module, config: SharedWeightConfig):
         if config.prefetch_step == "auto":
             raise ValueError("the eager hook baseline takes a fixed prefetch_step")
-        self.pg = comm.resolve_group(config.group)
-        self.rank, self.world = comm.group_rank(self.pg), comm.group_size(self.pg)
+        self.pg = groups.resolve_group(config.group)
+        self.rank, self.world = groups.group_rank(self.pg), groups.group_size(self.pg)
         self.k = config.prefetch_step
         self.series: dict = {}
         self.handles = []

@@ -283,9 +283,9 @@ def _path_counts(plan) -> dict:
     """Forwards run so far on each path of a sliced model (``{}`` for other models)."""
     if plan is None or plan.layout != "slices":
         return {}
-    from ascend_compile.runtime.slices import state_of
+    from ascend_compile.runtime import state
 
-    return dict(state_of(plan.group_name, plan.generation).forwards)
+    return dict(state.get(plan.group_name, plan.generation).slices.forwards)
 
 
 def worker(args) -> int:

@@ -45,18 +45,17 @@ def test_memory_budget_caps_k():
 
 
 def _auto_case(rank, world, overrides, wrap=True):
-    from ascend_compile.runtime import comm
 
     torch._dynamo.reset()
     shape = StackShape(layers=4)
     model = build_stack(shape)
-    plan = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step="auto", wrap_around=wrap))
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step="auto", wrap_around=wrap))
     ref = build_stack(shape)(make_input(shape))
     d = tempfile.mkdtemp()
     out = torch.compile(model, backend="ascend_compile",
                         options={"lowering": "aot_eager", "dump_dir": d, "cost_model": overrides})(make_input(shape))
     table = json.load(open(os.path.join(d, f"rank_{rank}", "schedule.json")))
-    costs = comm.shard_state(plan.group_name, plan.generation)["costs"]  # what the ranks measured and agreed
+    costs = ac.runtime.state.of_model(model).costs  # what the ranks measured and agreed
     return torch.equal(out, ref), table["prefetch_step"], table.get("explain", ""), costs
 
 

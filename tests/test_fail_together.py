@@ -31,9 +31,9 @@ def _timed(fn):
 def _odd_model_case(rank, world, what):
     import torch.distributed as dist
 
-    from ascend_compile.runtime import comm
+    from ascend_compile.runtime import groups
 
-    comm.set_timeout(dist.group.WORLD, GROUP_TIMEOUT)
+    groups.set_timeout(dist.group.WORLD, GROUP_TIMEOUT)
     shape = StackShape(layers=4)
     model = build_stack(shape)
     if rank == 1 and what == "shape":  # one layer of the series differs on this rank only
@@ -59,20 +59,20 @@ def test_shard_model_raises_on_every_rank_when_one_rank_s_model_is_odd(what):
 def _one_sided_case(rank, world, how):
     import torch.distributed as dist
 
-    from ascend_compile.runtime import comm
+    from ascend_compile.runtime import groups, order
 
     torch._dynamo.reset()
     shape = StackShape(layers=4)
     model = build_stack(shape)
     ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
-    comm.set_timeout(dist.group.WORLD, GROUP_TIMEOUT)
+    groups.set_timeout(dist.group.WORLD, GROUP_TIMEOUT)
     options = {"lowering": "aot_eager"}
     if rank == 1 and how == "compile_error":
         options["prefetch_step"] = 7  # out of range for 4 layers: a ConfigError while compiling, on rank 1 only
     if rank == 1 and how == "order_mismatch":
         def mismatch(*args, **kwargs):
             raise ac.RankMismatchError("ranks disagree on the collective order (injected on rank 1)")
-        comm.check_published = mismatch
+        order.check_published = mismatch
     fn = torch.compile(model, backend="ascend_compile", options=options)
     x = make_input(shape)
     if rank == 1:
@@ -103,9 +103,9 @@ def _reload_alone_case(rank, world):
     import torch.distributed as dist
 
     from ascend_compile.integrations import vllm as integ
-    from ascend_compile.runtime import comm
+    from ascend_compile.runtime import groups
 
-    comm.set_timeout(dist.group.WORLD, GROUP_TIMEOUT)
+    groups.set_timeout(dist.group.WORLD, GROUP_TIMEOUT)
     torch._dynamo.reset()
     shape = StackShape(layers=4)
     x = make_input(shape)
@@ -147,24 +147,24 @@ def _fallback_case(rank, world):
 
     import torch.distributed as dist
 
-    from ascend_compile.runtime import comm
+    from ascend_compile.runtime import failing, groups
 
     if rank == 1:  # a group only this rank made: the ranks no longer name a new group alike
         dist.new_group([1], use_local_synchronization=True)
     warnings = []
     handler = logging.Handler()
     handler.emit = lambda record: warnings.append(record.getMessage())
-    logging.getLogger(comm.__name__).addHandler(handler)
+    logging.getLogger(groups.__name__).addHandler(handler)
     shape = StackShape(layers=4)
     x = make_input(shape)
     model = build_stack(shape)
     plan = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1))
     eager = torch.equal(model(x), build_stack(shape)(x))
-    comm.abort_group(plan.group_name, RuntimeError("stopped"))  # the user's group: published, not destroyed
+    failing.abort_group(plan.group_name, RuntimeError("stopped"))  # the user's group: published, not destroyed
     alive = torch.ones(1)
     dist.all_reduce(alive)
-    return {"group": plan.group_name, "world": comm.group_name(dist.group.WORLD), "wrap": plan.wrap_windows,
-            "eager": eager, "alive": float(alive), "reason": comm.abort_reason(plan.group_name), "warnings": warnings}
+    return {"group": plan.group_name, "world": groups.group_name(dist.group.WORLD), "wrap": plan.wrap_windows,
+            "eager": eager, "alive": float(alive), "reason": failing.abort_reason(plan.group_name), "warnings": warnings}
 
 
 def test_without_a_group_of_its_own_sharing_uses_the_users_and_never_destroys_it():

@@ -62,7 +62,7 @@ def test_the_marker_schema_is_marker_s_fields():
     import torch
 
     from ascend_compile.lowering import torchair as lowering
-    from ascend_compile.runtime.ops import Marker
+    from ascend_compile.runtime.marker import Marker
 
     fields = [f.name for f in dataclasses.fields(Marker)]
     schema = [a.name for a in torch.ops.ascend_compile.shared_weight.default._schema.arguments]

@@ -134,7 +134,7 @@ def test_a_rank_killed_mid_forward_makes_the_other_fail_with_the_layer():
 
 
 def _silent_peer_case(rank, world, timeout, lowering):
-    from ascend_compile.runtime import comm
+    from ascend_compile.runtime import groups
 
     torch._dynamo.reset()
     shape = StackShape(layers=4)
@@ -144,10 +144,10 @@ def _silent_peer_case(rank, world, timeout, lowering):
     fn = torch.compile(model, backend="ascend_compile", options={"lowering": lowering})
     # the first forward waits in its broadcasts for the peer's compile, which on a loaded machine
     # takes longer than this test's short timeout: lift it for that forward only
-    ours = comm.group_from_name(ac.get_plan(model).group_name)
-    comm.set_timeout(ours, 300)
+    ours = groups.group_from_name(ac.get_plan(model).group_name)
+    groups.set_timeout(ours, 300)
     fn(x)
-    comm.set_timeout(ours, timeout)
+    groups.set_timeout(ours, timeout)
     if rank == 1:  # alive, but skips the next forward
         time.sleep(3 * timeout)
         return "skipped", 0.0
@@ -198,15 +198,14 @@ def test_timeout_must_be_positive():
 def test_the_store_is_asked_at_calls_1_2_4_8_until_every_peer_published(monkeypatch):
     import importlib
 
-    from ascend_compile.runtime import comm
     from graphs import plan
 
     guard = importlib.import_module("ascend_compile.runtime.guard")
 
     asked = []
     answers = iter([False, False, False, True])  # the peers have all published by the 4th lookup
-    monkeypatch.setattr(comm, "publish_order", lambda key, rank, order: None)
-    monkeypatch.setattr(comm, "check_published", lambda *a: asked.append(calls[0]) or next(answers))
+    monkeypatch.setattr(guard, "publish_order", lambda key, rank, order: None)
+    monkeypatch.setattr(guard, "check_published", lambda *a: asked.append(calls[0]) or next(answers))
     calls = [0]
 
     def compiled(x):

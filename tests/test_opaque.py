@@ -177,26 +177,22 @@ def test_fetch_layers_refuses_a_sliced_layer_that_cannot_be_gathered():
     class Gemm(nn.Linear):
         pass
 
+    from ascend_compile.runtime import state
+
     layer = Gemm(4, 4)
     layer._ascend_compile_slice = ("o_proj", 0, "g", 1, 4)
 
-    class State:
+    class Sliced:
         position = {("o_proj", 0): 0}
         layers = [type("L", (), {"module": "layers.0.o_proj"})()]
 
-        def gathers(self, pos):
+        def can_gather(self, pos):
             return False
 
-    import ascend_compile.runtime.slices as slices
-
-    original = slices.state_of
-    slices.state_of = lambda g, gen: State()
-    try:
-        with pytest.raises(ac.ConfigError, match=r"layers.0.o_proj is read inside an op .*layout='layers'"):
-            with opaque.fetch_layers(layer):
-                pass
-    finally:
-        slices.state_of = original
+    setattr(layer, state.ATTR, state.Sharding("g", "g", slices=Sliced()))  # a sliced module reaches its model's state
+    with pytest.raises(ac.ConfigError, match=r"layers.0.o_proj is read inside an op .*layout='layers'"):
+        with opaque.fetch_layers(layer):
+            pass
 
 
 # -- the vLLM integration's wiring (integrations/vllm/attention.py: no vLLM needed) -----------------

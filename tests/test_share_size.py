@@ -14,7 +14,7 @@ import ascend_compile as ac
 from ascend_compile import cli
 from ascend_compile.config import ConfigError
 from ascend_compile.models import StackShape, build_stack, make_input
-from ascend_compile.runtime import blocks, comm, slices
+from ascend_compile.runtime import blocks, groups, state
 from ranks import run_fresh, run_ranks
 
 SERIES = ["o_proj", "q_b_proj"]
@@ -38,7 +38,7 @@ def _blocks_case(rank, world, layout, share_size, dump):
     finally:
         os.environ.pop("LOCAL_WORLD_SIZE", None)
     after = ac.parameter_storage_bytes(model)
-    ours = comm.group_from_name(plan.group_name)
+    ours = groups.group_from_name(plan.group_name)
     fn = torch.compile(model, backend="ascend_compile", options={"lowering": "aot_eager", "dump_dir": dump}, dynamic=False)
     tokens = [3, 16] if rank < 2 else [2, 16, 5]
     forwards = []
@@ -49,7 +49,7 @@ def _blocks_case(rank, world, layout, share_size, dump):
             got = fn(x) if i else model(x)  # the first eagerly, the rest compiled
         forwards.append({"bitwise": torch.equal(got, want), "max_diff": (got - want).abs().max().item(),
                          "device": str(got.device),
-                         "path": slices.states_over(plan.group_name)[0].path if layout == "slices" else None})
+                         "path": state.of_model(model).slices.path if layout == "slices" else None})
     return {"block": plan.block, "blocks": plan.blocks, "rank": plan.rank, "world": plan.world_size,
             "group": plan.group_name, "members": dist.get_process_group_ranks(ours), "saved": before - after,
             "planned": plan.saved_bytes(), "series": plan.series_bytes(), "forwards": forwards}

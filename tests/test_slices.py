@@ -10,7 +10,7 @@ from torch import nn
 import ascend_compile as ac
 from ascend_compile.config import ConfigError
 from ascend_compile.models import StackShape, build_stack, make_input
-from ascend_compile.runtime import slices
+from ascend_compile.runtime import slice_layout, slice_measure, state as shardings
 from ranks import run_fresh, run_ranks
 
 SERIES = ["o_proj", "q_b_proj"]  # o_proj 96 -> 64 (input cut), q_b_proj 32 -> 96 (output cut)
@@ -31,7 +31,7 @@ def _forwards(rank, world, decode_tokens, token_counts, compiled, bias):
     run = torch.compile(model, backend="ascend_compile", fullgraph=True, dynamic=False) if compiled else model
     # compiled: against the unsharded model through the same backend (Inductor's fusions round differently)
     want_of = torch.compile(ref, backend="ascend_compile", fullgraph=True, dynamic=False) if compiled else ref
-    state = slices.states_over(plan.group_name)[0]
+    state = shardings.of_model(model).slices
     out = []
     for counts in token_counts:
         x = make_input(shape, tokens=counts[rank], seed=sum(counts) + rank)
@@ -70,7 +70,7 @@ PATHS = ["decode", "prefill", "prefill", "decode"]
 def test_eager_both_paths_with_different_tokens_per_rank(world):
     results = run_ranks(_forwards, world, 8, TOKENS, False, True)
     _check(results, world, PATHS)
-    # (prefill gathers the whole weight exactly, test_whole_weight_reassembles_the_slices; an input-cut
+    # (prefill gathers the whole weight exactly, test_reassemble_puts_the_slices_back_together; an input-cut
     # layer multiplies by it transposed, which BLAS may round differently at small batches: not bitwise)
     # decode computes on the slices: no weight gather; prefill gathers every layer once
     decode, prefill = results[0]["forwards"][0]["issued"], results[0]["forwards"][1]["issued"]
@@ -144,30 +144,30 @@ def test_auto_threshold_is_agreed():
 def test_choose_threshold_picks_the_last_candidate_before_decode_loses():
     costs = {"decode": {1: 1.0, 2: 1.5, 4: 3.0, 8: 2.0}, "gemm": {1: 0.5, 2: 1.0, 4: 2.0, 8: 4.0},
              "gather": 2.0, "prefetch_step": 1}
-    assert slices.choose_threshold(costs)[0] == 2  # 4 loses (3.0 > 2.0); 8 wins again but comes after
-    assert slices.choose_threshold(dict(costs, prefetch_step=0))[0] == 8  # no overlap: gathers add to the GEMM
-    assert slices.choose_threshold(dict(costs, decode={1: 9.0, 2: 0.1, 4: 0.1, 8: 0.1}))[0] == 0
+    assert slice_measure.choose_threshold(costs)[0] == 2  # 4 loses (3.0 > 2.0); 8 wins again but comes after
+    assert slice_measure.choose_threshold(dict(costs, prefetch_step=0))[0] == 8  # no overlap: gathers add to the GEMM
+    assert slice_measure.choose_threshold(dict(costs, decode={1: 9.0, 2: 0.1, 4: 0.1, 8: 0.1}))[0] == 0
 
 
 def test_agree_costs_takes_the_slowest_rank():
     a = {"decode": {1: 1.0}, "gemm": {1: 3.0}, "gather": 1.0, "prefetch_step": 1}
     b = {"decode": {1: 2.0}, "gemm": {1: 1.0}, "gather": 0.5, "prefetch_step": 1}
-    assert slices.agree_costs([a, b]) == {"decode": {1: 2.0}, "gemm": {1: 3.0}, "gather": 1.0, "prefetch_step": 1}
+    assert slice_measure.agree_costs([a, b]) == {"decode": {1: 2.0}, "gemm": {1: 3.0}, "gather": 1.0, "prefetch_step": 1}
 
 
-@pytest.mark.parametrize("cut", [slices.INPUT_CUT, slices.OUTPUT_CUT])
-def test_whole_weight_reassembles_the_slices(cut):
-    w = torch.randn(6, 8) if cut == slices.OUTPUT_CUT else torch.randn(4, 12)
+@pytest.mark.parametrize("cut", [slice_layout.INPUT_CUT, slice_layout.OUTPUT_CUT])
+def test_reassemble_puts_the_slices_back_together(cut):
+    w = torch.randn(6, 8) if cut == slice_layout.OUTPUT_CUT else torch.randn(4, 12)
     world = 2
     size = w.shape[cut] // world
-    sent = [slices.gather_source(cut, w.narrow(cut, r * size, size)).contiguous() for r in range(world)]
+    sent = [slice_layout.gather_source(cut, w.narrow(cut, r * size, size)).contiguous() for r in range(world)]
     gathered = torch.cat(sent)
-    whole = slices.whole_weight(gathered, cut, tuple(w.shape), world)
+    whole = slice_layout.reassemble(gathered, cut)
     assert torch.equal(whole, w)
     # a view of the gathered buffer, never a copy (for an input cut its transpose: the slices are rows of W.T)
     assert whole.data_ptr() == gathered.data_ptr()
-    assert whole.is_contiguous() == (cut == slices.OUTPUT_CUT)
-    assert slices.cut_of((64, 96)) == slices.INPUT_CUT and slices.cut_of((96, 32)) == slices.OUTPUT_CUT
+    assert whole.is_contiguous() == (cut == slice_layout.OUTPUT_CUT)
+    assert slice_layout.cut_of((64, 96)) == slice_layout.INPUT_CUT and slice_layout.cut_of((96, 32)) == slice_layout.OUTPUT_CUT
 
 
 class Custom(nn.Linear):
@@ -380,7 +380,7 @@ def _measure_fails_case(rank, world):
         def broken(*args, **kwargs):
             raise MemoryError("out of memory in the decode measurement")
 
-        slices.decode_linear = broken
+        slice_measure.decode_linear = broken  # what the measurement calls
     try:
         ac.shard_model(build_stack(StackShape(layers=2)), ac.SharedWeightConfig(layers=SERIES, layout="slices"))
     except BaseException as e:
@@ -412,9 +412,9 @@ class _Skipping(nn.Module):
 def _skipping_case(rank, world, compiled):
     torch._dynamo.reset()
     ref, model = _Skipping(), _Skipping()
-    plan = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], layout="slices", decode_tokens=8))
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], layout="slices", decode_tokens=8))
     run = torch.compile(model, backend="ascend_compile", dynamic=False) if compiled else model
-    state = slices.state_of(plan.group_name, plan.generation)
+    state = shardings.of_model(model).slices
     out = []
     # a decode forward from the first layer, then a prefill forward that skips it: the prefill forward
     # must agree on its own path at the first sliced layer it calls
@@ -443,11 +443,11 @@ def _all_gather_case(rank, world):
         calls.append(args[0].shape)
         return real(*args, **kwargs)
 
-    slices.BROADCAST_GATHER_BACKENDS, dist.all_gather_into_tensor = (), counted
+    slice_layout.BROADCAST_GATHER_BACKENDS, dist.all_gather_into_tensor = (), counted
     try:
         out = _forwards(rank, world, 8, TOKENS, False, True)
     finally:
-        slices.BROADCAST_GATHER_BACKENDS, dist.all_gather_into_tensor = ("gloo",), real
+        slice_layout.BROADCAST_GATHER_BACKENDS, dist.all_gather_into_tensor = ("gloo",), real
     out["all_gathers"] = len(calls)
     return out
 
@@ -482,8 +482,8 @@ def _vllm_count_case(rank, world):
         torch._dynamo.reset()
         shape = StackShape(layers=2)
         ref, model = build_stack(shape), build_stack(shape)
-        plan = ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=8))
-        state = slices.state_of(plan.group_name, plan.generation)
+        ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=8))
+        state = shardings.of_model(model).slices
         out = []
         for across in (counts, torch.tensor([3, 5])):
             ctx["now"] = _ForwardContext(types.SimpleNamespace(num_tokens_across_dp_cpu=across))  # one per forward

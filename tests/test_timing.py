@@ -54,22 +54,22 @@ def time_call_seconds(call, device):
 
 
 def _measure_on_a_slow_device(rank, world):
-    """``slices.measure_paths`` with a decode path whose work is queued on a stand-in device: the
+    """``slice_measure.measure_paths`` with a decode path whose work is queued on a stand-in device: the
     decode costs must include that work, so the decode path must not win."""
     import ascend_compile as ac
-    from ascend_compile.runtime import slices
-    from ascend_compile.runtime.comm import group_from_name
+    from ascend_compile.runtime import slice_measure
+    from ascend_compile.runtime.groups import group_from_name
 
     device = StandinDevice()
     torch.standin = device
-    real_decode = slices.decode_linear
+    real_decode = slice_measure.decode_linear
     real_sync = timing.synchronize
 
     def decode_linear(*args, **kwargs):  # returns at once; its work completes at synchronize
         device.launch(QUEUED)
         return real_decode(*args, **kwargs)
 
-    slices.decode_linear = decode_linear
+    slice_measure.decode_linear = decode_linear
     timing.synchronize = lambda d: device.synchronize()  # the model's device is the stand-in
     try:
         from ascend_compile.models import StackShape, build_stack
@@ -77,13 +77,13 @@ def _measure_on_a_slow_device(rank, world):
         model = build_stack(StackShape(layers=2))
         plan = ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj", "q_b_proj"], layout="slices",
                                                            decode_tokens=0))
-        state = slices.state_of(plan.group_name, plan.generation)
+        state = ac.runtime.state.of_model(model).slices
         layers = list(zip(state.layers, state.modules))
-        costs = slices.measure_paths(group_from_name(plan.group_name), layers, 1, reps=1)
+        costs = slice_measure.measure_paths(group_from_name(plan.group_name), layers, 1, reps=1)
     finally:
-        slices.decode_linear, timing.synchronize = real_decode, real_sync
+        slice_measure.decode_linear, timing.synchronize = real_decode, real_sync
         del torch.standin
-    return {"decode": costs["decode"], "threshold": slices.choose_threshold(costs)[0]}
+    return {"decode": costs["decode"], "threshold": slice_measure.choose_threshold(costs)[0]}
 
 
 def test_decode_threshold_measures_the_work_of_a_device_that_queues_it():

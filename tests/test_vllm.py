@@ -317,7 +317,7 @@ def test_weight_updates_a_sharded_model_cannot_take_are_refused(monkeypatch):
     from types import SimpleNamespace
 
     from ascend_compile.integrations import vllm as integ
-    from ascend_compile.runtime.comm import ShardingError
+    from ascend_compile.runtime.errors import ShardingError
     from ascend_compile.runtime.sharding import PLAN_ATTR
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -370,7 +370,7 @@ def test_the_worker_that_runs_refuses_weight_updates_of_a_sharded_model(monkeypa
     from types import SimpleNamespace
 
     from ascend_compile.integrations.vllm.patches import refuse_weight_update_on
-    from ascend_compile.runtime.comm import ShardingError
+    from ascend_compile.runtime.errors import ShardingError
     from ascend_compile.runtime.sharding import PLAN_ATTR
     from vllm.v1.worker.worker_base import WorkerBase
 

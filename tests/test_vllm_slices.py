@@ -97,7 +97,7 @@ def _sliced_run(rank, world, decode_tokens):
            "series": plan.series_bytes(), "slices": slices_ok,
            "methods": sorted({type(m.quant_method).__name__ for m in sliced.values()}),
            "held": sum(m.weight.untyped_storage().nbytes() for m in sliced.values())}
-    state = ac.runtime.slices.states_over(plan.group_name)[0]
+    state = ac.runtime.state.of_model(model).slices
     compiled = torch.compile(model, backend="ascend_compile", fullgraph=True, options={"lowering": "inductor"})
     # decode: 1 and 3 tokens (agreed 3 <= decode_tokens); prefill: 2 and 9 (agreed 9 > decode_tokens)
     for phase, tokens in (("decode", (1, 3)), ("prefill", (2, 9))):
@@ -187,7 +187,7 @@ def _quant_run(rank, world, decode_tokens):
         with torch.inference_mode():
             eager, got = model(x), compiled(x)
         out[phase] = [float((t - ref).abs().max() / ref.abs().max()) for t in (eager, got)]
-    state = ac.runtime.slices.states_over(plan.group_name)[0]
+    state = ac.runtime.state.of_model(model).slices
     out["gathers"] = [e for e in state.issued if e.startswith("gather")]
     return out
 

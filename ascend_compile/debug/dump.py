@@ -23,7 +23,7 @@ from torch import fx
 from torch._logging import trace_structured
 
 from ..passes.prefetch import collective_order, order_layers
-from ..runtime.ops import layer_name
+from ..runtime.marker import layer_name
 
 
 def compile_id() -> str:
@@ -142,20 +142,20 @@ def slices_table(layers: list, rank: int) -> dict:
     """``schedule.json`` of a graph with sliced layers (``layout="slices"``): the threshold, and per layer
     its cut and the bytes each path moves. ``layers``: ``sliced_layers`` of the graph; ``rank``: the
     global rank (the table names the rank within the sharing group, as the layers layout's does)."""
-    from ..runtime import slices
+    from ..runtime import slice_layout, state as shardings
 
     out = {"rank": rank, "layout": "slices", "sliced": []}
     for series, index, group, generation in layers:
-        state = slices.state_of(group, generation)
+        state = shardings.get(group, generation).slices
         layer = state.layers[state.position[(series, index)]]
         world = state.pg.size()
         d_out, d_in = layer.shape
         size = state.modules[state.position[(series, index)]].weight.element_size()
-        sent = [d_in / world, d_out] if layer.cut == slices.INPUT_CUT else [d_in, d_out / world]
+        sent = [d_in / world, d_out] if layer.cut == slice_layout.INPUT_CUT else [d_in, d_out / world]
         out.update(rank=state.pg.rank(), world_size=world, group=group, ranks=_global_ranks(group), decode_tokens=state.decode_tokens,
                    prefetch_step=state.prefetch_step, forwards=dict(state.forwards))
         out["sliced"].append({
-            "layer": layer_name(series, index), "module": layer.module, "cut": slices.cut_name(layer.cut),
+            "layer": layer_name(series, index), "module": layer.module, "cut": slice_layout.cut_name(layer.cut),
             "decode_bytes_per_token": int(sum(sent) * size * (world - 1)),
             "gather_bytes": d_out * d_in * size * (world - 1) // world,
         })

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from torch import fx
 
-from ..runtime.ops import layer_name
+from ..runtime.marker import layer_name
 from .graph import collective_pairs
 from .npu_streams import assign_broadcast_stream
 from .pin_order import EDGES_META, pin_collective_order

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import fx
 
-from ..runtime.ops import AUTO_STEP
+from ..runtime.marker import AUTO_STEP
 from .cost_model import Choice, CostInputs, choose_prefetch_step
 from .graph import is_marker, marker_args
 

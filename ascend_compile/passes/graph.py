@@ -15,7 +15,8 @@ from typing import Iterable, Optional
 import torch
 from torch import fx
 
-from ..runtime.ops import Marker, shared_weight_targets
+from ..runtime.marker import Marker
+from ..runtime.ops import shared_weight_targets
 from ..runtime.slices import sliced_targets
 from ..runtime.windows import window_targets
 

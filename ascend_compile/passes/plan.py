@@ -7,7 +7,7 @@ from typing import Optional
 
 from torch import fx
 
-from ..runtime.ops import layer_name
+from ..runtime.marker import layer_name
 from .graph import is_marker, marker_args
 
 

@@ -11,8 +11,8 @@ from typing import Optional
 from torch import fx
 
 from ..config import CompileOptions, ConfigError
-from ..runtime import comm
-from ..runtime.ops import series_windows
+from ..runtime import groups, state
+from ..runtime.marker import series_windows
 from .graph import is_marker, marker_args
 from .plan import CompilePlan, marker_groups, markers_by_series
 from .prefetch import collective_order, collective_schedule, schedule_prefetch
@@ -22,28 +22,28 @@ log = logging.getLogger(__name__)
 
 
 def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePlan]:
-    groups = marker_groups(gm.graph)
-    if not groups:
+    names = marker_groups(gm.graph)
+    if not names:
         return None
-    if len(groups) > 1:
+    if len(names) > 1:
         raise ConfigError(
-            f"one compiled graph shares weights over several process groups {sorted(groups)}; "
+            f"one compiled graph shares weights over several process groups {sorted(names)}; "
             "share every series over one group (SharedWeightConfig(group=...) once for all layers)"
         )
-    (name,) = groups
+    (name,) = names
     step = options.prefetch_step
     if isinstance(step, int):
         check_step_in_range(gm.graph, step)
-    pg = comm.group_from_name(name)
+    pg = groups.group_from_name(name)
     generations = {marker_args(n).generation for n in gm.graph.nodes if is_marker(n)}
     if len(generations) > 1:
         raise ConfigError(f"one compiled graph reads the shared weights of several sharded models (shardings "
                           f"{sorted(generations)} of group {name!r}); compile each model on its own")
     (generation,) = generations
     return CompilePlan(
-        rank=comm.group_rank(pg), world_size=comm.group_size(pg), group_name=name,
+        rank=groups.group_rank(pg), world_size=groups.group_size(pg), group_name=name,
         prefetch_step=None if step == "auto" else step, pin_order=options.pin_order,
-        formats=tuple(sorted(comm.shard_formats(name, generation).items())),
+        formats=tuple(sorted(state.get(name, generation).formats.items())),
         wrap=wrap_around_series(gm.graph), generation=generation,
     )
 
@@ -100,7 +100,7 @@ def resolve_auto_step(gm: fx.GraphModule, plan: CompilePlan, options: CompileOpt
 
     if options.prefetch_step != "auto" and (plan.prefetch_step is not None or not autotune.wants_auto(gm)):
         return plan, None
-    agreed = comm.shard_state(plan.group_name, plan.generation)["costs"]
+    agreed = state.get(plan.group_name, plan.generation).costs
     if agreed is None:  # sharded with a fixed step: nothing was measured
         missing = [k for k in ("bandwidth", "latency_s", "compute_s") if k not in options.cost_model]
         if missing:

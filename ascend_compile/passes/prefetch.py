@@ -31,7 +31,7 @@ from torch import fx
 from .graph import (
     BUFFER, ISSUE, NEXT, WAIT, collective_pairs, entry_point, first_user, is_ours, positions, role, tag, value_users,
 )
-from ..runtime.ops import layer_name
+from ..runtime.marker import layer_name
 from .plan import CompilePlan
 
 log = logging.getLogger(__name__)
@@ -246,5 +246,5 @@ def collective_order(schedule: list) -> list:
 
 def order_layers(order: list) -> list:
     """The layers an order fetches, sorted: with the sharding and its wrap-around setting, what
-    names the graphs whose orders must be equal (``comm.order_key``)."""
+    names the graphs whose orders must be equal (``order.order_key``)."""
     return sorted({c.layer for c in order})

@@ -47,7 +47,7 @@ def special(fmt: Optional[int]) -> bool:
 
 def check_reproducible(layer: str, fmt: Optional[int]) -> None:
     if special(fmt) and fmt not in REPRODUCIBLE:
-        from .comm import ShardingError
+        from .errors import ShardingError
 
         raise ShardingError(
             f"{layer} is stored in format {name(fmt)} on its owner; receive buffers can only be made in "

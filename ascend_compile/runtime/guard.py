@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import comm, opaque, slices
+from . import errors, failing, groups, opaque, state
+from .order import check_published, order_key, publish_order
 
 
 class GuardedGraph:
@@ -21,7 +22,7 @@ class GuardedGraph:
       instead cannot tell a slow peer from one that runs the forward eagerly, or died.)
     - A broadcast that fails (a peer died, or timed out because it stopped issuing the same
       collectives) raises ``PeerError`` naming the graph, the group and the layer; any error
-      aborts the group (``comm.abort_group``) so that the peers fail at once, naming this rank.
+      aborts the group (``failing.abort_group``) so that the peers fail at once, naming this rank.
     """
 
     def __init__(self, compiled, *, order: list, key: str, plan, graph_id: str,
@@ -50,15 +51,15 @@ class GuardedGraph:
                     return self.compiled(*args)
             except Exception as e:
                 layer = getattr(e, "layer", None)  # a window op's PeerError names its layer
-                if layer is not None and isinstance(e, comm.PeerError):
-                    raise comm.PeerError(self.describe_failure(e.__cause__ or e, layer)) from e
-                if isinstance(e, comm.PeerError) or not comm.is_comm_failure(e):
+                if layer is not None and isinstance(e, errors.PeerError):
+                    raise errors.PeerError(self.describe_failure(e.__cause__ or e, layer)) from e
+                if isinstance(e, errors.PeerError) or not errors.is_comm_failure(e):
                     raise
-                raise comm.PeerError(self.describe_failure(e)) from e
+                raise errors.PeerError(self.describe_failure(e)) from e
         except BaseException as e:
             # This rank leaves its forward half-way (or never starts it): its peers are, or will be,
             # waiting in a broadcast it does not join. Abort the group so they fail at once, naming it.
-            comm.abort_group(self.plan.group_name, e)
+            failing.abort_group(self.plan.group_name, e)
             raise
 
     def describe_failure(self, e: BaseException, layer: Optional[str] = None) -> str:
@@ -66,11 +67,11 @@ class GuardedGraph:
         where = f"the broadcast of {layer}" if layer else f"one of its {len(self.order)} broadcasts"
         bound = (f"SharedWeightConfig(timeout={self.timeout})" if self.timeout is not None
                  else "the process group's own timeout (set SharedWeightConfig(timeout=...) to bound it)")
-        cause = comm.peer_cause(self.plan.group_name, " (it skipped a forward, ran another model path, or was "
+        cause = failing.peer_cause(self.plan.group_name, " (it skipped a forward, ran another model path, or was "
                                                       "still compiling at the timeout)")
         return (
             f"compiled graph {self.graph_id} failed in {where} over process group {self.plan.group_name!r} "
-            f"(rank {self.plan.rank} of {self.plan.world_size}): {comm.first_line(e)}. {cause}; the wait was bounded by "
+            f"(rank {self.plan.rank} of {self.plan.world_size}): {errors.first_line(e)}. {cause}; the wait was bounded by "
             f"{bound}. Restart every rank: the group is unusable now."
         )
 
@@ -116,8 +117,8 @@ class OrderCheck:
         self.error = None
         if check:
             try:
-                comm.publish_order(key, rank, order)
-            except comm.RankMismatchError as e:
+                publish_order(key, rank, order)
+            except errors.RankMismatchError as e:
                 self.error = e
 
     def before_call(self) -> None:
@@ -127,7 +128,7 @@ class OrderCheck:
         if self.calls & (self.calls - 1) == 0:  # calls 1, 2, 4, 8, ...
             if self.error is not None:
                 raise self.error
-            self.verified = comm.check_published(self.key, self.rank, self.world_size, self.order, self.what)
+            self.verified = check_published(self.key, self.rank, self.world_size, self.order, self.what)
 
 
 class SlicedOrderGuard:
@@ -138,19 +139,19 @@ class SlicedOrderGuard:
     layer's collectives with another's and compute wrong values without an error."""
 
     def __init__(self, compiled, *, layers: list, graph_id: str, check: bool = True):
-        groups = sorted({(g, gen) for _, _, g, gen in layers})
+        shardings = sorted({(g, gen) for _, _, g, gen in layers})
         self.compiled = compiled
-        self.group_name, generation = groups[0]  # one model's layers: one sharding
-        pg = comm.group_from_name(self.group_name)
-        order = [f"{series}[{index}] (sliced)" for series, index, _, _ in layers]
-        token = comm.shard_state(self.group_name, generation).get("token", "")
+        self.group_name, generation = shardings[0]  # one model's layers: one sharding
+        pg = groups.group_from_name(self.group_name)
+        calls = [f"{series}[{index}] (sliced)" for series, index, _, _ in layers]
+        sharding = state.get(self.group_name, generation)
         self.graph_id = graph_id
         self.visible = frozenset(opaque.sliced_key(*layer) for layer in layers)
-        self.state = slices.state_of(self.group_name, generation)
+        self.state = sharding.slices
         self.check = OrderCheck(
-            comm.order_key(self.group_name, generation, sorted(order), ("slices",), token),
-            comm.group_rank(pg), comm.group_size(pg), order,
-            f"compiled graph {graph_id} (sliced layers {order[0]}..{order[-1]})", check)
+            order_key(self.group_name, generation, sorted(calls), ("slices",), sharding.token),
+            groups.group_rank(pg), groups.group_size(pg), calls,
+            f"compiled graph {graph_id} (sliced layers {calls[0]}..{calls[-1]})", check)
 
     def __call__(self, *args):
         try:
@@ -158,8 +159,8 @@ class SlicedOrderGuard:
             self.state.start_forward()  # a forward (or the next piece of one) starts here
             with opaque.running_graph(self.graph_id, self.visible):
                 return self.compiled(*args)
-        except comm.RankMismatchError as e:
-            comm.abort_group(self.group_name, e)  # peers already in a sliced layer's collectives fail at once
+        except errors.RankMismatchError as e:
+            failing.abort_group(self.group_name, e)  # peers already in a sliced layer's collectives fail at once
             raise
 
 

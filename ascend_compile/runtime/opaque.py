@@ -27,7 +27,10 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from .comm import ShardingError
+from . import formats, state
+from .errors import ShardingError, is_comm_failure
+from .failing import abort_group, peer_error
+from .groups import group_from_name
 
 _local = threading.local()  # .scopes: [{key: whole weight}]; .graphs: [(graph id, visible keys)]; .fetching
 
@@ -73,10 +76,8 @@ def _shared_params(module) -> list:
         return []
     sliced = getattr(module, "_ascend_compile_slice", None)
     if sliced is not None:
-        from .slices import state_of
-
         series, index, group_name, generation, _ = sliced
-        pos = state_of(group_name, generation).position[(series, index)]
+        pos = _slice_state(module).position[(series, index)]
         return [(sliced_key(series, index, group_name, generation), pos, None, None)]
     from .sharding import SharedWeight
 
@@ -91,10 +92,8 @@ def is_shared_layer(module) -> bool:
 
 
 def _slice_state(module):
-    from .slices import state_of
-
-    _, _, group_name, generation, _ = module._ascend_compile_slice
-    return state_of(group_name, generation)
+    """The slices' forward state of a sliced module's model (its ``Sharding``)."""
+    return getattr(module, state.ATTR).slices
 
 
 def _shared_reads(module: nn.Module) -> list:
@@ -104,16 +103,16 @@ def _shared_reads(module: nn.Module) -> list:
         if pos is None:
             reads.append((key, lambda pname=param[0]: getattr(module, pname)))
             continue
-        state = _slice_state(module)
-        if not state.gathers(pos):
+        sliced = _slice_state(module)
+        if not sliced.can_gather(pos):
             raise ConfigError(
-                f"{state.layers[pos].module} is read inside an op the compiled graph cannot see, where a layer computing "
+                f"{sliced.layers[pos].module} is read inside an op the compiled graph cannot see, where a layer computing "
                 "on its slices with its own kernel (a quantized layout that is never gathered) would issue its "
                 "collectives once per call, a different number of times on each rank: use "
                 "SharedWeightConfig(layout='layers') for its series"
             )
-        state.mark_opaque(pos)
-        reads.append((key, lambda state=state, pos=pos: state.whole(pos)))
+        sliced.mark_opaque(pos)
+        reads.append((key, lambda sliced=sliced, pos=pos: sliced.whole(pos)))
     return reads
 
 
@@ -124,8 +123,6 @@ class _Pending:
         self.work, self.buf, self.finish, self.what, self.group_name = work, buf, finish, what, group_name
 
     def wait(self) -> torch.Tensor:
-        from .comm import is_comm_failure, peer_error
-
         try:
             self.work.wait()
         except Exception as e:
@@ -140,21 +137,18 @@ def _issue_reads(module: nn.Module) -> dict:
     broadcast, or a gather of the slices), to be waited for at its use."""
     import torch.distributed as dist
 
-    from . import formats
-    from .comm import group_from_name, shard_formats
-
     out = {}
     for key, pos, p, param in _shared_params(module):
         if pos is not None:
-            state = _slice_state(module)
-            work, buf = state.issue_gather(pos, None)
-            out[key] = _Pending(work, buf, lambda b, state=state, pos=pos: state.whole_of(pos, b),
-                                f"the gather of {state.layers[pos].module}'s slices", state.group_name)
+            sliced = _slice_state(module)
+            work, buf = sliced.issue_gather(pos, None)
+            out[key] = _Pending(work, buf, lambda b, sliced=sliced, pos=pos: sliced.whole_of(pos, b),
+                                f"the gather of {sliced.layers[pos].module}'s slices", sliced.group_name)
             continue
         w = param[1].original
         pg = group_from_name(p.group_name)
         name = f"{p.series}[{p.index}]"
-        buf = formats.empty_in_format(w.shape, w.dtype, w.device, shard_formats(p.group_name, p.generation).get(name))
+        buf = formats.empty_in_format(w.shape, w.dtype, w.device, p.sharding.formats.get(name))
         if dist.get_rank(pg) == p.owner:
             buf.copy_(w)
         work = dist.broadcast(buf, group_src=p.owner, group=pg, async_op=True)
@@ -349,7 +343,5 @@ def check_read(key: tuple) -> None:
 def _refuse(group_name: str, error: Exception) -> None:
     """Raise ``error`` after closing the sharing group: a peer that did not read goes on to a collective
     this rank never joins, and fails at once instead."""
-    from .comm import abort_group
-
     abort_group(group_name, error)
     raise error

@@ -21,56 +21,13 @@ carries its own, even when several models share one process group.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.distributed as dist
 
-from . import formats
-from .comm import group_from_name, shard_formats
-
-OP_NAMESPACE = "ascend_compile"
-OP_NAME = "shared_weight"
-AUTO_STEP = -1  # prefetch_step="auto" as carried by the op
-
-
-@dataclasses.dataclass(frozen=True)
-class Marker:
-    """What the marker says of the weight it reads: its arguments after the weight, in the op's
-    order (``shared_weight``'s signature below is the schema; a test holds the two equal).
-    Sharding makes it, the passes read it from a graph, the torchair converter from a call."""
-
-    series: str
-    index: int
-    owner: int
-    group_name: str
-    prefetch_step: int
-    wrap_windows: int = 0
-    layers: int = 0
-    generation: int = 0
-
-    def args(self) -> tuple:
-        """The op's arguments after the weight: ``shared_weight(w, *marker.args())``."""
-        return dataclasses.astuple(self)
-
-    @classmethod
-    def from_call(cls, args: tuple, kwargs: dict) -> tuple:
-        """``(weight, Marker)`` from the arguments of a call of the op (an FX node's, a converter's)."""
-        names = ["w"] + [f.name for f in dataclasses.fields(cls)]
-        values = dict(zip(names, args))
-        values.update({k: v for k, v in kwargs.items() if k in names})
-        return values.pop("w"), cls(**values)
-
-
-def series_windows(wrap_windows: int, layers: int) -> int:
-    """Layers of a series of ``layers`` prefetched across forwards with ``wrap_windows`` asked for:
-    at most all but the last (its window would be sent after its own use)."""
-    return max(0, min(wrap_windows, layers - 1))
-
-
-def layer_name(series: str, index: int) -> str:
-    """``"o_proj.weight[3]"``: how a shared parameter is named in tables, keys and messages."""
-    return f"{series}[{index}]"
+from . import formats, opaque, state
+from .groups import group_from_name
+from .marker import OP_NAME, OP_NAMESPACE, layer_name
+from .windows import eager_read
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::{OP_NAME}", mutates_args=())
@@ -83,19 +40,18 @@ def shared_weight(
         if dist.get_rank(pg) == owner:
             out = w.clone(memory_format=torch.contiguous_format)
         else:
-            fmt = shard_formats(group_name, generation).get(layer_name(series, index))
+            fmt = state.get(group_name, generation).formats.get(layer_name(series, index))
             out = formats.empty_in_format(w.shape, w.dtype, w.device, fmt)
         try:
             dist.broadcast(out, group_src=owner, group=pg)
         except Exception as e:
-            from .comm import is_comm_failure, peer_error
+            from .errors import is_comm_failure
+            from .failing import peer_error
 
             if not is_comm_failure(e):
                 raise
             raise peer_error(f"the broadcast of {layer_name(series, index)} from rank {owner}", group_name, e) from e
         return out
-
-    from . import opaque
 
     key = opaque.weight_key(group_name, generation, layer_name(series, index))
     fetched = opaque.lookup(key)
@@ -103,8 +59,6 @@ def shared_weight(
         return fetched
     opaque.check_read(key)
     if wrap_windows > 0:  # the windows a compiled forward would use and send (wrap-around)
-        from .windows import eager_read
-
         return eager_read(w, series, index, owner, group_name, wrap_windows, read_sync)
     return read_sync()
 

@@ -19,9 +19,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..config import ConfigError, SharedWeightConfig
-from . import blocks, comm, formats, slices, windows
-from .comm import ShardingError
-from .ops import AUTO_STEP, Marker, layer_name, series_windows
+from . import blocks, errors, failing, formats, groups, slice_layout, slice_measure, slice_state, slices, state, windows
+from .errors import ShardingError
+from .marker import AUTO_STEP, Marker, layer_name, series_windows
 
 PLAN_ATTR = "_ascend_compile_plan"
 EVERY_RANK = -1  # SharedParam.owner of a sliced parameter (layout="slices"): every rank holds a slice
@@ -96,9 +96,10 @@ class ShardPlan:
 class SharedWeight(nn.Module):
     """Parametrization: the parameter's value is the owner's tensor, fetched by the marker op."""
 
-    def __init__(self, marker: Marker):
+    def __init__(self, marker: Marker, sharding: "state.Sharding"):
         super().__init__()
         self.marker = marker
+        self.sharding = sharding  # the model's Sharding: its run-time state
         self.args = marker.args()  # plain values: what Dynamo traces into the graph
         for f in dataclasses.fields(marker):  # series, index, owner, ... as attributes, for readers
             setattr(self, f.name, getattr(marker, f.name))
@@ -217,8 +218,8 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
     """
     if not isinstance(config, SharedWeightConfig):
         raise TypeError(f"config must be an ascend_compile.SharedWeightConfig, got {type(config).__name__}")
-    pg = comm.resolve_group(config.group)
-    gname = comm.group_name(pg)
+    pg = groups.resolve_group(config.group)
+    gname = groups.group_name(pg)
     group_ranks = dist.get_process_group_ranks(pg)
     step = config.prefetch_step
     if config.layout == "slices" and step == "auto":
@@ -241,12 +242,12 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
                 )
         if config.layout == "slices":
             for layer, members in per_layer.items():
-                slices.check_sliceable(layer, members, world)
+                slice_layout.check_sliceable(layer, members, world)
         shared = []
         for layer, members in per_layer.items():
             for index, (mname, module, params) in enumerate(members):
                 # whole shapes and bytes (a layer sliced at load holds 1/K of them)
-                for pname, (p, shape, nbytes) in slices.shared_params(module, params, world).items():
+                for pname, (p, shape, nbytes) in slice_layout.shared_params(module, params, world).items():
                     shared.append(SharedParam(
                         series=f"{layer}.{pname}", index=index, module=mname, param=pname,
                         owner=index % world if config.layout == "layers" else EVERY_RANK,
@@ -256,24 +257,26 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
                                   shared, wrap_windows=config.wrap_windows(), layout=config.layout,
                                   block=split.index_of(me), blocks=len(split.members))
         return {"plan": {k: v for k, v in local["plan"].to_json().items() if k not in ("rank", "block")},
-                "groups": comm.groups_known(), "machine": blocks.machine_name()}
+                "groups": groups.groups_known(), "machine": blocks.machine_name()}
 
     # every rank reports its plan or its error: one rank's odd model makes every rank raise, none waits
-    gathered = comm.gather_or_fail(pg, "to plan the sharding", plan_here)
-    comm.raise_if_different([g["plan"] for g in gathered], "sharding plan (model structure and config)")
+    gathered = failing.gather_or_fail(pg, "to plan the sharding", plan_here)
+    errors.raise_if_different([g["plan"] for g in gathered], "sharding plan (model structure and config)")
     plan, per_layer, shared = local["plan"], local["per_layer"], local["plan"].params
     rank, split = plan.rank, local["blocks"]
     blocks.check_machines(split, [g["machine"] for g in gathered], group_ranks)
     # the broadcasts get a group of their own (one per block): its timeout bounds only them, and a rank
-    # that stops inside a forward can close it so that its peers fail at once (comm.abort_group)
-    ours = comm.sharing_group(pg, config.timeout, same_names=len({g["groups"] for g in gathered}) == 1,
+    # that stops inside a forward can close it so that its peers fail at once (failing.abort_group)
+    ours = groups.sharing_group(pg, config.timeout, same_names=len({g["groups"] for g in gathered}) == 1,
                               blocks=split.members)
     if ours is pg:  # several shardings may share pg: windows are named by their group, so none cross forwards
         plan.wrap_windows = 0
-    plan.group_name = gname = comm.group_name(ours)
-    agree_at_shard_time(ours, plan, per_layer, timeout=config.timeout)
+    plan.group_name = gname = groups.group_name(ours)
+    sharding = state.add(state.Sharding(gname, groups.group_name(pg), timeout=config.timeout))
+    agree_at_shard_time(ours, plan, per_layer, sharding)
+    setattr(model, state.ATTR, sharding)
     if plan.layout == "slices":
-        _shard_slices(model, config, ours, plan, per_layer)
+        _shard_slices(model, config, ours, plan, per_layer, sharding)
         setattr(model, PLAN_ATTR, plan)
         return plan
 
@@ -291,14 +294,15 @@ def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
             module, sp.param,
             SharedWeight(Marker(sp.series, sp.index, sp.owner, gname, step_value,
                                 series_windows(plan.wrap_windows, lengths[sp.series]), lengths[sp.series],
-                                plan.generation)),
+                                plan.generation), sharding),
             unsafe=True
         )
     setattr(model, PLAN_ATTR, plan)
     return plan
 
 
-def _shard_slices(model: nn.Module, config: SharedWeightConfig, pg, plan: ShardPlan, per_layer: dict) -> None:
+def _shard_slices(model: nn.Module, config: SharedWeightConfig, pg, plan: ShardPlan, per_layer: dict,
+                  sharding: "state.Sharding") -> None:
     """Keep this rank's slice of every layer, and settle the decode threshold (measured for "auto":
     every rank runs the same timed collectives, then the slowest rank's times decide everywhere)."""
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -306,22 +310,25 @@ def _shard_slices(model: nn.Module, config: SharedWeightConfig, pg, plan: ShardP
     threshold = config.decode_tokens
     if threshold == "auto":
         try:
-            costs = slices.measure_paths(pg, layers, plan.prefetch_step)
+            costs = slice_measure.measure_paths(pg, layers, plan.prefetch_step)
         except Exception as e:  # its peers are in the timed collectives: close the group so they fail too
-            comm.abort_group(plan.group_name, e)
+            failing.abort_group(plan.group_name, e)
             raise
-        gathered = comm.gather_or_fail(pg, "to agree on the sliced paths' costs", lambda: costs)
+        gathered = failing.gather_or_fail(pg, "to agree on the sliced paths' costs", lambda: costs)
         if costs is None:  # the same on every rank (the plans are equal): nothing that gathers
             threshold, plan.decode_explanation = 0, ("every sliced layer computes on its slices at every token count "
                                                      "(its own GEMM, e.g. quantized): no threshold to measure")
         else:
-            threshold, plan.decode_explanation = slices.choose_threshold(slices.agree_costs(gathered))
+            threshold, plan.decode_explanation = slice_measure.choose_threshold(slice_measure.agree_costs(gathered))
     plan.decode_tokens = threshold
-    state = slices.install(plan.group_name, plan.generation, layers, plan.prefetch_step, threshold)
+    sliced = sharding.slices = slice_state.SliceState(plan.group_name, plan.generation, [sl for sl, _ in layers],
+                                                 [m for _, m in layers], plan.prefetch_step, threshold)
+    for _, module in layers:
+        setattr(module, state.ATTR, sharding)
 
     def start_forward(module, args):  # an eager forward of the model starts (a compiled one: at its graph's entry)
         if not torch.compiler.is_compiling():
-            state.start_forward()
+            sliced.start_forward()
 
     model.register_forward_pre_hook(start_forward)
 
@@ -341,7 +348,7 @@ def check_not_sharded(model: nn.Module) -> None:
             raise ShardingError(f"{name or type(model).__name__} already has shared weights; shard a model once")
 
 
-def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[float] = None) -> dict:
+def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, sharding: "state.Sharding") -> dict:
     """Settle, while every rank is here, what compiled graphs need the ranks to agree on later:
     the link and matmul measurements of ``prefetch_step="auto"`` (slowest rank wins; taken only
     when the config asks for "auto"), the owners' storage formats, and the sharding generation
@@ -353,11 +360,11 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
     try:
         costs_here = _measure(pg, per_layer) if auto else None  # its collectives: every rank reaches them
     except Exception as e:
-        if comm.is_comm_failure(e):  # a peer failed in it and closed the group: name it
-            raise comm.peer_error("the link measurement of prefetch_step='auto'", plan.group_name, e) from e
+        if errors.is_comm_failure(e):  # a peer failed in it and closed the group: name it
+            raise failing.peer_error("the link measurement of prefetch_step='auto'", plan.group_name, e) from e
         # this rank fails alone (out of memory for the measurement buffer, ...): its peers are in the
         # measurement's collectives or the exchange below; close the group so they fail at once
-        comm.abort_group(plan.group_name, e)
+        failing.abort_group(plan.group_name, e)
         raise
 
     def mine() -> dict:
@@ -368,10 +375,10 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
                 fmt = formats.storage_format(getattr(by_module[sp.module], sp.param))
                 if formats.special(fmt):
                     owned_formats[layer_name(sp.series, sp.index)] = fmt
-        return {"generation": comm.proposed_generation(plan.group_name), "costs": costs_here,
-                "formats": owned_formats, "token": comm.new_token()}
+        return {"generation": state.proposed_generation(plan.group_name), "costs": costs_here,
+                "formats": owned_formats, "token": state.new_token()}
 
-    gathered = comm.gather_or_fail(pg, "to read its shared weights' storage formats", mine)
+    gathered = failing.gather_or_fail(pg, "to read its shared weights' storage formats", mine)
     generation = max(g["generation"] for g in gathered)
     costs = measure.agree([g["costs"] for g in gathered]) if auto else None
     table = {k: v for g in gathered for k, v in g["formats"].items()}
@@ -381,9 +388,8 @@ def agree_at_shard_time(pg, plan: ShardPlan, per_layer: dict, timeout: Optional[
             raise ConfigError(f"{layer} is stored in {formats.name(fmt)}, whose tiles cannot be cut into slices: "
                               "use SharedWeightConfig(layout='layers') for its series")
     plan.formats = table
-    comm.record_shard(plan.group_name, generation, costs, timeout, table, token=gathered[0]["token"])
-    lengths = plan.series_lengths()  # a new group (its name may be a destroyed one's): no window of an earlier group is in flight
-    windows.reset(plan.group_name, {s: (n, series_windows(plan.wrap_windows, n)) for s, n in lengths.items()})
+    sharding.generation, sharding.token, sharding.costs, sharding.formats = generation, gathered[0]["token"], costs, table
+    sharding.windows.series = {s: (n, series_windows(plan.wrap_windows, n)) for s, n in plan.series_lengths().items()}
     plan.generation = generation
     return costs
 
@@ -424,10 +430,10 @@ def _sharding_groups(model_or_group, what: str) -> list:
         if plan is None:
             raise ShardingError(f"{type(model_or_group).__name__} is not sharded: there is nothing to {what}")
         return [plan.group_name]
-    user = model_or_group if isinstance(model_or_group, str) else comm.group_name(comm.resolve_group(model_or_group))
-    names = [n for n in comm.sharing_groups_over(user) if comm.has_shard_state(n)]
+    user = model_or_group if isinstance(model_or_group, str) else groups.group_name(groups.resolve_group(model_or_group))
+    names = sorted({s.group_name for s in state.over(user)})
     if not names:
-        comm.shard_state(user)  # raises: nothing was sharded over it
+        state.get(user)  # raises: nothing was sharded over it
     return names
 
 

@@ -32,33 +32,29 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import formats
-from .comm import PeerError, RankMismatchError, first_line, group_from_name, is_comm_failure, peer_error, shard_formats
-from .ops import OP_NAMESPACE, layer_name
+from . import formats, state
+from .errors import PeerError, RankMismatchError, first_line, is_comm_failure
+from .failing import abort_group, peer_error
+from .groups import group_from_name
+from .marker import OP_NAMESPACE, layer_name
+from .order import store
 
 log = logging.getLogger(__name__)
 
 INVALIDATE_WAIT_S = 300.0  # how long a rank waits for its peers' invalidate() before raising
 
-# group name -> {"epoch": int, "confirmed": int, "slots": {(series, index, model's tensor): (buffer, owner)}}
-# (``invalidate`` empties ``slots`` and counts ``epoch``; ``confirmed`` is the epoch every peer reached too)
-# (the broadcast into ``buffer`` is a functional collective: ``wait_tensor(buffer)`` completes it)
-_STATE: dict = {}
 
-
-def _state(group_name: str) -> dict:
-    return _STATE.setdefault(group_name, {"epoch": 0, "confirmed": 0, "slots": {}})
-
-
-def _key(w: torch.Tensor, series: str, index: int) -> tuple:
-    """A window is named by its layer: its group is its sharding's own (``comm.sharing_group``;
-    a sharding that must use a shared group has no windows), so no other model's layer shares it."""
-    return (series, index)
+def _windows(group_name: str) -> state.Windows:
+    """The windows of the sharding over ``group_name``. A window is named by its layer, ``(series,
+    index)``: the group is its sharding's own (``groups.sharing_group``; a sharding that must use a
+    shared group has no windows), so no other model's layer shares it. The broadcast into a slot's
+    buffer is a functional collective: ``wait_tensor(buffer)`` completes it."""
+    return state.get(group_name).windows
 
 
 def in_flight(group_name: str) -> list:
     """``["series[index]", ...]`` of the windows currently in flight for ``group_name``."""
-    return sorted(layer_name(series, index) for series, index in _state(group_name)["slots"])
+    return sorted(layer_name(series, index) for series, index in _windows(group_name).slots)
 
 
 def _fail(e: BaseException, series: str, index: int, owner: int, group_name: str, what: str):
@@ -73,11 +69,11 @@ def _fail(e: BaseException, series: str, index: int, owner: int, group_name: str
 def _issue(w: torch.Tensor, series: str, index: int, owner: int, group_name: str) -> tuple:
     """Broadcast ``series[index]`` into a new window: ``(buffer, owner)`` for the slot. After an
     invalidation, the first one waits until every peer invalidated too."""
-    state = _state(group_name)
-    if state["epoch"] != state["confirmed"]:
-        _confirm_peers(group_name, state)
+    windows = _windows(group_name)
+    if windows.epoch != windows.confirmed:
+        _confirm_peers(group_name, windows)
     pg = group_from_name(group_name)
-    fmt = shard_formats(group_name).get(layer_name(series, index))
+    fmt = state.get(group_name).formats.get(layer_name(series, index))
     buf = formats.empty_in_format(w.shape, w.dtype, w.device, fmt)
     if dist.get_rank(pg) == owner:
         buf.copy_(w)
@@ -102,44 +98,38 @@ def _store_key(group_name: str, epoch: int, rank: int) -> str:
     return f"ascend_compile/windows/{group_name}/{epoch}/{rank}"
 
 
-def _confirm_peers(group_name: str, state: dict) -> None:
+def _confirm_peers(group_name: str, windows: state.Windows) -> None:
     """After an invalidation, before issuing a collective: every peer must have invalidated too."""
-    from .comm import _store
-
     pg = group_from_name(group_name)
     rank, world = dist.get_rank(pg), dist.get_world_size(pg)
-    keys = [_store_key(group_name, state["epoch"], peer) for peer in range(world) if peer != rank]
-    store = _store()
+    keys = [_store_key(group_name, windows.epoch, peer) for peer in range(world) if peer != rank]
+    kv = store()
     try:
-        store.wait(keys, datetime.timedelta(seconds=INVALIDATE_WAIT_S))
+        kv.wait(keys, datetime.timedelta(seconds=INVALIDATE_WAIT_S))
     except Exception as e:
-        missing = [peer for peer in range(world) if peer != rank and not store.check([_store_key(group_name, state["epoch"], peer)])]
+        missing = [peer for peer in range(world) if peer != rank and not kv.check([_store_key(group_name, windows.epoch, peer)])]
         err = RankMismatchError(
             f"rank {rank} invalidated its prefetched windows over process group {group_name!r} "
-            f"(invalidate_prefetch call {state['epoch']}) but rank(s) {missing} did not within {INVALIDATE_WAIT_S:.0f} s "
+            f"(invalidate_prefetch call {windows.epoch}) but rank(s) {missing} did not within {INVALIDATE_WAIT_S:.0f} s "
             f"({first_line(e)}). Call ascend_compile.invalidate_prefetch on every rank of the group, at the same "
             "point (after the weights change, before the next forward)."
         )
-        from .comm import abort_group
-
         abort_group(group_name, err)  # the peers that did not invalidate would pair with the wrong windows
         raise err from e
-    state["confirmed"] = state["epoch"]
+    windows.confirmed = windows.epoch
 
 
 def invalidate(group_name: str) -> list:
     """Drop the windows of ``group_name`` (waiting for any in flight): the next forward fetches its
     first layers again. Call on every rank of the group, after the weights changed. Returns the
     layers that were in flight."""
-    state = _state(group_name)
+    windows = _windows(group_name)
     dropped = in_flight(group_name)
-    _drain(state["slots"], group_name)
-    state["epoch"] += 1
+    _drain(windows.slots, group_name)
+    windows.epoch += 1
     if dist.is_initialized():
-        from .comm import _store
-
         pg = group_from_name(group_name)
-        _store().set(_store_key(group_name, state["epoch"], dist.get_rank(pg)), "1")
+        store().set(_store_key(group_name, windows.epoch, dist.get_rank(pg)), "1")
     log.info("ascend_compile: invalidated prefetched windows %s of group %s", dropped, group_name)
     return dropped
 
@@ -148,21 +138,13 @@ def complete(group_name: str) -> list:
     """Wait for the windows of ``group_name`` in flight, keeping them for the next forward (which
     waits on them again at no cost). Issues nothing: any rank may call it at any point. Returns
     the layers waited for."""
-    slots = _state(group_name)["slots"]
+    slots = _windows(group_name).slots
     for (series, index), (buf, owner) in sorted(slots.items()):
         try:
             torch.ops._c10d_functional.wait_tensor(buf)
         except Exception as e:
             _fail(e, series, index, owner, group_name, "prefetched broadcast")
     return in_flight(group_name)
-
-
-def reset(group_name: str, series: Optional[dict] = None) -> None:
-    """A new sharding over ``group_name`` (every rank, together): forget what an earlier group of
-    that name left. Its group is gone (c10d names a live group once), so nothing is waited for.
-    ``series``: ``{series: (layers, w)}`` of the sharding, for its eager forwards (``eager_read``)."""
-    _STATE.pop(group_name, None)
-    _state(group_name)["series"] = dict(series or {})
 
 
 # -- eager forwards ------------------------------------------------------------------------------
@@ -181,13 +163,13 @@ def eager_read(w: torch.Tensor, series: str, index: int, owner: int, group_name:
                read_sync) -> torch.Tensor:
     """The value of ``series[index]`` in an eager forward under wrap-around (``wrap`` windows of its
     series); ``read_sync()`` is the marker's own synchronous broadcast for a layer no window holds."""
-    state = _state(group_name)
-    reads = state.setdefault("reads", [])
+    windows = _windows(group_name)
+    reads = windows.reads
     if any(r[:2] == (series, index) for r in reads):  # read again: a new forward (one left half-way)
         reads.clear()
     reads.append((series, index, owner, w))
     if index < wrap:
-        slot = state["slots"].pop((series, index), None)
+        slot = windows.slots.pop((series, index), None)
         if slot is None:
             slot = _issue(w, series, index, owner, group_name)
         buf = slot[0]
@@ -199,27 +181,27 @@ def eager_read(w: torch.Tensor, series: str, index: int, owner: int, group_name:
     else:
         out = read_sync()
     done = {r[:2] for r in reads}
-    if all((name, i) in done for name, (n, _) in state["series"].items() for i in range(n)):
-        _send_next_windows(state, group_name)
+    if all((name, i) in done for name, (n, _) in windows.series.items() for i in range(n)):
+        _send_next_windows(windows, group_name)
     return out
 
 
-def _send_next_windows(state: dict, group_name: str) -> None:
+def _send_next_windows(windows: state.Windows, group_name: str) -> None:
     """End of an eager forward: the next forward's windows, in the compiled graph's order."""
-    reads, state["reads"] = state["reads"], []
+    reads, windows.reads = windows.reads, []
     pos = {r[:2]: i for i, r in enumerate(reads)}
     todo = []
-    for name, (n, w) in state["series"].items():
+    for name, (n, w) in windows.series.items():
         if w <= 0:
             continue
         order = sorted((r for r in reads if r[0] == name), key=lambda r: pos[r[:2]])
         for j in range(w):
             todo.append((pos[order[n - w + j][:2]], name, order[j][1], order[j]))
     for _, name, index, (_, _, owner, weight) in sorted(todo, key=lambda t: t[:3]):
-        old = state["slots"].pop((name, index), None)
+        old = windows.slots.pop((name, index), None)
         if old is not None:
             _drain({(name, index): old}, group_name)
-        state["slots"][(name, index)] = _issue(weight, name, index, owner, group_name)
+        windows.slots[(name, index)] = _issue(weight, name, index, owner, group_name)
 
 
 @torch.library.custom_op(f"{OP_NAMESPACE}::window_fetch", mutates_args=())
@@ -227,10 +209,9 @@ def window_fetch(w: torch.Tensor, series: str, index: int, owner: int, group_nam
     """At graph entry: issue the broadcast of ``series[index]`` unless a window of it is in flight.
     ``w`` is the owner's parameter (or another rank's stand-in: shape and dtype only). Returns a
     one-element token that orders ``window_wait`` after it."""
-    slots = _state(group_name)["slots"]
-    key = _key(w, series, index)
-    if key not in slots:
-        slots[key] = _issue(w, series, index, owner, group_name)
+    slots = _windows(group_name).slots
+    if (series, index) not in slots:
+        slots[(series, index)] = _issue(w, series, index, owner, group_name)
     return w.new_empty(1)
 
 
@@ -243,7 +224,7 @@ def _(w, series, index, owner, group_name):
 def window_wait(token: torch.Tensor, w: torch.Tensor, series: str, index: int, owner: int,
                 group_name: str) -> torch.Tensor:
     """Right before the first use: wait for the window of ``series[index]`` and return its buffer."""
-    slot = _state(group_name)["slots"].pop(_key(w, series, index), None)
+    slot = _windows(group_name).slots.pop((series, index), None)
     if slot is None:
         raise RuntimeError(
             f"no prefetched window of {layer_name(series, index)} over process group {group_name!r}: "
@@ -270,8 +251,8 @@ def window_prefetch(w: torch.Tensor, after: torch.Tensor, last: torch.Tensor, pr
     broadcast, never read) and ``prev`` (the token of the window issued before) only order it: they
     are what keeps it after every other collective of the graph (see ``passes/prefetch.py``).
     Returns a one-element token."""
-    slots = _state(group_name)["slots"]
-    key = _key(w, series, index)
+    slots = _windows(group_name).slots
+    key = (series, index)
     old = slots.pop(key, None)
     if old is not None:  # never consumed (every graph that sends it takes it at entry): complete it first
         _drain({key: old}, group_name)

@@ -85,7 +85,7 @@ def fetch_in_attention_readers(model, dump_dir: Optional[str] = None) -> list:
     are fetched once where it starts (or were fetched ahead, at the start of the op ``prefetch_step``
     ops before it). Returns ``[(module name, [attribute])]`` of the impls changed; writes the
     schedule to ``<dump_dir>/rank_<global rank>/attention_ops.json``."""
-    from ...runtime.ops import AUTO_STEP
+    from ...runtime.marker import AUTO_STEP
     from ...runtime.opaque import OpaqueReaders, is_shared_layer
     from ...runtime.sharding import get_plan
 
@@ -119,9 +119,9 @@ def fetch_in_attention_readers(model, dump_dir: Optional[str] = None) -> list:
         import json
         import os
 
-        from ...runtime import comm
+        from ...runtime import groups
 
-        rank_dir = os.path.join(dump_dir, f"rank_{comm.global_rank()}")
+        rank_dir = os.path.join(dump_dir, f"rank_{groups.global_rank()}")
         os.makedirs(rank_dir, exist_ok=True)
         with open(os.path.join(rank_dir, "attention_ops.json"), "w") as f:
             json.dump({"prefetch_step": step, "ops": readers.schedule()}, f, indent=1)

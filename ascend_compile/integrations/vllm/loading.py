@@ -28,10 +28,10 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
     its device before loading (processing without values leaves them on meta): the stand-ins
     made after processing go there, never to the default device.
     """
-    from ...runtime import blocks, comm
+    from ...runtime import blocks, groups
     from ...runtime.sharding import series_members, standin_like
 
-    rank, world = blocks.position(comm.resolve_group(cfg.group), cfg)
+    rank, world = blocks.position(groups.resolve_group(cfg.group), cfg)
     skipped = []
     for members in series_members(model, cfg).values():
         for index, (name, module, params) in enumerate(members):
@@ -104,7 +104,7 @@ def _process_keeping_weights(quant_method, name: str, shared: list, layer) -> No
     processing changes a shape or dtype the layer is left emptied, and ``finish_non_owned``
     refuses it on every rank.
     """
-    from ...runtime.comm import ShardingError
+    from ...runtime.errors import ShardingError
 
     loaded = {p: layer._parameters[p] for p in shared if layer._parameters.get(p) is not None}
     try:
@@ -141,7 +141,7 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list, error: Optio
 
     ``error``: what this rank raised since the model was built (``load_model`` catches it:
     ``skip_non_owned``'s checks, loading, the owners' processing). The exchange is one
-    ``all_gather_object`` (``comm.gather_or_fail``) that every rank reaches whatever happened,
+    ``all_gather_object`` (``failing.gather_or_fail``) that every rank reaches whatever happened,
     so a rank that failed alone makes every rank raise there together, naming that rank and its
     error, instead of leaving its peers in the collective until the group's timeout.
 
@@ -149,12 +149,12 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list, error: Optio
     ``skip_non_owned``; processing without values left it on meta), or, for a parameter that
     processing added, to the device of another parameter of the same layer: never to the
     default device."""
-    from ...runtime import comm
-    from ...runtime.comm import ShardingError
+    from ...runtime import failing, groups
+    from ...runtime.errors import ShardingError
     from ...runtime.sharding import find_series, standin_like
 
-    pg = comm.resolve_group(cfg.group)
-    rank = comm.group_rank(pg)
+    pg = groups.resolve_group(cfg.group)
+    rank = groups.group_rank(pg)
 
     def processed_here() -> dict:
         if error is not None:
@@ -170,7 +170,7 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list, error: Optio
                                   if cfg.params is None or k in cfg.params}
         return mine
 
-    gathered = comm.gather_or_fail(pg, LOADING, processed_here)
+    gathered = failing.gather_or_fail(pg, LOADING, processed_here)
     processed = {k: v for g in gathered for k, v in g.items()}
     for name, meta in sorted(processed.items()):
         emptied = [p for p, (shape, _) in meta.items() if 0 in shape]
@@ -198,7 +198,7 @@ def _failed_here(error: BaseException, rank: int) -> Exception:
     """What this rank raised while loading, as the ascend_compile error every rank will raise: its
     own class when it is one of ours (``ConfigError``, ``ShardingError``, ``RankMismatchError``),
     else ``ShardingError``, naming this rank and the error."""
-    from ...runtime.comm import RankMismatchError, ShardingError
+    from ...runtime.errors import RankMismatchError, ShardingError
 
     for cls in (ConfigError, ShardingError, RankMismatchError):
         if isinstance(error, cls):

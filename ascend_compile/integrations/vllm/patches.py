@@ -75,7 +75,7 @@ def reload_unshared(original):
     (``is_checkpoint_format=False``) copies into ``model.get_parameter(name)``, which a shared
     weight is not (a parametrization reads it from its owner): refused on every rank. A reload
     that fails on some ranks only (a checkpoint file missing on one node) makes every rank
-    raise (``comm.gather_or_fail`` over the group the model was sharded over), so no rank goes
+    raise (``failing.gather_or_fail`` over the group the model was sharded over), so no rank goes
     on into a forward whose broadcasts its peers will never join."""
     if getattr(original, _RELOAD_PATCHED, False):
         return original
@@ -86,7 +86,7 @@ def reload_unshared(original):
 
     @functools.wraps(original)
     def reload_weights(self, *args, **kwargs):
-        from ...runtime.comm import ShardingError
+        from ...runtime.errors import ShardingError
         from ...runtime.sharding import get_plan
 
         model = self.get_model()
@@ -104,19 +104,19 @@ def reload_unshared(original):
                 f"reload_weights(is_checkpoint_format=False) on a model whose {sorted(plan.layer_series)} weights "
                 "ascend_compile shares: kernel-format weights are copied into every rank's parameter, and a shared "
                 "one lives on one rank only. Reload with checkpoint-format weights (is_checkpoint_format=True).")
-        from ...runtime import comm
+        from ...runtime import failing, groups, state
 
-        state = unshare_for_reload(model, plan)
+        kept = unshare_for_reload(model, plan)
         result: dict = {}
 
         def reload() -> None:
             result["value"] = original(self, *args, **kwargs)
 
         try:  # every rank reloads: one that fails alone makes every rank raise, none runs on into a forward
-            comm.gather_or_fail(comm.group_from_name(comm.user_group_of(plan.group_name)), "to reload its weights",
-                                reload)
+            failing.gather_or_fail(groups.group_from_name(state.user_group_of(plan.group_name)), "to reload its weights",
+                                   reload)
         finally:
-            reshare_after_reload(state)
+            reshare_after_reload(kept)
         return result.get("value")
 
     setattr(reload_weights, _RELOAD_PATCHED, True)
@@ -136,7 +136,7 @@ def refuse_weight_update(original):
 
     @functools.wraps(original)
     def start_weight_update(self, *args, **kwargs):
-        from ...runtime.comm import ShardingError
+        from ...runtime.errors import ShardingError
         from ...runtime.sharding import get_plan
 
         plan = get_plan(self.model_runner.get_model())
@@ -288,7 +288,7 @@ def register() -> None:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
         from vllm.v1.worker.gpu_worker import Worker
     except Exception as e:  # noqa: BLE001 - the plugin must load whatever the platform imports
-        from ...runtime.comm import first_line
+        from ...runtime.errors import first_line
 
         log.warning("ascend_compile: cannot wrap vLLM's reload_weights/start_weight_update (%s): reloading the "
                     "weights of a model with shared weights will fail in vLLM", first_line(e))

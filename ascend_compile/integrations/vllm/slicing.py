@@ -28,7 +28,7 @@ import logging
 import torch
 
 from ...config import ConfigError, SharedWeightConfig
-from ...runtime.slices import INPUT_CUT, PRESLICED, SLICE_GEMM, cut_name, cut_of
+from ...runtime.slice_layout import INPUT_CUT, PRESLICED, SLICE_GEMM, cut_name, cut_of
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,10 @@ def slice_before_loading(model, cfg: SharedWeightConfig) -> list:
       activations (``SLICE_GEMM``: its processed layout is not gathered)."""
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-    from ...runtime import blocks, comm
+    from ...runtime import blocks, groups
     from ...runtime.sharding import series_members
 
-    rank, world = blocks.position(comm.resolve_group(cfg.group), cfg)
+    rank, world = blocks.position(groups.resolve_group(cfg.group), cfg)
     sliced = []
     for series, members in series_members(model, cfg).items():
         check_vllm_sliceable(series, members, world)

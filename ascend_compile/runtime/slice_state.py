@@ -1,0 +1,212 @@
+"""Slices, per forward: one sliced model's path agreement, its gathers in flight, its two paths.
+
+Which path a forward takes is decided once per forward, at the first sliced layer it calls, from the
+largest token count of any rank of the group: every rank takes the same path, whatever its own batch.
+"decode" names the path that computes on the slices and moves activations (decode steps, and prefill
+chunks of at most ``decode_tokens`` tokens); "prefill" the one that gathers the weights ahead.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import weakref
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from . import errors, failing, groups
+from .slice_layout import SLICE_GEMM, cut_name, decode_linear, gather_slices, gather_source, reassemble
+
+log = logging.getLogger(__name__)
+
+PATHS = ("decode", "prefill")
+
+
+@dataclasses.dataclass
+class SlicedLayer:
+    series: str  # layer series, e.g. "o_proj"
+    index: int
+    module: str
+    cut: int
+    shape: tuple  # the whole weight's [d_out, d_in]
+
+
+class SliceState:
+    """One sliced model's run-time state: the layers in call order, the agreed path of the forward
+    under way, and the weight gathers in flight (prefill). Keyed by (group, generation)."""
+
+    def __init__(self, group_name: str, generation: int, layers: list, modules: list, prefetch_step: int,
+                 decode_tokens: int):
+        self.group_name = group_name
+        self.generation = generation
+        self.layers = layers  # [SlicedLayer] in model order: the order the forward calls them
+        self.modules = modules  # the sliced modules, by position: their weight is read when gathered (after any update)
+        self.position = {(sl.series, sl.index): i for i, sl in enumerate(layers)}
+        self.prefetch_step = prefetch_step
+        self.decode_tokens = decode_tokens
+        self.path: Optional[str] = None  # of the forward under way
+        self.forward_ref = None  # weakref to vLLM's forward context of the forward under way
+        self.tokens = 0  # agreed (largest) token count of the forward under way
+        self.in_flight: dict = {}  # position -> (work, buffer)
+        self.forwards = {p: 0 for p in PATHS}  # forwards run on each path (dumps, tests, benchmarks)
+        self.opaque: set = set()  # positions read inside ops a graph cannot see (fetched whole by opaque.fetch_layers)
+        self.issued = collections.deque(maxlen=4096)  # the latest collectives issued, as text (tests, debugging)
+
+    @property
+    def pg(self):
+        # looked up by name, never held: an aborted group closes its sockets only once nothing references it
+        return groups.group_from_name(self.group_name)
+
+    def _collective(self, what: str, fn):
+        try:
+            return fn()
+        except Exception as e:
+            if not errors.is_comm_failure(e):
+                raise
+            raise failing.peer_error(what, self.group_name, e) from e
+
+    # -- the forward's path ---------------------------------------------------------------------
+
+    @property
+    def first(self) -> Optional[int]:
+        """The position of the first layer a forward calls through ``linear`` (where its path is agreed):
+        layers read inside opaque ops are fetched whole by ``fetch_layers`` and take no part."""
+        return next((pos for pos in range(len(self.layers)) if pos not in self.opaque), None)
+
+    def start_forward(self) -> None:
+        """A forward starts (the model's entry, a compiled graph's entry, a new vLLM forward context): its
+        path is agreed at the first sliced layer it calls, whichever that is."""
+        self.path = None
+
+    def _start_on_new_vllm_forward(self) -> None:
+        """Start a forward where vLLM says one starts (a new forward context)."""
+        ctx = _vllm_forward_context()
+        if ctx is not None and (self.forward_ref is None or self.forward_ref() is not ctx):
+            self.forward_ref = weakref.ref(ctx)
+            self.start_forward()
+
+    def mark_opaque(self, pos: int) -> None:
+        """Layer ``pos`` is read inside an op the graph cannot see: from now on it is fetched whole where
+        that op starts (every rank marks it at the same ``fetch_layers`` entry), never gathered ahead."""
+        self.opaque.add(pos)
+
+    def whole(self, pos: int) -> torch.Tensor:
+        """Layer ``pos``'s whole weight, gathered now (``fetch_layers``)."""
+        return self._wait_whole(pos, *self.issue_gather(pos, None))
+
+    def _wait_whole(self, pos: int, work, buf: torch.Tensor) -> torch.Tensor:
+        self._collective(f"the gather of {self.layers[pos].module}'s slices", work.wait)
+        return self.whole_of(pos, buf)
+
+    def whole_of(self, pos: int, buf: torch.Tensor) -> torch.Tensor:
+        """Layer ``pos``'s whole weight (a view) from its gathered buffer."""
+        return reassemble(buf, self.layers[pos].cut)
+
+    def begin_forward(self, tokens: int, device: torch.device) -> None:
+        """At the first sliced layer of a forward: agree on the largest token count, pick the path."""
+        self.wait_in_flight()
+        agreed = _vllm_tokens_across_dp()
+        if agreed is not None and agreed >= tokens:  # vLLM's DP padding agreed already: no collective, no sync
+            self.tokens, source = agreed, " (vLLM's num_tokens_across_dp)"
+        else:
+            count = torch.tensor([tokens], dtype=torch.int64, device=device)
+            self._collective("the token-count agreement of a sliced forward",
+                             lambda: dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.pg))
+            self.tokens, source = int(count.item()), ""
+        self.path = "decode" if self.tokens <= self.decode_tokens else "prefill"
+        self.forwards[self.path] += 1
+        self.issued.append(f"agree{source} -> {self.tokens} tokens, {self.path}")
+        if self.forwards[self.path] == 1:
+            log.info("ascend_compile: rank %d of group %s: first sliced forward on the %s path: %d tokens (the most of "
+                     "any rank), %s decode_tokens=%d", dist.get_rank(self.pg), self.group_name, self.path, self.tokens,
+                     "at most" if self.path == "decode" else "above", self.decode_tokens)
+
+    def wait_in_flight(self) -> list:
+        """Wait for (and forget) gathers left by a forward that stopped early; returns their positions."""
+        left = sorted(self.in_flight)
+        for pos in left:
+            work, _ = self.in_flight.pop(pos)
+            self._collective("a weight gather left in flight", work.wait)
+        return left
+
+    # -- the two paths --------------------------------------------------------------------------
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], series: str, index: int) -> torch.Tensor:
+        pos = self.position[(series, index)]
+        tokens = x.numel() // x.shape[-1] if x.dim() else 1
+        self._start_on_new_vllm_forward()
+        if pos == self.first or self.path is None:
+            self.begin_forward(tokens, w.device)
+        layer = self.layers[pos]
+        gemm = getattr(self.modules[pos], SLICE_GEMM, None)
+        if self.path == "prefill" and gemm is None:
+            return F.linear(x, self.prefill_weight(pos, w), b)
+        if tokens > self.tokens:
+            error = RuntimeError(
+                f"sliced layer {layer.module} got {tokens} tokens, more than the {self.tokens} its forward agreed on at "
+                f"its first sliced layer ({self.layers[0].module}): every sliced layer of a forward must see the same "
+                "tokens"
+            )
+            raise error  # sliced_linear aborts the group: the peers wait in this layer's collectives
+        self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
+        x2 = x.reshape(tokens, x.shape[-1])
+        out = decode_linear(x2, w, layer.cut, self.tokens, self.pg, self._collective, layer.module, gemm)
+        out = out.reshape(*x.shape[:-1], layer.shape[0])
+        return out + b if b is not None else out
+
+    def prefill_weight(self, pos: int, w: torch.Tensor) -> torch.Tensor:
+        """Layer ``pos``'s whole weight on the prefill path. The gathers of a prefill forward follow ``prefetch_step`` = k
+        per series, as ``layout="layers"`` broadcasts: layers ``0..k-1`` of every series at the
+        forward's first sliced layer, then layer ``i + k`` of a series when its layer ``i`` is used."""
+        if pos == self.first:
+            for early in range(len(self.layers)):
+                if (self.layers[early].index < self.prefetch_step and early not in self.in_flight
+                        and self.gathers_ahead(early)):
+                    self.in_flight[early] = self.issue_gather(early, w if early == pos else None)
+        if pos not in self.in_flight:
+            self.in_flight[pos] = self.issue_gather(pos, w)
+        layer = self.layers[pos]
+        ahead = self.position.get((layer.series, layer.index + self.prefetch_step))
+        if self.prefetch_step and ahead is not None and ahead not in self.in_flight and self.gathers_ahead(ahead):
+            self.in_flight[ahead] = self.issue_gather(ahead, None)
+        return self._wait_whole(pos, *self.in_flight.pop(pos))
+
+    def can_gather(self, pos: int) -> bool:
+        """Whether layer ``pos`` can be gathered (not when it computes with its own GEMM)."""
+        return getattr(self.modules[pos], SLICE_GEMM, None) is None
+
+    def gathers_ahead(self, pos: int) -> bool:
+        """Whether a prefill forward gathers layer ``pos`` ahead of its use (not one read inside an opaque op)."""
+        return self.can_gather(pos) and pos not in self.opaque
+
+    def issue_gather(self, pos: int, w: Optional[torch.Tensor]):
+        w = gather_source(self.layers[pos].cut, self.modules[pos].weight if w is None else w).contiguous()
+        buf = torch.empty((w.shape[0] * self.pg.size(), w.shape[1]), dtype=w.dtype, device=w.device)
+        self.issued.append(f"gather {self.layers[pos].module}")
+        work = self._collective(f"the gather of {self.layers[pos].module}'s slices",
+                                lambda: gather_slices(buf, w, self.pg, async_op=True))
+        return work, buf
+
+
+def _vllm_forward_context():
+    """vLLM's forward context of the forward under way (one object per forward), or None outside vLLM."""
+    import sys
+
+    module = sys.modules.get("vllm.forward_context")
+    if module is None or not module.is_forward_context_available():
+        return None
+    return module.get_forward_context()
+
+
+def _vllm_tokens_across_dp():
+    """The largest token count of any data-parallel rank in the forward under way, as vLLM agreed it
+    (``forward_context.dp_metadata.num_tokens_across_dp_cpu``; vLLM 0.23 makes it for MoE models with
+    data parallelism, the same on every rank), or None. The sharing group is the DP group or a part of
+    it (tensor parallelism is refused for slices), so the largest count over DP bounds every peer's."""
+    ctx = _vllm_forward_context()
+    across = getattr(getattr(ctx, "dp_metadata", None), "num_tokens_across_dp_cpu", None)
+    return int(across.max()) if across is not None and across.numel() else None
