@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from ascend_compile.config import SharedWeightConfig
 from ascend_compile.runtime import groups
-from ascend_compile.runtime.sharding import series_members, standin_like
+from ascend_compile.runtime.series import series_members, standin_like
 
 
 class EagerHookSharing:

@@ -1,5 +1,7 @@
-"""The package's arrows point down: run time never imports compile time, passes never import
-what lowers or integrates them (read from the sources, imports inside functions included)."""
+"""The package's layout, read from the sources (imports inside functions included): the arrows point
+down (run time never imports compile time, passes never import what lowers or integrates them), no
+two modules import each other, each run-time module holds one concern, says which in its opening
+line and stays under 400 lines, and run-time state lives in one place (``runtime/state.py``)."""
 
 import ast
 import pathlib
@@ -93,3 +95,93 @@ def test_the_vllm_integration_checks_vllm_ascends_version_beside_vllms():
         problem = vllm_version_problem("0.23.0", ascend)
         assert f"this is vLLM-Ascend {ascend}: its shared weights are not installed" in problem
         assert "written against vLLM-Ascend 0.23.x" in problem
+
+
+def module_imports(path: pathlib.Path, root: pathlib.Path = PACKAGE) -> set:
+    """The package's modules a module imports (dotted names; ``from . import x`` is module ``x`` when
+    there is one, else the package)."""
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    package = parts if parts[-1] == "__init__" else parts[:-1]
+    package = [p for p in package if p != "__init__"]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            for alias in node.names:
+                sub = f"{mod}.{alias.name}"
+                is_module = (root.parent / sub.replace(".", "/")).with_suffix(".py").exists() or \
+                    (root.parent / sub.replace(".", "/") / "__init__.py").exists()
+                out.add(sub if is_module else mod)
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.split(".")[0] == root.name}
+
+
+def _module_name(path: pathlib.Path, root: pathlib.Path = PACKAGE) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_cycles(root: pathlib.Path = PACKAGE) -> list:
+    """Pairs of modules that import each other (a package's ``__init__`` importing its own modules
+    is how a package exposes them, and does not count)."""
+    graph = {_module_name(p, root): module_imports(p, root) for p in root.rglob("*.py")}
+    pairs = []
+    for a, imports in sorted(graph.items()):
+        for b in sorted(imports):
+            if a < b and a in graph.get(b, ()) and not (b.startswith(a + ".") or a.startswith(b + ".")):
+                pairs.append((a, b))
+    return pairs
+
+
+def test_no_two_modules_import_each_other():
+    assert import_cycles() == []
+
+
+def test_the_cycle_check_sees_a_cycle_through_a_late_import(tmp_path):
+    root = tmp_path / "ascend_compile"
+    (root / "runtime").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    (root / "runtime" / "__init__.py").write_text("from . import ops\n")
+    (root / "runtime" / "ops.py").write_text("from . import windows\n")
+    (root / "runtime" / "windows.py").write_text("def late():\n    from .ops import x\n")
+    assert import_cycles(root) == [("ascend_compile.runtime.ops", "ascend_compile.runtime.windows")]
+
+
+RUNTIME = sorted(p for p in (PACKAGE / "runtime").glob("*.py") if p.name != "__init__.py")
+
+
+@pytest.mark.parametrize("path", RUNTIME, ids=[p.name for p in RUNTIME])
+def test_a_runtime_module_holds_one_concern_said_in_its_opening_line(path):
+    doc = ast.get_docstring(ast.parse(path.read_text()))
+    assert doc and len(doc.splitlines()[0]) > 20, f"{path.name}: no opening line saying what it is for"
+    lines = len(path.read_text().splitlines())
+    assert lines <= 400, f"{path.name} has {lines} lines: split it by concern"
+
+
+def module_state(path: pathlib.Path) -> list:
+    """Names a module binds at its top level to a mutable container (dict, list, set, deque)."""
+    mutable = (ast.Dict, ast.List, ast.Set, ast.DictComp, ast.ListComp, ast.SetComp)
+    out = []
+    for node in ast.parse(path.read_text()).body:
+        value = node.value if isinstance(node, (ast.Assign, ast.AnnAssign)) else None
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        call = isinstance(value, ast.Call) and getattr(value.func, "id", getattr(value.func, "attr", "")) in (
+            "dict", "list", "set", "deque", "defaultdict", "OrderedDict")
+        if isinstance(value, mutable) or call:
+            out += [t.id for t in targets if isinstance(t, ast.Name) and not t.id.startswith("__")]
+    return out
+
+
+def test_run_time_state_lives_in_one_place():
+    """A sharding's run-time state is its ``state.Sharding``; the one table is ``state._LIVE`` (the ops,
+    called with plain values, find their sharding there)."""
+    found = {p.name: module_state(p) for p in RUNTIME}
+    assert {k: v for k, v in found.items() if v} == {"state.py": ["_LIVE"]}
+    probe = PACKAGE.parent / "probe_state.py"
+    try:
+        probe.write_text("_STATES: dict = {}\nNAMES = ('a',)\n_cache = dict()\n__all__ = ['x']\n")
+        assert module_state(probe) == ["_STATES", "_cache"]  # a tuple cannot grow; __all__ is not state
+    finally:
+        probe.unlink()

@@ -6,7 +6,7 @@ from torch import nn
 
 import ascend_compile as ac
 from ascend_compile.models import StackShape, build_stack, make_input
-from ascend_compile.runtime.sharding import is_standin
+from ascend_compile.runtime.series import is_standin
 from ranks import run_fresh, run_ranks
 
 SERIES = ["o_proj", "q_b_proj"]

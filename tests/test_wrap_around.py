@@ -209,7 +209,7 @@ def _set_weights(model, source):
     shared parameter writes its real storage, the others have nothing to write."""
     from torch.nn.utils import parametrize
 
-    from ascend_compile.runtime.sharding import is_standin
+    from ascend_compile.runtime.series import is_standin
 
     src = dict(source.named_parameters())
     with torch.no_grad():

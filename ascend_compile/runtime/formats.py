@@ -15,6 +15,7 @@ live on an NPU.
 
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
@@ -22,7 +23,7 @@ import torch
 NPU_DEVICE_TYPE = "npu"
 # aclFormat values
 NCHW, NHWC, ND, FRACTAL_NZ = 0, 1, 2, 29
-NAMES = {0: "NCHW", 1: "NHWC", 2: "ND", 3: "NC1HWC0", 4: "FRACTAL_Z", 29: "FRACTAL_NZ"}
+NAMES = types.MappingProxyType({0: "NCHW", 1: "NHWC", 2: "ND", 3: "NC1HWC0", 4: "FRACTAL_Z", 29: "FRACTAL_NZ"})
 ROW_MAJOR = (NCHW, NHWC, ND)  # plain strided storage: a plain receive buffer holds the same bytes
 REPRODUCIBLE = (FRACTAL_NZ,)  # allocated in that format with torch_npu.empty_with_format
 

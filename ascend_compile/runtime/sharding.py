@@ -10,7 +10,6 @@ same program.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Optional
 
 import torch
@@ -22,6 +21,7 @@ from ..config import ConfigError, SharedWeightConfig
 from . import blocks, errors, failing, formats, groups, slice_layout, slice_measure, slice_state, slices, state, windows
 from .errors import ShardingError
 from .marker import AUTO_STEP, Marker, layer_name, series_windows
+from .series import series_members, standin_like
 
 PLAN_ATTR = "_ascend_compile_plan"
 EVERY_RANK = -1  # SharedParam.owner of a sliced parameter (layout="slices"): every rank holds a slice
@@ -109,102 +109,6 @@ class SharedWeight(nn.Module):
 
     def extra_repr(self) -> str:
         return f"series={self.series!r}, index={self.index}, owner={self.owner}"
-
-
-def _matches(module_name: str, layer: str) -> bool:
-    return module_name == layer or module_name.endswith("." + layer)
-
-
-def _suffixes(names: list) -> list:
-    out = set()
-    for n in names:
-        parts = n.split(".")
-        for i in range(len(parts)):
-            out.add(".".join(parts[i:]))
-    return sorted(out)
-
-
-def find_series(model: nn.Module, layers: list) -> dict:
-    """Map each listed layer name to the module names it matches, in model order."""
-    names = [n for n, _ in model.named_modules() if n]
-    found = {layer: [n for n in names if _matches(n, layer)] for layer in layers}
-    for layer, members in found.items():
-        if not members:
-            close = difflib.get_close_matches(layer, _suffixes(names), n=5, cutoff=0.6)
-            hint = f" Close matches: {close}." if close else ""
-            raise ConfigError(
-                f"no module of {type(model).__name__} is named {layer!r} (or ends with '.{layer}').{hint} "
-                "List the last part of a repeated layer's name, e.g. 'o_proj'."
-            )
-    owners: dict = {}
-    for layer, members in found.items():
-        for m in members:
-            if m in owners:
-                raise ConfigError(
-                    f"module {m!r} matches both {owners[m]!r} and {layer!r}; each layer may be in one series only"
-                )
-            owners[m] = layer
-    return found
-
-
-def layer_params(module: nn.Module, module_name: str, wanted: Optional[list]) -> dict:
-    params = dict(module.named_parameters(recurse=False))
-    if wanted is not None:
-        missing = [p for p in wanted if p not in params]
-        if missing:
-            raise ConfigError(f"{module_name} has no parameter(s) {missing}; it has {sorted(params)}")
-        params = {k: params[k] for k in wanted}
-    empty = [k for k, p in params.items() if p.numel() == 0]
-    if empty:
-        raise ConfigError(
-            f"{module_name}: parameter(s) {empty} have no elements: processing moved them into a kernel handle "
-            "(e.g. vLLM CPU's oneDNN GEMM), so the layer's forward does not read them. Shard before processing "
-            "(the vLLM plugin does: additional_config['ascend_compile']), or leave this layer out."
-        )
-    if not params:
-        raise ConfigError(
-            f"{module_name} ({type(module).__name__}) has no parameters of its own to share; "
-            "name the linear layer itself, not its parent"
-        )
-    return params
-
-
-def check_series(layer: str, modules: dict) -> None:
-    """All members of a series must be the same layer repeated: same params, shapes, dtypes."""
-    ref_name, ref = next(iter(modules.items()))
-    ref_sig = {k: (tuple(p.shape), p.dtype) for k, p in ref.items()}
-    for name, params in modules.items():
-        sig = {k: (tuple(p.shape), p.dtype) for k, p in params.items()}
-        if sig != ref_sig:
-            def fmt(s):
-                return ", ".join(f"{k} {list(v[0])} {str(v[1]).replace('torch.', '')}" for k, v in s.items())
-
-            raise ConfigError(
-                f"series {layer!r} mixes different layers: {ref_name} has {fmt(ref_sig)} but {name} has "
-                f"{fmt(sig)}. A series must be one layer repeated; give the odd layers their own series "
-                "name or leave them out."
-            )
-
-
-def series_members(model: nn.Module, config: SharedWeightConfig) -> dict:
-    """``{layer series: [(module name, module, {param name: param})]}`` in index order, checked:
-    names exist, each module is in one series, members of a series are the same layer."""
-    modules = dict(model.named_modules())
-    out = {}
-    for layer, members in find_series(model, config.layers).items():
-        params = {m: layer_params(modules[m], m, config.params) for m in members}
-        check_series(layer, params)
-        out[layer] = [(m, modules[m], params[m]) for m in members]
-    return out
-
-
-def standin_like(p: torch.Tensor) -> nn.Parameter:
-    """Same shape, dtype and device as ``p`` with one element of storage."""
-    return nn.Parameter(torch.empty((), dtype=p.dtype, device=p.device).expand(p.shape), requires_grad=False)
-
-
-def is_standin(t: torch.Tensor) -> bool:
-    return t.numel() > 1 and t.untyped_storage().nbytes() <= t.element_size()
 
 
 def shard_model(model: nn.Module, config: SharedWeightConfig) -> ShardPlan:
@@ -466,5 +370,4 @@ def parameter_storage_bytes(model: nn.Module) -> int:
 
 __all__ = [
     "SharedParam", "ShardPlan", "SharedWeight", "shard_model", "get_plan", "drain_prefetch", "invalidate_prefetch", "parameter_storage_bytes",
-    "find_series", "is_standin", "series_members", "layer_params", "check_series", "standin_like",
 ]

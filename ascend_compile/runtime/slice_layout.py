@@ -14,15 +14,7 @@ A series is cut along the dimension that moves fewer bytes at decode (DESIGN.md 
 Prefill: the slices of layer ``j + k`` are all-gathered (every link busy) while layer ``j``
 computes, and the layer computes as replicated on the whole weight (bitwise equal to it).
 
-Which path a forward takes is decided once per forward, at the call of the model's first sliced
-layer, from the largest token count of any rank of the group (an all-reduce of one integer that
-every rank issues at the same point of every forward): every rank takes the same path, whatever
-its own batch. Ranks with fewer tokens pad to that count in the decode collectives. Bias stays
-whole on every rank (``d_out`` elements).
-
-Every read of a sliced layer goes through ``ascend_compile::sliced_linear``, an op with an ordered
-effect: backends keep sliced layers in program order (the collectives inside them must be issued
-in the same order on every rank), and the op is opaque to every backend (correct under any).
+Bias stays whole on every rank (``d_out`` elements). Which path a forward takes: ``slice_state.py``.
 """
 
 from __future__ import annotations

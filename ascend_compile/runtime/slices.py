@@ -1,29 +1,10 @@
 """Slices, in the model: the ``sliced_linear`` op every sliced layer calls, and the surgery that routes
 the layers through it (``layout="slices"``).
 
-Every rank keeps ``1/K`` of every layer of a series, and each forward
-either moves activations (few tokens) or gathers the weights ahead (many tokens).
-
-A series is cut along the dimension that moves fewer bytes at decode (DESIGN.md section 5b):
-
-- ``d_in > d_out`` (``o_proj``-like), **input cut**: rank ``r`` keeps columns ``[r*c, (r+1)*c)``
-  of the weight. Decode: all-to-all the inputs' column blocks, GEMM on the resident block,
-  reduce-scatter the partial outputs.
-- otherwise (``q_b_proj``-like), **output cut**: rank ``r`` keeps rows ``[r*c, (r+1)*c)``.
-  Decode: all-gather the inputs, GEMM on the resident rows, all-to-all the outputs back.
-
-Prefill: the slices of layer ``j + k`` are all-gathered (every link busy) while layer ``j``
-computes, and the layer computes as replicated on the whole weight (bitwise equal to it).
-
-Which path a forward takes is decided once per forward, at the call of the model's first sliced
-layer, from the largest token count of any rank of the group (an all-reduce of one integer that
-every rank issues at the same point of every forward): every rank takes the same path, whatever
-its own batch. Ranks with fewer tokens pad to that count in the decode collectives. Bias stays
-whole on every rank (``d_out`` elements).
-
 Every read of a sliced layer goes through ``ascend_compile::sliced_linear``, an op with an ordered
 effect: backends keep sliced layers in program order (the collectives inside them must be issued
-in the same order on every rank), and the op is opaque to every backend (correct under any).
+in the same order on every rank), and the op is opaque to
+the backend. The maths: ``slice_layout.py``; the path per forward: ``slice_state.py``.
 """
 
 from __future__ import annotations

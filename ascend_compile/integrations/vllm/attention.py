@@ -56,7 +56,7 @@ def attention_readers(model) -> list:
 
 def check_attention_readers(model, cfg: SharedWeightConfig) -> None:
     """Refuse shared layers that an attention impl consumes at load (before any weight is read)."""
-    from ...runtime.sharding import series_members
+    from ...runtime.series import series_members
 
     shared = {id(m): (series, n) for series, members in series_members(model, cfg).items() for n, m, _ in members}
     for name, impl, held in attention_readers(model):

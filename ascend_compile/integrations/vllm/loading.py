@@ -29,7 +29,7 @@ def skip_non_owned(model, cfg: SharedWeightConfig) -> list:
     made after processing go there, never to the default device.
     """
     from ...runtime import blocks, groups
-    from ...runtime.sharding import series_members, standin_like
+    from ...runtime.series import series_members, standin_like
 
     rank, world = blocks.position(groups.resolve_group(cfg.group), cfg)
     skipped = []
@@ -151,7 +151,7 @@ def finish_non_owned(model, cfg: SharedWeightConfig, skipped: list, error: Optio
     default device."""
     from ...runtime import failing, groups
     from ...runtime.errors import ShardingError
-    from ...runtime.sharding import find_series, standin_like
+    from ...runtime.series import find_series, standin_like
 
     pg = groups.resolve_group(cfg.group)
     rank = groups.group_rank(pg)

@@ -183,7 +183,7 @@ def slice_before_loading(model, cfg: SharedWeightConfig) -> list:
     from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
     from ...runtime import blocks, groups
-    from ...runtime.sharding import series_members
+    from ...runtime.series import series_members
 
     rank, world = blocks.position(groups.resolve_group(cfg.group), cfg)
     sliced = []
