@@ -59,7 +59,7 @@ def test_shard_model_raises_on_every_rank_when_one_rank_s_model_is_odd(what):
 def _one_sided_case(rank, world, how):
     import torch.distributed as dist
 
-    from ascend_compile.runtime import groups, order
+    from ascend_compile.runtime import groups, guard
 
     torch._dynamo.reset()
     shape = StackShape(layers=4)
@@ -72,7 +72,7 @@ def _one_sided_case(rank, world, how):
     if rank == 1 and how == "order_mismatch":
         def mismatch(*args, **kwargs):
             raise ac.RankMismatchError("ranks disagree on the collective order (injected on rank 1)")
-        order.check_published = mismatch
+        guard.check_published = mismatch  # what the graph's order check calls
     fn = torch.compile(model, backend="ascend_compile", options=options)
     x = make_input(shape)
     if rank == 1:

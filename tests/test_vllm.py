@@ -874,9 +874,10 @@ def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_ru
     import glob
     import json
 
-    _, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "1")
+    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "1", "--reload")
     for rank in range(2):
         assert results[f"shared_rank{rank}"]["tokens"] == results[f"unshared_rank{rank}"]["tokens"]
+    _assert_reloads(out, results)  # and vLLM's reload_weights in mode 1 (one job for both)
     _assert_ranks_ran_in_lockstep(results, 2, idle=[0])  # counted around the model's compiled call
     graphs = {}
     for path in glob.glob(str(tmp_path / "dumps" / "**" / "rank_*" / "graph_*" / "schedule.json"), recursive=True):
@@ -894,18 +895,22 @@ def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_ru
 
 
 @pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
-@pytest.mark.parametrize("mode", ["2", "1"])
-def test_reload_weights_through_vllm_keeps_tokens_and_drops_prefetched_windows(mode, tmp_path):
+def test_reload_weights_through_vllm_keeps_tokens_and_drops_prefetched_windows(tmp_path):
     """``llm.collective_rpc("reload_weights")`` (vLLM's own reload path, which the CPU runner
-    inherits from the GPU runner) between generates, on both DP ranks, unshared and shared: the
-    checkpoint reloaded gives the same tokens as before, changed weights (``perturbed_weights``,
+    inherits from the GPU runner) between generates, on both DP ranks, unshared and shared, in
+    mode 2 (mode 1: ``test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_run``)."""
+    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "2", "--reload")
+    _assert_reloads(out, results)
+
+
+def _assert_reloads(out: str, results: dict) -> None:
+    """The checkpoint reloaded gives the same tokens as before, changed weights (``perturbed_weights``,
     a ``weights_iterator`` through the same path) give the unshared run's new tokens, and the
     checkpoint again gives the first tokens back. With shared weights our plugin's wrapper of
     ``model.load_weights`` drops the prefetched windows at each of the 3 reloads on every rank,
-    and each rank still holds only what it owns. Mode 1 keeps Dynamo's guards: a reload that
+    and each rank still holds only what it owns. In mode 1, Dynamo's guards stay: a reload that
     gave the shared layers new classes or modules would recompile every shape again and hit
     the recompile limit (fullgraph=True fails) by the third generate."""
-    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", mode, "--reload")
     lines = []
     for rank in range(2):
         unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
