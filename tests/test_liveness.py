@@ -154,7 +154,9 @@ def _silent_peer_case(rank, world, timeout, lowering):
     return _second_call(fn, x)
 
 
-@pytest.mark.parametrize("lowering", ["inductor", "aot_eager"])
+# aot_eager only (the group's timeout bounds the collectives whatever lowered them); a PeerError raised out of
+# Inductor's code: test_a_rank_killed_mid_forward_makes_the_other_fail_with_the_layer
+@pytest.mark.parametrize("lowering", ["aot_eager"])
 def test_a_rank_that_skips_a_forward_makes_the_other_fail_within_the_timeout(lowering):
     timeout = 4
     results = run_fresh(_silent_peer_case, 2, timeout, lowering, timeout=240, allow_dead=True)
