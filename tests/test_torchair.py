@@ -29,7 +29,7 @@ def test_compiler_config_carries_the_options():
         assert (cfg.debug.graph_dump.type.value, cfg.debug.graph_dump.path.value) == ("pbtxt", "/tmp/ge")
         assert cfg.experimental_config.frozen_parameter.value is True
         assert cfg.post_grad_custom_post_pass.value is None  # nothing to run without shared weights
-        assert lowering.compiler_config(air, {}).mode.value == "max-autotune"
+        assert lowering.compiler_config(air, {}).mode.value == "reduce-overhead"  # capture by default; GE when asked
         with pytest.raises(ConfigError, match=r"unknown options\['torchair'\] key\(s\) \['frozen'\]"):
             lowering.compiler_config(air, {"frozen": True})
         with pytest.raises(ConfigError, match="must be one of \\['max-autotune', 'reduce-overhead'\\]"):
@@ -208,7 +208,7 @@ def test_a_torchair_without_the_pass_hook_is_refused():
         air.CompilerConfig = OldConfig
         with pytest.raises(ConfigError, match="CompilerConfig has no post_grad_custom_post_pass: ascend_compile's passes"):
             lowering.compiler_config(air, {}, pipeline=lambda gm: gm)
-        assert lowering.compiler_config(air, {}).mode.value == "max-autotune"  # nothing to register: fine
+        assert lowering.compiler_config(air, {}).mode.value == "reduce-overhead"  # nothing to register: fine
     finally:
         fake_torchair.uninstall()
 
