@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+import weakref
 from typing import Any, Optional
 
 from .errors import ShardingError
@@ -54,17 +55,23 @@ class Sharding:
         return self.group_name != self.user_group and not self.retired
 
 
-_LIVE: list = []  # every Sharding of this process, oldest first
+_LIVE: list = []  # weak references to every Sharding of this process, oldest first: a model's is its own
 
 
 def add(sharding: Sharding) -> Sharding:
-    _LIVE.append(sharding)
+    """Make ``sharding`` findable for as long as its model (or anything else) holds it."""
+    _LIVE[:] = [ref for ref in _LIVE if ref() is not None]
+    _LIVE.append(weakref.ref(sharding))
     return sharding
+
+
+def _live() -> list:
+    return [s for s in (ref() for ref in _LIVE) if s is not None]
 
 
 def find(group_name: str, generation: int = 0) -> Optional[Sharding]:
     """The newest sharding over ``group_name`` (of ``generation``, when not 0), or None."""
-    for s in reversed(_LIVE):
+    for s in reversed(_live()):
         if s.group_name == group_name and generation in (0, s.generation):
             return s
     return None
@@ -84,7 +91,7 @@ def get(group_name: str, generation: int = 0) -> Sharding:
 
 def over(user_group: str) -> list:
     """The live shardings made over the user's group ``user_group`` (or over it directly)."""
-    return [s for s in _LIVE if (s.user_group == user_group or s.group_name == user_group) and not s.retired]
+    return [s for s in _live() if (s.user_group == user_group or s.group_name == user_group) and not s.retired]
 
 
 def user_group_of(group_name: str) -> str:
@@ -95,12 +102,12 @@ def user_group_of(group_name: str) -> str:
 
 def any_sharding() -> bool:
     """Whether a model was sharded in this process."""
-    return bool(_LIVE)
+    return bool(_live())
 
 
 def proposed_generation(group_name: str) -> int:
     """This rank's proposal for the next sharding generation over ``group_name`` (agreed as the max)."""
-    return max((s.generation for s in _LIVE if s.group_name == group_name), default=0) + 1
+    return max((s.generation for s in _live() if s.group_name == group_name), default=0) + 1
 
 
 def new_token() -> str:
