@@ -14,6 +14,8 @@ import queue
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -87,18 +89,49 @@ def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 900) -> li
     return [got[r][1] for r in range(world_size)]
 
 
-def run_command(cmd: list, timeout: float = 300, capture: bool = True, **kwargs) -> tuple:
+def run_command(cmd: list, timeout: float = 300, capture: bool | str = True, **kwargs) -> tuple:
     """``(returncode, stdout, stderr)`` of a command that starts ranks of its own (the demo,
     torchrun). It runs in a session of its own, so on a hang every rank it started is killed
     with it and a ``TimeoutError`` says so. ``capture=False`` lets the output through
-    (stdout and stderr are then None)."""
+    (stdout and stderr are then None); ``capture="tee"`` lets it through and keeps stderr too."""
+    tee = capture == "tee"
     pipe = subprocess.PIPE if capture else None
-    proc = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True, start_new_session=True, **kwargs)
+    proc = subprocess.Popen(cmd, stdout=None if tee else pipe, stderr=pipe, text=True, start_new_session=True,
+                            **kwargs)
+    kept: list = []
+    if tee:  # echo stderr as it comes, keep a copy
+        def echo():
+            for line in proc.stderr:
+                sys.stderr.write(line)
+                kept.append(line)
+
+        reader = threading.Thread(target=echo, daemon=True)
+        reader.start()
     try:
+        if tee:
+            proc.wait(timeout=timeout)
+            reader.join(timeout=30)
+            return proc.returncode, None, "".join(kept)
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        stdout, stderr = (None, "".join(kept)) if tee else proc.communicate()
         raise TimeoutError(f"{cmd[:4]}... did not finish within {timeout:.0f}s (hung collective?); "
                            f"killed it and its ranks\n{stdout or ''}{stderr or ''}") from None
     return proc.returncode, stdout, stderr
+
+
+# What a rank prints when it aborts while the interpreter finalizes, its work done: torch's gloo
+# worker threads can still be releasing the last collective's tensors (about 1 run in 12 here).
+FINALIZE_ABORT = "terminate called without an active exception"
+
+
+def run_torchrun(cmd: list, timeout: float = 300, capture: bool = True, **kwargs) -> tuple:
+    """:func:`run_command` for a torchrun job, run once more if a rank aborted at interpreter
+    finalization (:data:`FINALIZE_ABORT`): any other failure, and a second such abort, is returned
+    as it is. ``capture=False`` lets the output through."""
+    for attempt in (1, 2):
+        code, stdout, stderr = run_command(cmd, timeout=timeout, capture=capture or "tee", **kwargs)
+        if code == 0 or FINALIZE_ABORT not in (stderr or "") or attempt == 2:
+            return code, stdout, (stderr if capture else None)
+        sys.stderr.write(f"a rank aborted at interpreter finalization ({FINALIZE_ABORT!r}); running the job again\n")

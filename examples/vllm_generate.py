@@ -351,7 +351,7 @@ def main(argv=None) -> int:
 
     # The driver: one torchrun job without sharing, one with (vLLM's process groups live as long
     # as the process), then the comparison.
-    from ascend_compile.launch import run_command
+    from ascend_compile.launch import run_torchrun
 
     os.makedirs(args.dir, exist_ok=True)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
             if os.path.exists(os.path.join(args.dir, f"{name}_rank{rank}.json")):
                 os.remove(os.path.join(args.dir, f"{name}_rank{rank}.json"))
         cmd = [torchrun, "--standalone", "--nproc-per-node", str(ranks), os.path.abspath(__file__), *forwarded]
-        code, _, _ = run_command(cmd + (["--share"] if share else []), timeout=args.timeout, capture=False)
+        code, _, _ = run_torchrun(cmd + (["--share"] if share else []), timeout=args.timeout, capture=False)
         if code != 0:
             print(f"{name} run failed with exit code {code}")
             for rank in range(ranks):

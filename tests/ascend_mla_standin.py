@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if "RANK" in os.environ:
         return worker(args)
-    from ascend_compile.launch import run_command
+    from ascend_compile.launch import run_torchrun
 
     os.makedirs(args.dir, exist_ok=True)
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -225,7 +225,7 @@ def main(argv=None) -> int:
         cmd = [torchrun, "--standalone", "--nproc-per-node", "2", os.path.abspath(__file__), "--dir", args.dir,
                "--config", config]
         try:
-            code, out, err = run_command(cmd, timeout=args.timeout)
+            code, out, err = run_torchrun(cmd, timeout=args.timeout)
         except TimeoutError as e:
             summary[config] = {"error": f"timeout: {str(e)[-2000:]}"}
             continue
