@@ -18,7 +18,7 @@ from .config import CompileOptions, ConfigError
 from .debug.dump import GraphDumper, compile_id, schedule_table
 from .lowering import get_lowering
 from .passes import PassPipeline, default_passes
-from .passes.graph import sliced_layers
+from .passes.graph import sliced_layers, sliced_token_counts
 from .passes.plan import marker_groups
 from .passes.planning import make_plan, planned_schedule, resolve_auto_step
 from .passes.prefetch import collective_order, order_layers
@@ -46,19 +46,38 @@ def check_mode(lowering: str, mode: Optional[str]) -> None:
 
 def check_sliced(gm: fx.GraphModule, opts: CompileOptions, mode: Optional[str]) -> list:
     """Graphs with sliced layers (``layout="slices"``) run on the Inductor, aot_eager and eager
-    lowerings, uncaptured: each sliced layer picks its path and its in-flight gathers in Python at
-    run time, which a CUDA/ACL graph replay would skip, and torchair has no converter for it."""
+    lowerings. They are captured (CUDA/ACL graphs: ``mode="reduce-overhead"``, torchair's
+    ``reduce-overhead``) only with ``paths="by_shape"``: with ``"agreed"`` each forward agrees on its
+    path in Python at run time (a host sync), which a graph replay would skip. torchair's GE graph
+    mode has no converter for ``sliced_linear`` (``check_converters`` names it)."""
     layers = sliced_layers(gm.graph)
     if not layers:
         return layers
+    agreed = sorted({f"{series}[{index}]" for series, index, group, generation in layers
+                     if not state.get(group, generation).slices.by_shape})
+    capturing = mode in ("reduce-overhead", "max-autotune") or bool(opts.inductor.get("triton.cudagraphs"))
     if opts.lowering == "torchair":
-        raise ConfigError(f"this graph computes {len(layers)} sliced layer(s) (layout='slices'), which the torchair "
-                          "lowering cannot convert yet: shard with SharedWeightConfig(layout='layers') on the NPU")
-    if mode in ("reduce-overhead", "max-autotune") or opts.inductor.get("triton.cudagraphs"):
-        raise ConfigError(f"this graph computes {len(layers)} sliced layer(s) (layout='slices'), whose path is chosen "
-                          "in Python at every forward, and CUDA-graph capture would replay the first forward's path: "
-                          "compile with mode='max-autotune-no-cudagraphs' or no mode")
+        capturing = opts.torchair.get("mode", _torchair_default_mode()) == "reduce-overhead"
+        if not capturing:
+            raise ConfigError(f"this graph computes {len(layers)} sliced layer(s) (layout='slices'), and torchair's GE "
+                              "graph mode (max-autotune) has no converter for ascend_compile::sliced_linear: compile "
+                              "with options={'torchair': {'mode': 'reduce-overhead'}} (ACL graph capture) and shard "
+                              "with SharedWeightConfig(paths='by_shape'), or use layout='layers'")
+    if agreed and capturing:
+        where = ("the torchair lowering (ACL graph capture)" if opts.lowering == "torchair"
+                 else "CUDA-graph capture")
+        raise ConfigError(f"this graph computes {len(layers)} sliced layer(s) (layout='slices'), and {agreed[:4]} "
+                          f"agree on their path in Python at every forward (paths='agreed'), which {where} would "
+                          "replay from the first forward: shard with SharedWeightConfig(paths='by_shape') (every rank "
+                          "runs the same token count, as vLLM pads under graph capture), or compile with "
+                          "mode='max-autotune-no-cudagraphs' or no mode on the Inductor lowering")
     return layers
+
+
+def _torchair_default_mode() -> str:
+    from .lowering.torchair import DEFAULT_MODE
+
+    return DEFAULT_MODE
 
 
 def ascend_compile_backend(gm: fx.GraphModule, example_inputs: list, options: Any = None, mode: Optional[str] = None):
@@ -104,7 +123,7 @@ def _compile_sliced(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
     from .runtime.guard import SlicedOrderGuard
 
     dumper = GraphDumper(opts.dump_dir, groups.global_rank())
-    dumper.schedule(slices_table(sliced, groups.global_rank()))
+    dumper.schedule(slices_table(sliced, groups.global_rank(), sliced_token_counts(gm.graph)))
     compiled = _lower(get_lowering(opts.lowering), gm, example_inputs, None, opts, mode)
     return SlicedOrderGuard(compiled, layers=sliced, graph_id=dumper.graph_id, check=opts.check_ranks)
 

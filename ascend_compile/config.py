@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 PrefetchStep = Union[int, str]
 
 LAYOUTS = ("layers", "slices")
+PATHS = ("agreed", "by_shape")  # how a sliced forward picks its path (SharedWeightConfig.paths)
 LOWERINGS = ("inductor", "aot_eager", "eager", "torchair")
 DUMP_ENV = "ASCEND_COMPILE_DUMP"
 
@@ -79,6 +80,14 @@ class SharedWeightConfig:
     Same memory saved. No wrap-around.
     ``decode_tokens``: with ``"slices"``, the largest token count (the most of any rank in a
     forward) computed on the slices; ``"auto"`` (the default) measures both paths at shard time.
+    ``paths``: with ``"slices"``, how a forward's path is picked. ``"agreed"`` (the default): at its
+    first sliced layer the ranks agree on the largest token count of any rank (vLLM's
+    ``num_tokens_across_dp`` when there is one, else an all-reduce and a host sync), so ranks may run
+    different token counts. ``"by_shape"``: each sliced layer takes the path its own input's token
+    count gives, with no agreement, no host sync and nothing read from Python state between layers,
+    so a captured graph (CUDA/ACL graphs, ``mode="reduce-overhead"``) replays its size's path
+    correctly. Every rank of the block must then run the same token count in every forward, as
+    vLLM's data-parallel padding gives under graph capture (checked against it inside vLLM).
     ``share_size``: share among blocks of this many consecutive ranks of ``group`` instead of all of
     them (``None``): ``2``, ``4``, ``8``, ... (must divide the group's size), or ``"machine"``: the
     group's ranks on one machine. Each block owns a whole copy of the shared layers among its ranks
@@ -97,6 +106,7 @@ class SharedWeightConfig:
     wrap_around: Optional[bool] = None
     layout: str = "layers"
     decode_tokens: Optional[Union[int, str]] = None
+    paths: Optional[str] = None
     share_size: Optional[Union[int, str]] = None
     ranks_per_machine: Optional[int] = None
 
@@ -132,9 +142,15 @@ class SharedWeightConfig:
             if self.decode_tokens != "auto" and (isinstance(self.decode_tokens, bool)
                                                  or not isinstance(self.decode_tokens, int) or self.decode_tokens < 0):
                 raise ConfigError(f"decode_tokens must be an int >= 0 or 'auto', got {self.decode_tokens!r}")
-        elif self.decode_tokens is not None:
-            raise ConfigError("decode_tokens chooses between the two paths of layout='slices'; "
-                              "with layout='layers' every forward broadcasts whole layers: drop it or set layout='slices'")
+            if self.paths is None:
+                self.paths = "agreed"
+            if self.paths not in PATHS:
+                raise ConfigError(f"paths must be one of {list(PATHS)}, got {self.paths!r}")
+        else:
+            for name in ("decode_tokens", "paths"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"{name} chooses between the two paths of layout='slices'; with layout='layers' "
+                                      f"every forward broadcasts whole layers: drop it or set layout='slices'")
         self.share_size = check_share_size(self.share_size)
         if self.ranks_per_machine is not None and (isinstance(self.ranks_per_machine, bool)
                                                    or not isinstance(self.ranks_per_machine, int)

@@ -236,7 +236,7 @@ def _capture_case(rank, world, lowering, mode):
 
 @pytest.mark.parametrize("lowering,mode,message", [
     ("inductor", "reduce-overhead", "CUDA-graph capture would replay"),
-    ("torchair", None, "torchair lowering cannot convert yet"),
+    ("torchair", None, "torchair lowering (ACL graph capture) would replay"),
 ])
 def test_refused_lowerings(lowering, mode, message):
     for got in run_fresh(_capture_case, 2, lowering, mode):
@@ -331,7 +331,7 @@ def test_dump_and_explain_show_the_sliced_layers(tmp_path, capsys):
     assert rows["q_b_proj[0]"]["cut"] == "output" and rows["q_b_proj[0]"]["decode_bytes_per_token"] == (32 + 48) * 4
     assert cli.main(["explain", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "layout=slices  sliced layers=4  decode path up to 4 tokens" in out
+    assert "layout=slices  paths=agreed  sliced layers=4  decode path up to 4 tokens (the most of any rank)" in out
     assert "o_proj[1]" in out and "input cut  decode moves 448 B per token, prefill gathers 12288 B" in out
 
 

@@ -94,6 +94,17 @@ def test_parallel_layouts_that_would_be_wrong_or_hang_are_refused():
     integ.check_config(_Cfg(sw(), dp=2))  # the external launcher
 
 
+def test_paths_by_shape_is_refused_until_vllm_captures_graphs():
+    from ascend_compile.integrations import vllm as integ
+
+    by_shape = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "layout": "slices", "paths": "by_shape"}}}
+    with pytest.raises(ConfigError, match=r"paths='by_shape' is for graphs captured at a fixed token count.*"
+                                          r"drop paths \(the default, 'agreed'\)"):
+        integ.check_config(_Cfg(by_shape, dp=2))
+    by_shape["ascend_compile"]["shared_weight"]["paths"] = "agreed"
+    integ.check_config(_Cfg(by_shape, dp=2))
+
+
 def test_a_share_size_that_does_not_divide_the_group_is_refused_with_vllms_config(monkeypatch):
     from ascend_compile.integrations import vllm as integ
 

@@ -138,14 +138,16 @@ def timeline_svg(table: dict) -> str:
     return "\n".join(out)
 
 
-def slices_table(layers: list, rank: int) -> dict:
+def slices_table(layers: list, rank: int, tokens: Optional[list] = None) -> dict:
     """``schedule.json`` of a graph with sliced layers (``layout="slices"``): the threshold, and per layer
-    its cut and the bytes each path moves. ``layers``: ``sliced_layers`` of the graph; ``rank``: the
-    global rank (the table names the rank within the sharing group, as the layers layout's does)."""
+    its cut, the bytes each path moves, and where the path is known at compile time (``paths="by_shape"``
+    and a static size) which path it takes and the collectives it issues. ``layers``: ``sliced_layers``
+    of the graph; ``tokens``: ``sliced_token_counts``; ``rank``: the global rank (the table names the
+    rank within the sharing group, as the layers layout's does)."""
     from ..runtime import slice_layout, state as shardings
 
     out = {"rank": rank, "layout": "slices", "sliced": []}
-    for series, index, group, generation in layers:
+    for (series, index, group, generation), count in zip(layers, tokens or [None] * len(layers)):
         state = shardings.get(group, generation).slices
         layer = state.layers[state.position[(series, index)]]
         world = state.pg.size()
@@ -153,24 +155,38 @@ def slices_table(layers: list, rank: int) -> dict:
         size = state.modules[state.position[(series, index)]].weight.element_size()
         sent = [d_in / world, d_out] if layer.cut == slice_layout.INPUT_CUT else [d_in, d_out / world]
         out.update(rank=state.pg.rank(), world_size=world, group=group, ranks=_global_ranks(group), decode_tokens=state.decode_tokens,
-                   prefetch_step=state.prefetch_step, forwards=dict(state.forwards))
-        out["sliced"].append({
+                   prefetch_step=state.prefetch_step, forwards=dict(state.forwards),
+                   paths="by_shape" if state.by_shape else "agreed")
+        row = {
             "layer": layer_name(series, index), "module": layer.module, "cut": slice_layout.cut_name(layer.cut),
             "decode_bytes_per_token": int(sum(sent) * size * (world - 1)),
             "gather_bytes": d_out * d_in * size * (world - 1) // world,
-        })
+            "tokens": count,
+        }
+        if state.by_shape and count is not None:
+            row["path"] = state.path_of(count)
+            row["collectives"] = slice_layout.path_collectives(layer.cut, row["path"])
+        out["sliced"].append(row)
     return out
 
 
 def format_schedule(table: dict) -> str:
     """The schedule table as text, as ``ascend-compile explain`` prints it."""
     if table.get("layout") == "slices":
+        by_shape = table.get("paths") == "by_shape"
+        whose = "its own count, the same on every rank" if by_shape else "the most of any rank"
         lines = [f"rank {table.get('rank')} / world {table.get('world_size')}{_sharing(table)}  layout=slices  "
-                 f"sliced layers={len(table['sliced'])}  decode path up to {table.get('decode_tokens')} tokens "
-                 f"(the most of any rank), else gathers {table.get('prefetch_step')} layer(s) ahead; "
-                 f"forwards before this compile: {table.get('forwards')}"]
-        lines += [f"  {r['layer']:<22} {r['cut']:>6} cut  decode moves {r['decode_bytes_per_token']} B per token, "
-                  f"prefill gathers {r['gather_bytes']} B" for r in table["sliced"]]
+                 f"paths={table.get('paths', 'agreed')}  sliced layers={len(table['sliced'])}  decode path up to "
+                 f"{table.get('decode_tokens')} tokens ({whose}), else gathers {table.get('prefetch_step')} layer(s) "
+                 f"ahead; forwards before this compile: {table.get('forwards')}"]
+        for r in table["sliced"]:
+            line = (f"  {r['layer']:<22} {r['cut']:>6} cut  decode moves {r['decode_bytes_per_token']} B per token, "
+                    f"prefill gathers {r['gather_bytes']} B")
+            if r.get("path"):
+                line += f"; at {r['tokens']} tokens: {r['path']} path, {', '.join(r['collectives'])}"
+            elif by_shape:
+                line += "; its size varies: the path of each size, at run time"
+            lines.append(line)
         return "\n".join(lines)
     rows = table.get("collectives", [])
     head = (f"rank {table.get('rank')} / world {table.get('world_size')}{_sharing(table)}  "

@@ -10,6 +10,7 @@ later passes, the verifier and the dumps can find them even after a lowering wra
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -98,6 +99,20 @@ def sliced_layers(graph: fx.Graph) -> list:
         if is_sliced(n):
             args = n.args[2:] if n.target not in sliced_targets() else n.args
             out.append(tuple(args[3:7]))
+    return out
+
+
+def sliced_token_counts(graph: fx.Graph) -> list:
+    """The token count of each sliced layer's input, in graph order (as ``sliced_layers``): an int
+    where the graph's shapes are static (a compiled or captured size), None where it varies."""
+    out = []
+    for n in graph.nodes:
+        if is_sliced(n):
+            x = (n.args[2:] if n.target not in sliced_targets() else n.args)[0]
+            meta = x.meta if isinstance(x, fx.Node) else {}
+            shape = getattr(meta.get("example_value", meta.get("val")), "shape", None)
+            static = shape is not None and all(isinstance(d, int) for d in shape[:-1])
+            out.append(math.prod(shape[:-1]) if static else None)
     return out
 
 

@@ -57,6 +57,7 @@ class ShardPlan:
     layout: str = "layers"  # or "slices": every rank keeps 1/world_size of every layer
     decode_tokens: Optional[int] = None  # slices: the largest agreed token count computed on the slices
     decode_explanation: str = ""  # slices with decode_tokens="auto": the measurements behind the choice
+    paths: Optional[str] = None  # slices: "agreed" or "by_shape" (SharedWeightConfig.paths)
     block: int = 0  # share_size: this rank's block of the user's group (rank, world_size: within the block)
     blocks: int = 1  # how many blocks the user's group splits into
 
@@ -224,9 +225,10 @@ def _shard_slices(model: nn.Module, config: SharedWeightConfig, pg, plan: ShardP
                                                      "(its own GEMM, e.g. quantized): no threshold to measure")
         else:
             threshold, plan.decode_explanation = slice_measure.choose_threshold(slice_measure.agree_costs(gathered))
-    plan.decode_tokens = threshold
+    plan.decode_tokens, plan.paths = threshold, config.paths
     sliced = sharding.slices = slice_state.SliceState(plan.group_name, plan.generation, [sl for sl, _ in layers],
-                                                 [m for _, m in layers], plan.prefetch_step, threshold)
+                                                 [m for _, m in layers], plan.prefetch_step, threshold,
+                                                 by_shape=config.paths == "by_shape")
     for _, module in layers:
         setattr(module, state.ATTR, sharding)
 

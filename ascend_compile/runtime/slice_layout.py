@@ -144,6 +144,15 @@ def reassemble(gathered: torch.Tensor, cut: int) -> torch.Tensor:
     return gathered.t() if cut == INPUT_CUT else gathered
 
 
+def path_collectives(cut: int, path: str) -> list:
+    """The collectives one sliced layer issues on ``path``, in order, as dumps name them."""
+    if path == "prefill":
+        return ["all_gather (weight)"]
+    if cut == INPUT_CUT:
+        return ["all_to_all (inputs)", "reduce_scatter (outputs)"]
+    return ["all_gather (inputs)", "all_to_all (outputs)"]
+
+
 def decode_linear(x: torch.Tensor, w: torch.Tensor, cut: int, tokens: int, pg, collective, name: str = "",
                   gemm=None) -> torch.Tensor:
     """``x @ W.T`` for this rank's ``x`` (``[n, d_in]``, ``n <= tokens``) from every rank's slice

@@ -2,6 +2,10 @@
 
 Which path a forward takes is decided once per forward, at the first sliced layer it calls, from the
 largest token count of any rank of the group: every rank takes the same path, whatever its own batch.
+With ``paths="by_shape"`` each layer's path follows its own input's token count instead, equal on
+every rank by contract: no agreement, no host sync, nothing read from this object between layers but
+the prefill path's gathers in flight, issued and waited in the same order at every forward of a size
+(what a captured graph replays).
 "decode" names the path that computes on the slices and moves activations (decode steps, and prefill
 chunks of at most ``decode_tokens`` tokens); "prefill" the one that gathers the weights ahead.
 """
@@ -40,7 +44,7 @@ class SliceState:
     under way, and the weight gathers in flight (prefill). Keyed by (group, generation)."""
 
     def __init__(self, group_name: str, generation: int, layers: list, modules: list, prefetch_step: int,
-                 decode_tokens: int):
+                 decode_tokens: int, by_shape: bool = False):
         self.group_name = group_name
         self.generation = generation
         self.layers = layers  # [SlicedLayer] in model order: the order the forward calls them
@@ -48,6 +52,7 @@ class SliceState:
         self.position = {(sl.series, sl.index): i for i, sl in enumerate(layers)}
         self.prefetch_step = prefetch_step
         self.decode_tokens = decode_tokens
+        self.by_shape = by_shape  # paths="by_shape": each layer's path from its own token count, never agreed
         self.path: Optional[str] = None  # of the forward under way
         self.forward_ref = None  # weakref to vLLM's forward context of the forward under way
         self.tokens = 0  # agreed (largest) token count of the forward under way
@@ -138,6 +143,8 @@ class SliceState:
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], series: str, index: int) -> torch.Tensor:
         pos = self.position[(series, index)]
         tokens = x.numel() // x.shape[-1] if x.dim() else 1
+        if self.by_shape:
+            return self._linear_by_shape(x, w, b, pos, tokens)
         self._start_on_new_vllm_forward()
         if pos == self.first or self.path is None:
             self.begin_forward(tokens, w.device)
@@ -155,6 +162,35 @@ class SliceState:
         self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
         x2 = x.reshape(tokens, x.shape[-1])
         out = decode_linear(x2, w, layer.cut, self.tokens, self.pg, self._collective, layer.module, gemm)
+        out = out.reshape(*x.shape[:-1], layer.shape[0])
+        return out + b if b is not None else out
+
+    def path_of(self, tokens: int) -> str:
+        """``paths="by_shape"``: the path of a layer whose input has ``tokens`` tokens."""
+        return "decode" if tokens <= self.decode_tokens else "prefill"
+
+    def _linear_by_shape(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], pos: int,
+                         tokens: int) -> torch.Tensor:
+        """``paths="by_shape"``: the path of this layer's own (static, equal on every rank) token count."""
+        layer = self.layers[pos]
+        padded = _vllm_tokens_across_dp()
+        if padded is not None and padded != tokens:  # read while tracing or capturing, never at a replay
+            raise RuntimeError(
+                f"sliced layer {layer.module} got {tokens} tokens where vLLM's data-parallel padding gives {padded}: "
+                "paths='by_shape' needs every rank of the group to run the same token count in every forward (vLLM "
+                "pads to it under graph capture); set paths='agreed' for forwards of different sizes"
+            )
+        path = self.path_of(tokens)
+        gemm = getattr(self.modules[pos], SLICE_GEMM, None)
+        if pos == self.first:
+            self.wait_in_flight()  # none, unless an earlier forward stopped halfway
+            self.forwards[path] += 1
+            self.issued.append(f"by shape -> {tokens} tokens, {path}")
+        if path == "prefill" and gemm is None:
+            return F.linear(x, self.prefill_weight(pos, w), b)
+        self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
+        out = decode_linear(x.reshape(tokens, x.shape[-1]), w, layer.cut, tokens, self.pg, self._collective,
+                            layer.module, gemm)
         out = out.reshape(*x.shape[:-1], layer.shape[0])
         return out + b if b is not None else out
 

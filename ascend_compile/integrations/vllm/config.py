@@ -89,6 +89,12 @@ def check_config(vllm_config) -> None:
             f"{_tp(vllm_config)} gives every rank a shard of it: use layout='layers' with "
             "additional_config['ascend_compile']['group'] = 'dp', or tensor_parallel_size=1"
         )
+    if cfg.paths == "by_shape":
+        raise ConfigError(
+            "shared_weight paths='by_shape' is for graphs captured at a fixed token count, equal on every rank "
+            "(vLLM's compilation mode 3 with ACL/CUDA graphs, which ascend_compile does not run yet); under modes 1 "
+            "and 2 vLLM's data-parallel ranks run different token counts: drop paths (the default, 'agreed')"
+        )
     cc = vllm_config.compilation_config
     mode = _mode(cc)
     if mode == 3:

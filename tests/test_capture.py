@@ -1,0 +1,181 @@
+"""Sliced layers under graph capture (``paths="by_shape"``), with a capture stand-in
+(``tests/capture_standin.py``): a decode forward and a prefill forward are captured once per size,
+then replayed with new inputs and fewer real tokens within the captured size; every replay equals
+the unsharded model. The default (``paths="agreed"``) syncs with the host inside the op, which
+capture refuses; a decision read from Python state is frozen by a replay (the stand-in shows both)."""
+
+import pytest
+import torch
+
+import ascend_compile as ac
+from ascend_compile.config import ConfigError
+from ascend_compile.models import StackShape, build_stack, make_input
+from ascend_compile.runtime import state as shardings
+from capture_standin import Capture, CaptureError
+from ranks import run_fresh, run_ranks
+
+SERIES = ["o_proj", "q_b_proj"]  # o_proj: input cut (all-to-all, reduce-scatter); q_b_proj: output cut
+DECODE_TOKENS = 8
+
+
+def _replays(rank, world, compiled, paths, dump_dir=None):
+    torch._dynamo.reset()
+    shape = StackShape(layers=4, bias=True)
+    ref, model = build_stack(shape), build_stack(shape)
+    config = ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=DECODE_TOKENS, paths=paths)
+    with torch.device("meta"):  # every buffer from the model's device
+        plan = ac.shard_model(model, config)
+    graphs = []  # (compiled graph, its inputs): what vLLM captures per size is the compiled graph
+
+    def backend(gm, example_inputs):
+        from ascend_compile.backend import ascend_compile_backend
+
+        graph = ascend_compile_backend(gm, example_inputs, {"lowering": "aot_eager", "dump_dir": dump_dir})
+        graphs.append((graph, list(example_inputs)))
+        return graph
+
+    def run(x):
+        if not compiled:
+            return model(x)
+        torch.compile(model, backend=backend, fullgraph=True, dynamic=False)(x)  # compiles this size
+        graph, inputs = graphs[-1]
+        at = [i for i, t in enumerate(inputs) if t is x]
+        assert len(at) == 1, "the compiled graph's inputs do not hold the forward's input"
+        return lambda: graph(*inputs)[0]
+
+    sliced = shardings.of_model(model).slices
+    out = {"paths": plan.paths, "sizes": {}}
+    for size in (DECODE_TOKENS, 3 * DECODE_TOKENS):  # a decode size, a prefill size
+        static = make_input(shape, tokens=size, seed=size)  # the same on every rank: captured sizes agree
+        graph = run(static)  # warm-up (compiles), as vLLM runs a size before capturing it
+        sliced.issued.clear()
+        try:
+            with torch.device("meta"):
+                captured = Capture(graph) if compiled else Capture(model, static)
+        except CaptureError as e:  # raised inside sliced_linear, which closes the group: no other size
+            out["sizes"][size] = {"error": str(e)}
+            break
+        issued = list(sliced.issued)
+        replays = []
+        for trial, real in enumerate((size, size - 3, 1)):  # fewer real tokens: the rest is padding
+            x = make_input(shape, tokens=real, seed=100 * trial + 10 * rank + size)
+            static.zero_()
+            static[:real].copy_(x)
+            got = captured.replay()[:real].clone()
+            want = ref(x)
+            replays.append({"max_diff": (got - want).abs().max().item(), "scale": want.abs().max().item(),
+                            "device": str(got.device)})
+        ops = captured.op_names()
+        out["sizes"][size] = {"replays": replays, "issued": issued, "item": sum(o.split(".")[1] in ("item", "_local_scalar_dense") for o in ops if o.startswith("aten.")),
+                              "collectives": sorted({o for o in ops if o.startswith("dist.")}),
+                              "forwards": dict(sliced.forwards)}
+    return out
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_captured_sizes_replay_their_path_and_equal_the_unsharded_model(compiled, tmp_path, capsys):
+    results = run_ranks(_replays, 2, compiled, "by_shape", str(tmp_path) if compiled else None)
+    if compiled:  # each compiled size's dump names each layer's path and its collectives
+        from ascend_compile import cli
+
+        assert cli.main(["explain", "--all-graphs", str(tmp_path)]) == 0
+        out = capsys.readouterr().out
+        assert out.count("layout=slices  paths=by_shape  sliced layers=8  decode path up to 8 tokens (its own "
+                         "count, the same on every rank)") == 4  # 2 ranks x 2 sizes
+        for rank in (0, 1):
+            assert f"rank_{rank}" in out
+        assert "o_proj[3]" in out and ("input cut  decode moves 448 B per token, prefill gathers 12288 B; at 8 "
+                                       "tokens: decode path, all_to_all (inputs), reduce_scatter (outputs)") in out
+        assert "; at 8 tokens: decode path, all_gather (inputs), all_to_all (outputs)" in out  # q_b_proj: output cut
+        assert "; at 24 tokens: prefill path, all_gather (weight)" in out
+    for rank, r in enumerate(results):
+        assert r["paths"] == "by_shape"
+        decode, prefill = r["sizes"][DECODE_TOKENS], r["sizes"][3 * DECODE_TOKENS]
+        for size, got in r["sizes"].items():
+            assert "error" not in got, got
+            for replay in got["replays"]:  # new inputs, fewer real tokens: the captured path, right numbers
+                assert replay["device"] == "cpu"
+                assert replay["max_diff"] <= 1e-5 * replay["scale"], (rank, size, replay)
+        # the path of each size, fixed by its shape: activations move at the decode size, weights at prefill
+        assert decode["issued"][0] == f"by shape -> {DECODE_TOKENS} tokens, decode"
+        assert prefill["issued"][0] == f"by shape -> {3 * DECODE_TOKENS} tokens, prefill"
+        assert all(not line.startswith("gather") for line in decode["issued"])
+        assert sum(line.startswith("gather") for line in prefill["issued"]) == 8  # 4 layers x 2 series
+        assert decode["collectives"] == ["dist.all_gather_into_tensor", "dist.all_to_all_single",
+                                         "dist.reduce_scatter_tensor"]
+        assert prefill["collectives"] == ["dist.broadcast"]  # gather_slices on gloo: one broadcast per rank
+        assert decode["item"] == prefill["item"] == 0  # no host sync: nothing agreed at run time
+    assert results[0]["sizes"][DECODE_TOKENS]["issued"] == results[1]["sizes"][DECODE_TOKENS]["issued"]
+
+
+def test_the_agreed_path_syncs_with_the_host_and_capture_refuses_it():
+    for r in run_fresh(_replays, 2, False, "agreed"):  # every rank: the all-reduce, then .item()
+        assert list(r["sizes"]) == [DECODE_TOKENS]
+        assert "aten.item.default reads a device value on the host" in r["sizes"][DECODE_TOKENS].get("error", ""), r
+
+
+# -- the stand-in itself: it runs what was captured, never the Python that chose it ----------------
+
+_LIB = torch.library.Library("capture_demo", "FRAGMENT")  # noqa: the op's namespace lives as long as the module
+STATE = {"double": True}
+
+
+@torch.library.custom_op("capture_demo::scale", mutates_args=())
+def _scale(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 if STATE["double"] else x * 3  # a decision read from Python at every call
+
+
+@torch.library.custom_op("capture_demo::sync", mutates_args=())
+def _sync(x: torch.Tensor) -> torch.Tensor:
+    return x * float(x.sum().item())  # a host sync
+
+
+def test_the_stand_in_freezes_python_decisions_and_refuses_host_syncs(monkeypatch):
+    import capture_standin
+
+    monkeypatch.setattr(capture_standin, "OURS", ("ascend_compile", "capture_demo"))
+    x = torch.ones(4)
+    captured = Capture(torch.ops.capture_demo.scale, x)
+    assert captured.op_names() == ["aten.mul.Tensor"]  # the op's kernel, not the op
+    x.copy_(torch.arange(4.0))
+    assert torch.equal(captured.replay(), torch.arange(4.0) * 2)  # the new input, through the captured kernel
+    STATE["double"] = False
+    try:
+        eager = torch.ops.capture_demo.scale(x)
+        assert torch.equal(eager, torch.arange(4.0) * 3)
+        assert not torch.equal(captured.replay(), eager)  # the replay keeps the captured decision
+    finally:
+        STATE["double"] = True
+    with pytest.raises(CaptureError, match=r"aten\.item\.default reads a device value on the host \(a sync\)"):
+        Capture(torch.ops.capture_demo.sync, x)
+
+
+# -- compiling for capture: refused with paths="agreed", accepted with "by_shape" ------------------
+
+def _reduce_overhead_case(rank, world, paths):
+    torch._dynamo.reset()
+    shape = StackShape(layers=2)
+    ref, model = build_stack(shape), build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=4, paths=paths))
+    x = make_input(shape, tokens=4)
+    try:  # on CPU Inductor skips the CUDA graphs; the check is the backend's
+        got = torch.compile(model, backend="ascend_compile", mode="reduce-overhead")(x)
+    except Exception as e:  # Dynamo wraps the backend's error
+        return str(e)
+    return (got - ref(x)).abs().max().item()
+
+
+def test_compiling_for_cuda_graphs_needs_paths_by_shape():
+    for got in run_ranks(_reduce_overhead_case, 2, "agreed"):
+        assert isinstance(got, str) and "CUDA-graph capture would replay" in got and "paths='by_shape'" in got, got
+    for got in run_ranks(_reduce_overhead_case, 2, "by_shape"):
+        assert isinstance(got, float) and got < 1e-4, got
+
+
+def test_config():
+    assert ac.SharedWeightConfig(layers=["o_proj"], layout="slices").paths == "agreed"
+    assert ac.SharedWeightConfig(layers=["o_proj"], layout="slices", paths="by_shape").paths == "by_shape"
+    with pytest.raises(ConfigError, match=r"paths must be one of \['agreed', 'by_shape'\], got 'static'"):
+        ac.SharedWeightConfig(layers=["o_proj"], layout="slices", paths="static")
+    with pytest.raises(ConfigError, match="paths chooses between the two paths of layout='slices'"):
+        ac.SharedWeightConfig(layers=["o_proj"], paths="by_shape")
