@@ -7,7 +7,13 @@ same processes, interleaved round by round (only ratios within one run are repor
 - ``replicated``              unsharded model, Inductor (1.00)
 - ``layers k=1``              whole layers broadcast one ahead (wrap-around on)
 - ``slices``                  ``decode_tokens=64``: decode forwards compute on the slices and move
-                              activations; prefill forwards gather each weight one layer ahead
+                              activations; prefill forwards gather each weight one layer ahead. The
+                              path is agreed in every forward (an all-reduce of the token counts and
+                              a host sync: ``paths="agreed"``, the default)
+- ``slices by shape``         the same with ``paths="by_shape"``: each rank's batch padded to the
+                              phase's largest (as vLLM's DP padding does under graph capture), the
+                              path fixed by that size, nothing agreed (what a captured graph runs).
+                              ``slices`` minus this is the agreement's cost per forward
 - ``slices auto``             ``decode_tokens="auto"``: the threshold measured at shard time
 - ``slices gather-only``      ``decode_tokens=0``: every forward gathers the weights (what the decode
                               path saves)
@@ -36,7 +42,7 @@ SERIES = ["o_proj", "q_b_proj"]
 PHASES = {"decode": (4, 1), "prefill": (256, 128)}
 
 
-CONFIGS = ("replicated", "layers k=1", "slices", "slices auto", "slices gather-only")
+CONFIGS = ("replicated", "layers k=1", "slices", "slices by shape", "slices auto", "slices gather-only")
 
 
 def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS, device="cpu", lowering=None):
@@ -69,11 +75,25 @@ def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS, device="cpu", low
         m = build()
         plans[name] = ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=threshold))
         configs[name] = compile_(m)
+    pad_to = {"tokens": 0}  # the phase's largest batch: every rank runs it with paths="by_shape"
+    if "slices by shape" in wanted:
+        m = build()
+        plans["slices by shape"] = ac.shard_model(m, ac.SharedWeightConfig(layers=SERIES, layout="slices",
+                                                                          decode_tokens=64, paths="by_shape"))
+        by_shape = compile_(m)
+
+        def padded(x):
+            n = x.shape[0]
+            full = x if n == pad_to["tokens"] else torch.cat([x, x.new_zeros(pad_to["tokens"] - n, x.shape[1])])
+            return by_shape(full)[:n]
+
+        configs["slices by shape"] = padded
     inputs = {phase: make_input(shape, tokens=counts[min(rank, 1)], seed=7).to(device) for phase, counts in PHASES.items()}
     ref = build()
     out = {"times": {}, "max_rel_diff": {}, "paths": {}}
     with torch.no_grad():
         for phase, x in inputs.items():
+            pad_to["tokens"] = max(PHASES[phase])
             want = ref(x)
             for name, fn in configs.items():
                 fn(x)
@@ -84,7 +104,8 @@ def _rank(rank, world, hidden, layers, rounds, wanted=CONFIGS, device="cpu", low
             for name, plan in plans.items():
                 if plan.layout == "slices":
                     state = shardings.get(plan.group_name, plan.generation).slices
-                    out["paths"][f"{phase} {name}"] = state.path
+                    out["paths"][f"{phase} {name}"] = (state.path_of(pad_to["tokens"]) + " (by shape)"
+                                                       if state.by_shape else state.path)
     if "layers k=1" in configs:
         ac.drain_prefetch(configs["layers k=1"]._orig_mod)
     out["memory"] = {name: {"saved_bytes": p.saved_bytes(), "series_bytes": p.series_bytes(),
@@ -143,6 +164,12 @@ def main(argv=None) -> int:
             for n, t in times.items():
                 path = res["paths"].get(f"{phase} {n}", "")
                 print(f"    {n:<20}{t * 1e3:>9.2f} ms {t / base:>6.2f}x  {path}")
+        if "slices by shape" in res["times"]["decode"] and "slices" in res["times"]["decode"]:
+            for phase, times in res["times"].items():
+                cost = times["slices"] - times["slices by shape"]
+                entry["phases"][phase]["agreement_ms_per_forward"] = cost * 1e3
+                print(f"  {phase}: the in-op agreement costs {cost * 1e3:.2f} ms per forward "
+                      f"({cost / times['slices by shape']:+.0%} on the by-shape forward)")
         for n, mem in res["memory"].items():
             print(f"  {n}: saves {mem['saved_bytes'] / 2**20:.1f} of {mem['series_bytes'] / 2**20:.1f} MB"
                   + (f", decode_tokens={mem['decode_tokens']}" if mem["decode_tokens"] is not None else ""))

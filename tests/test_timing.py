@@ -2,6 +2,7 @@
 so a clock around the call alone measures its launch. A stand-in device whose work completes at
 ``synchronize`` shows the difference."""
 
+import json
 import os
 import subprocess
 import sys
@@ -99,9 +100,18 @@ def test_decode_benchmark_runs_under_torchrun_on_the_process_groups_backend(tmp_
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", os.path.join(root, "benchmarks", "decode.py"),
-                           "--device", "cpu", "--backend", "gloo", "--hidden", "64", "--layers", "2", "--rounds", "1",
-                           "--configs", "replicated", "layers k=1", "--out-dir", str(tmp_path)],
+                           "--device", "cpu", "--backend", "gloo", "--lowering", "aot_eager", "--hidden", "64", "--layers", "2",
+                           "--rounds", "1",
+                           "--configs", "replicated", "slices", "slices by shape", "--out-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("== hidden 64") == 1  # rank 0 reports
-    assert "layers k=1" in proc.stdout and (tmp_path / "decode.json").exists()
+    assert "slices by shape" in proc.stdout
+    report = json.loads((tmp_path / "decode.json").read_text())["sizes"]["64"]
+    # the agreed path and the path fixed by the padded size: the same numbers, the same path
+    assert report["paths"] == {"decode slices": "decode", "decode slices by shape": "decode (by shape)",
+                               "prefill slices": "prefill", "prefill slices by shape": "prefill (by shape)"}
+    assert max(report["max_rel_diff"].values()) <= 1e-5, report["max_rel_diff"]
+    for phase in ("decode", "prefill"):  # the agreement's cost per forward, measured in the same run
+        assert "agreement_ms_per_forward" in report["phases"][phase]
+        assert f"{phase}: the in-op agreement costs" in proc.stdout
