@@ -29,7 +29,9 @@ from torch.utils._pytree import tree_flatten
 # stream capture fails on them (cudaErrorStreamCaptureUnsupported; on Ascend, aclmdlRICaptureEnd fails)
 HOST_SYNCS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal", "allclose", "masked_select", "unique",
               "_unique2", "item")
-OURS = ("ascend_compile",)  # custom ops whose host code runs at capture: their kernels are recorded
+# ops that are kernels (a task each in a captured graph); any other op is a custom op whose host code
+# runs at capture and whose kernels are recorded
+KERNELS = ("aten", "prims", "_c10d_functional", "c10d", "air", "npu")
 
 
 class CaptureError(RuntimeError):
@@ -117,9 +119,11 @@ class _Recorder(TorchDispatchMode):
         if func.namespace == "aten" and name in HOST_SYNCS:
             raise CaptureError(f"{func} reads a device value on the host (a sync) inside a captured graph; "
                                "graph capture refuses it")
-        if func.namespace in OURS:  # its host code runs now, its kernels are what a replay runs
-            with self:
-                return func._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, *args, **kwargs)
+        if func.namespace not in KERNELS:  # its host code runs now, its kernels are what a replay runs
+            for key in ("CompositeExplicitAutograd", "CPU"):
+                if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), key):
+                    with self:
+                        return func._op_dk(getattr(torch._C.DispatchKey, key), *args, **kwargs)
         out = func(*args, **kwargs)
         self.ops.append((func, args, kwargs, out))
         return out
@@ -142,6 +146,12 @@ class Capture:
         """Run the captured ops again; returns the output buffers (overwritten at the next replay)."""
         for func, args, kwargs, captured in self.ops:
             result = func(*args, **kwargs)
+            if getattr(func, "namespace", None) == "_c10d_functional" and func.__name__.split(".")[0] != "wait_tensor":
+                # a functional collective's output is written when it is waited on: wait before it is copied
+                # where the captured one wrote (the captured wait_tensor then finds nothing in flight)
+                for t in tree_flatten(result)[0]:
+                    if isinstance(t, torch.Tensor):
+                        torch.ops._c10d_functional.wait_tensor(t)
             new, _ = tree_flatten(result)
             old, _ = tree_flatten(captured)
             for n, o in zip(new, old):

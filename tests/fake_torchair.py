@@ -7,6 +7,9 @@ config's ``post_grad_custom_post_pass(gm, example_inputs, config)`` on the aten 
 that graph in ``RECORDED`` and runs it op by op with ``StreamChecker``, so a test can check both
 what GE would have been handed and the numbers.
 
+In ``reduce-overhead`` (npugraph_ex) mode a graph is captured at its first call and replayed after
+(``_AclGraph``, with ``tests/capture_standin.py``): what the capture refuses, it refuses.
+
 ``StreamChecker`` runs the graph as the NPU would order it on its streams and raises
 ``StreamOrderError`` where the device would go wrong or torchair would refuse: a stream scope
 (``scope_enter(["_user_stream_label", ...], [label, ...])`` ... ``scope_exit()``) that is not
@@ -242,6 +245,34 @@ def _check_converters(gm, registry) -> None:
             raise ConverterMissing(f"No converter registered for {n.target} (fake torchair, max-autotune)")
 
 
+class _AclGraph:
+    """``reduce-overhead``/npugraph_ex: the graph is captured at its first call for each input shape
+    (``tests/capture_standin.py``: a host sync inside it is refused), then every call copies its
+    inputs into the captured ones (``debug.aclgraph.clone_input``) and replays the captured ops,
+    running no Python of the graph's ops again."""
+
+    def __init__(self, gm):
+        self.gm, self.captured, self.replays = gm, {}, 0
+
+    def __call__(self, *args):
+        from capture_standin import Capture
+
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        graph = self.captured.get(key)
+        if graph is None:
+            static = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            graph = self.captured[key] = Capture(lambda *a: StreamChecker(self.gm).run(*a), *static)
+        else:
+            for s, a in zip(graph.inputs, args):
+                if isinstance(a, torch.Tensor):
+                    s.copy_(a)
+            graph.replay()
+            self.replays += 1
+        out = graph.output
+        return [o.clone() if isinstance(o, torch.Tensor) else o for o in out] if isinstance(out, (list, tuple)) \
+            else out.clone()
+
+
 def get_npu_backend(compiler_config=None):
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
@@ -254,6 +285,9 @@ def get_npu_backend(compiler_config=None):
         if config.mode.value == "max-autotune":  # a GE graph: every op needs a converter
             _check_converters(gm, sys.modules["torchair._ge_concrete_graph.fx2ge_converter"]._CONVERTERS)
         RECORDED.append({"config": config, "graph": gm})
+        if config.mode.value in ("reduce-overhead", "npugraph_ex"):  # an ACL graph: captured, then replayed
+            RECORDED[-1]["acl_graph"] = _AclGraph(gm)
+            return make_boxed_func(RECORDED[-1]["acl_graph"])
         return make_boxed_func(lambda *args: StreamChecker(gm).run(*args))
 
     return aot_autograd(fw_compiler=fw_compiler)

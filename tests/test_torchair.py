@@ -252,12 +252,15 @@ def _converter_case(rank, world, mode):
         ref, model = _WithAttention(), _WithAttention()
         ac.shard_model(model, ac.SharedWeightConfig(layers=["o_proj"], prefetch_step=1, wrap_around=False))
         x = make_input(StackShape(layers=2))
+        compiled = torch.compile(model, backend="ascend_compile", options={"lowering": "torchair",
+                                                                            "torchair": {"mode": mode}})
         try:
-            out = torch.compile(model, backend="ascend_compile", options={"lowering": "torchair",
-                                                                           "torchair": {"mode": mode}})(x)
+            out = compiled(x)
         except Exception as e:  # noqa: BLE001 - the message is checked
             return str(e)
-        return torch.equal(out, ref(x))
+        x2 = make_input(StackShape(layers=2), seed=5)  # captured at the first call, replayed on new inputs
+        replayed = torch.equal(compiled(x2), ref(x2)) and fake_torchair.RECORDED[-1]["acl_graph"].replays == 1
+        return torch.equal(out, ref(x)) and replayed
     finally:
         fake_torchair.uninstall()
 
@@ -280,5 +283,38 @@ def test_the_fake_ge_refuses_an_op_without_a_converter():
         config = air.CompilerConfig()
         config.mode = "reduce-overhead"  # captured, not converted: runs
         torch.compile(_WithAttention(), backend=air.get_npu_backend(compiler_config=config))(make_input(StackShape(layers=2)))
+    finally:
+        fake_torchair.uninstall()
+
+
+@torch.library.custom_op("ascend_compile_test::syncing", mutates_args=())
+def _syncing(x: torch.Tensor) -> torch.Tensor:
+    """A Python custom op that reads a device value on the host: ACL graph capture refuses it."""
+    return x * float(x.abs().max().item())
+
+
+@_syncing.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_the_fake_acl_graph_captures_once_replays_after_and_refuses_a_host_sync():
+    air = fake_torchair.install()
+    try:
+        from capture_standin import CaptureError
+
+        torch._dynamo.reset()
+        config = air.CompilerConfig()
+        config.mode = "reduce-overhead"
+        model = _WithAttention()
+        compiled = torch.compile(model, backend=air.get_npu_backend(compiler_config=config), dynamic=False)
+        x1, x2 = make_input(StackShape(layers=2), seed=1), make_input(StackShape(layers=2), seed=2)
+        assert torch.equal(compiled(x1), model(x1))
+        (rec,) = fake_torchair.RECORDED
+        assert torch.equal(compiled(x2), model(x2)) and rec["acl_graph"].replays == 1  # replayed on the new input
+        torch._dynamo.reset()
+        with pytest.raises(CaptureError, match=r"aten\.item\.default reads a device value on the host"):
+            torch.compile(lambda x: torch.ops.ascend_compile_test.syncing(x) + 1,
+                          backend=air.get_npu_backend(compiler_config=config))(x1)
     finally:
         fake_torchair.uninstall()
