@@ -205,7 +205,8 @@ def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None,
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=256, max_num_seqs=8,
               kv_cache_memory_bytes=32 << 20, distributed_executor_backend="external_launcher",
               tensor_parallel_size=tp, data_parallel_size=dp,
-              compilation_config={"mode": mode, "backend": "ascend_compile",
+              # mode 3: vLLM's own backend and config, sharing from additional_config alone
+              compilation_config={"mode": mode, **({"backend": "ascend_compile"} if mode in (1, 2) else {}),
                                   **({"debug_dump_path": dump_dir} if dump_dir else {})},
               additional_config=additional, **(llm_kwargs or {}))
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner

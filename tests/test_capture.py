@@ -210,3 +210,21 @@ def test_torchair_captures_sliced_layers_with_paths_by_shape():
         assert "the torchair lowering (ACL graph capture) would replay" in said and "paths='by_shape'" in said, said
     for said in run_ranks(_torchair_case, 2, "max-autotune", "by_shape"):
         assert "torchair's GE graph mode (max-autotune) has no converter for ascend_compile::sliced_linear" in said
+
+
+def test_a_vllm_piece_whose_sliced_layers_lost_their_effect_order_is_refused():
+    """``integrations/vllm/pieces.py``'s check, on a piece where a pass dropped the effect token (the
+    vLLM engine test runs the pieces that keep it)."""
+    from torch import fx
+
+    from ascend_compile.integrations.vllm.pieces import check_piece
+
+    g = fx.Graph()
+    x, w = g.placeholder("x"), g.placeholder("w")
+    g.output(g.call_function(torch.ops.ascend_compile.sliced_linear.default, (x, w, None, "o_proj", 0, "g", 1, 4)))
+    with pytest.raises(ConfigError, match=r"calls sliced_linear without its effect token \(\['sliced_linear_default'\]\): a pass "
+                                          r"may reorder these calls"):
+        check_piece(g)
+    empty = fx.Graph()
+    empty.output(empty.placeholder("x"))
+    assert check_piece(empty) == []  # a piece without sliced layers: nothing to check, nothing dumped

@@ -94,15 +94,35 @@ def test_parallel_layouts_that_would_be_wrong_or_hang_are_refused():
     integ.check_config(_Cfg(sw(), dp=2))  # the external launcher
 
 
-def test_paths_by_shape_is_refused_until_vllm_captures_graphs():
+def test_mode_3_takes_sliced_layers_and_their_paths_follow_graph_capture():
+    from types import SimpleNamespace
+
     from ascend_compile.integrations import vllm as integ
 
-    by_shape = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "layout": "slices", "paths": "by_shape"}}}
+    def sliced(paths=None):
+        return {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "layout": "slices",
+                                                    **({"paths": paths} if paths else {})}}}
+
+    def mode_3(additional, cudagraph_mode, backend="inductor"):
+        cfg = _Cfg(additional, mode=3, backend=backend, dp=2)
+        cfg.compilation_config.cudagraph_mode = SimpleNamespace(name=cudagraph_mode) if cudagraph_mode else None
+        return cfg
+
+    integ.check_config(mode_3(sliced(), "NONE"))  # uncaptured pieces: the agreed path (the CPU engine test)
+    for captured in ("FULL_AND_PIECEWISE", "PIECEWISE", "FULL_DECODE_ONLY", None):  # None: vLLM's default
+        integ.check_config(mode_3(sliced("by_shape"), captured))
+        with pytest.raises(ConfigError, match=r"captures graphs, and sliced layers with paths='agreed' agree on their "
+                                              r"path with a host sync that capture refuses: set shared_weight "
+                                              r"paths='by_shape'.*or cudagraph_mode='NONE'"):
+            integ.check_config(mode_3(sliced(), captured))
+    with pytest.raises(ConfigError, match=r"paths='by_shape' needs every rank to run the same token count.*"
+                                          r"cudagraph_mode is NONE: drop paths"):
+        integ.check_config(mode_3(sliced("by_shape"), "NONE"))
+    with pytest.raises(ConfigError, match=r"mode 3 .* drop backend='ascend_compile' \(it is for modes 1 and 2\)"):
+        integ.check_config(mode_3(sliced(), "NONE", backend="ascend_compile"))
     with pytest.raises(ConfigError, match=r"paths='by_shape' is for graphs captured at a fixed token count.*"
                                           r"drop paths \(the default, 'agreed'\)"):
-        integ.check_config(_Cfg(by_shape, dp=2))
-    by_shape["ascend_compile"]["shared_weight"]["paths"] = "agreed"
-    integ.check_config(_Cfg(by_shape, dp=2))
+        integ.check_config(_Cfg(sliced("by_shape"), dp=2))  # mode 2: never captured by vLLM
 
 
 def test_a_share_size_that_does_not_divide_the_group_is_refused_with_vllms_config(monkeypatch):
@@ -136,16 +156,15 @@ def test_config_errors_name_the_key_and_the_fix():
     with pytest.raises(ConfigError, match=r"\['group'\] must be one of \['world', 'tp', 'dp'\]"):
         integ.settings(_Cfg({"ascend_compile": {"group": "pp"}}))
     sw = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}
-    with pytest.raises(ConfigError, match=r"mode 3 \(VLLM_COMPILE\) splits the graph at attention.*'mode': 2"):
-        integ.check_config(_Cfg(sw, mode=3))
+    with pytest.raises(ConfigError, match=r"mode 3 \(VLLM_COMPILE\) splits the graph at attention.*layout='slices'"
+                                          r".*'mode': 2, 'backend': 'ascend_compile'"):
+        integ.check_config(_Cfg(sw, mode=3, backend="inductor"))
     with pytest.raises(ConfigError, match=r"backend 'inductor' would run the shared weights without prefetching"):
         integ.check_config(_Cfg(sw, mode=2, backend="inductor"))
     integ.check_config(_Cfg(sw, mode=2))
     integ.check_config(_Cfg(sw, mode=1))
     sliced = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], "layout": "slices"}}}
     integ.check_config(_Cfg(sliced, mode=2))  # slices load through vLLM's loader (test_vllm_slices)
-    with pytest.raises(ConfigError, match=r"compilation_config mode 3 \(VLLM_COMPILE\)"):
-        integ.check_config(_Cfg(sliced, mode=3))
     integ.check_config(_Cfg({}, mode=3))  # nothing shared: nothing to refuse
     integ.check_config(_Cfg({}, mode=0, enforce_eager=True))
 

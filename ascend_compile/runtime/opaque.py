@@ -293,19 +293,48 @@ class ForeignBackendError(ShardingError):
 _REORDERING_COMPILER = os.sep + "_inductor" + os.sep
 
 
-def _foreign_compiler() -> Optional[str]:
-    """Where the read runs, when that is inside Inductor (outside any graph of ours): its file."""
+# set on our pass in vLLM's pass manager (integrations/vllm/pieces.py): a piece vLLM compiled with it
+# checked its sliced layers' order
+PIECES_PASS_MARK = "_ascend_compile_pieces"
+_VLLM_COMPILATION = os.sep + os.path.join("vllm", "compilation") + os.sep
+
+
+def _checked_vllm_piece(frame) -> bool:
+    """A frame of vLLM's piecewise backend (mode 3) whose config holds our pass among vLLM's."""
+    if _VLLM_COMPILATION not in frame.f_code.co_filename:
+        return False
+    config = getattr(getattr(frame.f_locals.get("self"), "compilation_config", None), "inductor_compile_config", None)
+    return isinstance(config, dict) and any(getattr(p, PIECES_PASS_MARK, False) for p in config.values())
+
+
+def _in_vllm_compile() -> bool:
     import sys
 
-    frame = sys._getframe(2)
-    while frame is not None:
-        if _REORDERING_COMPILER in frame.f_code.co_filename:
-            return frame.f_code.co_filename
+    frame = sys._getframe(1)
+    while frame is not None and _VLLM_COMPILATION not in frame.f_code.co_filename:
         frame = frame.f_back
-    return None
+    return frame is not None
 
 
-def check_read(key: tuple) -> None:
+def _foreign_compiler(sliced: bool = False) -> Optional[str]:
+    """Where the read runs, when that is inside Inductor (outside any graph of ours): its file. A
+    sliced layer read inside a piece that vLLM compiled with our pass (mode 3) is not foreign: each
+    sliced layer is one op, kept in order by its effect, and our pass checked the piece."""
+    import sys
+
+    frame, found = sys._getframe(2), None
+    while frame is not None:
+        if found is None and _REORDERING_COMPILER in frame.f_code.co_filename:
+            found = frame.f_code.co_filename
+            if not sliced:
+                return found
+        if found is not None and _checked_vllm_piece(frame):
+            return None
+        frame = frame.f_back
+    return found
+
+
+def check_read(key: tuple, sliced: bool = False) -> None:
     """Before a read issues a collective: refuse it when a compiled graph of ours is running that
     does not fetch this layer itself and no ``fetch_layers`` block fetched it (an opaque reader),
     and when a graph Inductor compiled as a backend of its own reads it (``ForeignBackendError``)."""
@@ -313,7 +342,7 @@ def check_read(key: tuple) -> None:
         return
     graphs = _graphs()
     if not graphs:
-        where = _foreign_compiler()
+        where = _foreign_compiler(sliced)
         if where is None:
             return  # an eager forward
         group_name, _, layer = key
@@ -323,7 +352,10 @@ def check_read(key: tuple) -> None:
             "reorder_for_locality), differently on each rank and at each size, and with freezing reads them at "
             "compile time, folding them into constants; ranks whose broadcasts do not pair hang. Compile a sharded "
             "model with backend=\"ascend_compile\" (options={\"lowering\": \"inductor\"} for Inductor; without "
-            "freezing), or run it eagerly."
+            "freezing), or run it eagerly." + (
+                " This graph is a piece of vLLM's compilation mode 3, compiled without ascend_compile's pass in vLLM's "
+                "pass manager (inductor_compile_config[current_platform.pass_key]), which the plugin puts there when "
+                "additional_config shares sliced layers" if _in_vllm_compile() else "")
         )
         _refuse(group_name, error)
     graph_id, visible = graphs[-1]

@@ -31,7 +31,7 @@ def sliced_linear(
     whole = opaque.lookup(key)
     if whole is not None:  # inside fetch_layers: gathered once where the opaque op started
         return F.linear(x, whole, b)
-    opaque.check_read(key)
+    opaque.check_read(key, sliced=True)
     try:
         return state.get(group_name, generation).slices.linear(x, w, b, series, index)
     except errors.PeerError:

@@ -89,19 +89,18 @@ def check_config(vllm_config) -> None:
             f"{_tp(vllm_config)} gives every rank a shard of it: use layout='layers' with "
             "additional_config['ascend_compile']['group'] = 'dp', or tensor_parallel_size=1"
         )
-    if cfg.paths == "by_shape":
-        raise ConfigError(
-            "shared_weight paths='by_shape' is for graphs captured at a fixed token count, equal on every rank "
-            "(vLLM's compilation mode 3 with ACL/CUDA graphs, which ascend_compile does not run yet); under modes 1 "
-            "and 2 vLLM's data-parallel ranks run different token counts: drop paths (the default, 'agreed')"
-        )
     cc = vllm_config.compilation_config
     mode = _mode(cc)
     if mode == 3:
+        check_pieces(cc, cfg)
+        check_parallelism(vllm_config, ours.get("group", "world"))
+        check_share_size(vllm_config, cfg, ours.get("group", "world"))
+        return
+    if cfg.paths == "by_shape":
         raise ConfigError(
-            "compilation_config mode 3 (VLLM_COMPILE) splits the graph at attention and compiles it with vLLM's own "
-            "backend, which cannot prefetch shared weights: use compilation_config={'mode': 2, 'backend': "
-            "'ascend_compile'} (or mode 1)."
+            "shared_weight paths='by_shape' is for graphs captured at a fixed token count, equal on every rank "
+            "(compilation mode 3 with cudagraph_mode on); under modes 1 and 2 vLLM's data-parallel ranks run "
+            "different token counts: drop paths (the default, 'agreed')"
         )
     if cc.mode is not None and mode == 0:  # None: vLLM has not decided yet (it does in VllmConfig.__post_init__)
         why, undo = _why_eager(vllm_config)
@@ -118,6 +117,44 @@ def check_config(vllm_config) -> None:
         )
     check_parallelism(vllm_config, ours.get("group", "world"))
     check_share_size(vllm_config, cfg, ours.get("group", "world"))
+
+
+def captures(compilation_config) -> bool:
+    """Whether vLLM captures graphs (CUDA/ACL) under this config: ``cudagraph_mode`` other than NONE
+    (None, before vLLM's own check, is its mode-3 default, FULL_AND_PIECEWISE)."""
+    mode = getattr(compilation_config, "cudagraph_mode", None)
+    return mode is None or getattr(mode, "name", str(mode)) != "NONE"
+
+
+def check_pieces(compilation_config, cfg: SharedWeightConfig) -> None:
+    """Mode 3 (VLLM_COMPILE): vLLM splits the graph at attention and compiles each piece with its own
+    backend and pass manager (ours among its passes: ``pieces.py``). Sliced layers run there: each is
+    one op, kept in order by its effect; with graph capture, only with ``paths="by_shape"``. Whole
+    layers (``layout="layers"``) need our backend to schedule their broadcasts."""
+    if compilation_config.backend in BACKEND_NAMES:
+        raise ConfigError(
+            "compilation_config mode 3 (VLLM_COMPILE) compiles the pieces with vLLM's own backend and passes ours to "
+            "its pass manager: drop backend='ascend_compile' (it is for modes 1 and 2)"
+        )
+    if cfg.layout != "slices":
+        raise ConfigError(
+            "compilation_config mode 3 (VLLM_COMPILE) splits the graph at attention and compiles it with vLLM's own "
+            "backend, which cannot schedule the broadcasts of layout='layers': use shared_weight layout='slices' "
+            "(each sliced layer is one op, run inside vLLM's pieces), or compilation_config={'mode': 2, 'backend': "
+            "'ascend_compile'} for whole layers"
+        )
+    if captures(compilation_config) and cfg.paths != "by_shape":
+        raise ConfigError(
+            f"compilation_config cudagraph_mode={getattr(compilation_config.cudagraph_mode, 'name', 'default')} "
+            "captures graphs, and sliced layers with paths='agreed' agree on their path with a host sync that capture "
+            "refuses: set shared_weight paths='by_shape' (every data-parallel rank runs the same padded token count "
+            "under capture), or cudagraph_mode='NONE'"
+        )
+    if not captures(compilation_config) and cfg.paths == "by_shape":
+        raise ConfigError(
+            "shared_weight paths='by_shape' needs every rank to run the same token count, which vLLM's data-parallel "
+            "padding gives under graph capture, and cudagraph_mode is NONE: drop paths (the default, 'agreed')"
+        )
 
 
 def check_share_size(vllm_config, cfg: SharedWeightConfig, group: str) -> None:

@@ -45,6 +45,12 @@ def prepare(vllm_config) -> None:
     global _LOADED_CONFIG
     check_config(vllm_config)
     _LOADED_CONFIG = vllm_config
+    cc = vllm_config.compilation_config
+    if "shared_weight" in settings(vllm_config) and cc.mode is not None and int(cc.mode) == 3:
+        from . import pieces
+
+        dump = getattr(cc, "debug_dump_path", None)
+        pieces.register(vllm_config, os.path.join(str(dump), "ascend_compile") if dump else None)
     if not uses_our_backend(vllm_config):
         return
     if os.environ.get("VLLM_USE_AOT_COMPILE") is None:

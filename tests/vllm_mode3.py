@@ -1,0 +1,140 @@
+"""vLLM 0.23's engine in compilation mode 3 (VLLM_COMPILE, piecewise) on 2 DP ranks, with and without
+sliced layers, through a TEST HARNESS (never shipped) that keeps mode 3 on vLLM's CPU platform.
+
+What vLLM 0.23's CPU build does to mode 3, and what the harness (``keep_mode_3``) undoes, each the
+least that lets vLLM's own piecewise compile run here:
+
+1. ``CpuPlatform.check_and_update_config`` turns mode 3 into mode 2 with plain Inductor on the whole
+   graph (``vllm/platforms/cpu.py``). The harness puts mode 3 back, with ``backend="inductor"`` (the
+   piece compiler vLLM's CPU platform names) and ``cudagraph_mode`` NONE, as the platform set it.
+2. It leaves ``compile_sizes`` None, and ``PiecewiseBackend`` then finds no compiled range for any
+   batch (``AssertionError: Shape: 2048 out of considered ranges: [(1, 2048)]``). The harness sets
+   ``[]``, vLLM's own default elsewhere.
+3. ``FixFunctionalizationPass`` compares each ``auto_functionalized`` target with CUDA-only ops
+   (``torch.ops._C.fused_add_rms_norm_static_fp8_quant`` and four more) that the CPU build's ``_C``
+   does not define: ``AttributeError`` on the first mutating op. The harness defines those names as
+   placeholder schemas (never called) before the pass runs.
+
+Run by ``tests/test_vllm_mode3.py``: ``python tests/vllm_mode3.py --dir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CUDA_ONLY = ("fused_add_rms_norm_static_fp8_quant", "rms_norm_dynamic_per_token_quant", "rms_norm_static_fp8_quant",
+             "silu_and_mul_quant", "fused_qk_norm_rope")
+
+CONFIGS = {
+    "unshared": None,
+    "slices": {"layers": ["o_proj", "down_proj"], "layout": "slices", "decode_tokens": 8},
+    # our pass kept out of vLLM's pass manager: what a piece compiled without it meets
+    "slices-nopass": {"layers": ["o_proj", "down_proj"], "layout": "slices", "decode_tokens": 8},
+}
+
+
+def keep_mode_3() -> None:
+    """TEST HARNESS ONLY: the three changes above, applied to vLLM's classes in this process."""
+    import torch
+    from vllm.compilation.passes.utility import fix_functionalization
+    from vllm.platforms import cpu
+
+    platform_check = cpu.CpuPlatform.check_and_update_config.__func__
+
+    def check_and_update_config(cls, vllm_config):
+        cc = vllm_config.compilation_config
+        wanted = cc.mode
+        platform_check(cls, vllm_config)
+        if wanted is not None and int(wanted) == 3:
+            cc.mode, cc.backend = wanted, "inductor"
+            if cc.compile_sizes is None:
+                cc.compile_sizes = []
+
+    cpu.CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+    fix = fix_functionalization.FixFunctionalizationPass.__call__
+
+    def call(self, graph):
+        for name in CUDA_ONLY:
+            if not hasattr(torch.ops._C, name):
+                torch.library.define(f"_C::{name}", "(Tensor x) -> ()")
+        return fix(self, graph)
+
+    fix_functionalization.FixFunctionalizationPass.__call__ = call
+
+
+def worker(args) -> int:
+    sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+    import vllm_generate
+
+    keep_mode_3()
+    if args.config.endswith("-nopass"):
+        from ascend_compile.integrations.vllm import pieces
+
+        def caches_off_only(vllm_config, dump_dir=None):
+            vllm_config.compilation_config.inductor_compile_config["force_disable_caches"] = True
+
+        pieces.register = caches_off_only
+    rank = int(os.environ["RANK"])
+    path = os.path.join(args.dir, "llama_4")
+    if rank == 0:
+        vllm_generate.write_checkpoint("llama", path + f".tmp{os.getpid()}", 4)
+        if not os.path.exists(path):
+            os.rename(path + f".tmp{os.getpid()}", path)
+    import time
+
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(path, "config.json")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: no checkpoint at {path}")
+        time.sleep(0.2)
+    shared = CONFIGS[args.config]
+    dump = os.path.join(args.dir, "dumps", args.config) if shared else None
+    result = vllm_generate.generate(path, rank, shared, dump, mode=3)
+
+    with open(os.path.join(args.dir, f"{args.config}_rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--config", help=argparse.SUPPRESS)  # set for the torchrun workers
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args(argv)
+    if "RANK" in os.environ:
+        return worker(args)
+    sys.path.insert(0, os.path.join(HERE, ".."))
+    from ascend_compile.launch import run_torchrun
+
+    os.makedirs(args.dir, exist_ok=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    summary = {}
+    for config in args.configs.split(","):
+        cmd = [torchrun, "--standalone", "--nproc-per-node", "2", os.path.abspath(__file__), "--dir", args.dir,
+               "--config", config]
+        try:
+            code, out, err = run_torchrun(cmd, timeout=args.timeout)
+        except TimeoutError as e:
+            summary[config] = {"error": f"timeout: {str(e)[-2000:]}"}
+            continue
+        if code != 0:
+            summary[config] = {"error": f"exit {code}: {(err or '')[-4000:]}"}
+            continue
+        summary[config] = {}
+        for rank in range(2):
+            with open(os.path.join(args.dir, f"{config}_rank{rank}.json")) as f:
+                summary[config][rank] = json.load(f)
+    print(json.dumps(summary))
+    with open(os.path.join(args.dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
