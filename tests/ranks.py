@@ -158,3 +158,35 @@ def run_fresh(fn, world_size: int, *args, timeout: float = DEFAULT_TIMEOUT, allo
 def _close_all() -> None:
     for pool in _pools.values():
         pool.close()
+
+
+def torchrun_configs(script: str, out_dir: str, configs: list, timeout: float, ranks: int = 2) -> dict:
+    """Run ``script`` under torchrun on ``ranks`` CPU ranks once per config (``--dir out_dir --config
+    c``; each rank writes ``{config}_rank{rank}.json``, a failed or hung job is its error text).
+    Returns ``{config: {rank: result} or {"error": ...}}``, also written to ``summary.json``."""
+    import json
+    import sys
+
+    from ascend_compile.launch import run_torchrun
+
+    os.makedirs(out_dir, exist_ok=True)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    summary = {}
+    for config in configs:
+        cmd = [torchrun, "--standalone", "--nproc-per-node", str(ranks), os.path.abspath(script), "--dir", out_dir,
+               "--config", config]
+        try:
+            code, _, err = run_torchrun(cmd, timeout=timeout)
+        except TimeoutError as e:
+            summary[config] = {"error": f"timeout: {str(e)[-2000:]}"}
+            continue
+        if code != 0:
+            summary[config] = {"error": f"exit {code}: {(err or '')[-4000:]}"}
+            continue
+        summary[config] = {}
+        for rank in range(ranks):
+            with open(os.path.join(out_dir, f"{config}_rank{rank}.json")) as f:
+                summary[config][rank] = json.load(f)
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f)
+    return summary

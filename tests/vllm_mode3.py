@@ -110,29 +110,9 @@ def main(argv=None) -> int:
     if "RANK" in os.environ:
         return worker(args)
     sys.path.insert(0, os.path.join(HERE, ".."))
-    from ascend_compile.launch import run_torchrun
+    from ranks import torchrun_configs
 
-    os.makedirs(args.dir, exist_ok=True)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    summary = {}
-    for config in args.configs.split(","):
-        cmd = [torchrun, "--standalone", "--nproc-per-node", "2", os.path.abspath(__file__), "--dir", args.dir,
-               "--config", config]
-        try:
-            code, out, err = run_torchrun(cmd, timeout=args.timeout)
-        except TimeoutError as e:
-            summary[config] = {"error": f"timeout: {str(e)[-2000:]}"}
-            continue
-        if code != 0:
-            summary[config] = {"error": f"exit {code}: {(err or '')[-4000:]}"}
-            continue
-        summary[config] = {}
-        for rank in range(2):
-            with open(os.path.join(args.dir, f"{config}_rank{rank}.json")) as f:
-                summary[config][rank] = json.load(f)
-    print(json.dumps(summary))
-    with open(os.path.join(args.dir, "summary.json"), "w") as f:
-        json.dump(summary, f)
+    print(json.dumps(torchrun_configs(__file__, args.dir, args.configs.split(","), args.timeout)))
     return 0
 
 
