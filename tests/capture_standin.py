@@ -3,7 +3,8 @@
 
 ``Capture(fn, *inputs)`` runs ``fn`` once and records every op it dispatches, down to the aten ops
 inside this project's custom ops (their Python bodies run only then, as a custom op's host code runs
-only while a device graph is captured), and every collective ``torch.distributed`` issues, as one
+only while a device graph is captured; ``slice_state.capturing()`` says True meanwhile, as
+``torch.npu``/``torch.cuda.is_current_stream_capturing()`` do on a device), and every collective ``torch.distributed`` issues, as one
 task each (an HCCL/NCCL kernel in a device graph; gloo's own host work inside it is not recorded). ``replay()`` runs the recorded ops again, and
 only them, on the same memory: the inputs, every intermediate and the outputs are static buffers
 (copy new inputs into ``inputs`` first, as vLLM copies a batch into its captured graph's buffers).
@@ -135,8 +136,15 @@ class Capture:
     def __init__(self, fn, *inputs):
         self.inputs = inputs
         self.recorder = _Recorder()
-        with self.recorder, self.recorder.collectives():
-            self.output = fn(*inputs)
+        from ascend_compile.runtime import slice_state
+
+        capturing = slice_state.capturing
+        slice_state.capturing = lambda: True  # what the device says while it captures
+        try:
+            with self.recorder, self.recorder.collectives():
+                self.output = fn(*inputs)
+        finally:
+            slice_state.capturing = capturing
         self.ops = self.recorder.ops
 
     def op_names(self) -> list:

@@ -47,7 +47,9 @@ def _replays(rank, world, compiled, paths, dump_dir=None):
     out = {"paths": plan.paths, "sizes": {}}
     for size in (DECODE_TOKENS, 3 * DECODE_TOKENS):  # a decode size, a prefill size
         static = make_input(shape, tokens=size, seed=size)  # the same on every rank: captured sizes agree
+        sliced.issued.clear()
         graph = run(static)  # warm-up (compiles), as vLLM runs a size before capturing it
+        ahead_uncaptured = sum(line.endswith(" ahead") for line in sliced.issued)
         sliced.issued.clear()
         try:
             with torch.device("meta"):
@@ -66,7 +68,7 @@ def _replays(rank, world, compiled, paths, dump_dir=None):
             replays.append({"max_diff": (got - want).abs().max().item(), "scale": want.abs().max().item(),
                             "device": str(got.device)})
         ops = captured.op_names()
-        out["sizes"][size] = {"replays": replays, "issued": issued, "item": sum(o.split(".")[1] in ("item", "_local_scalar_dense") for o in ops if o.startswith("aten.")),
+        out["sizes"][size] = {"replays": replays, "issued": issued, "ahead_uncaptured": ahead_uncaptured, "item": sum(o.split(".")[1] in ("item", "_local_scalar_dense") for o in ops if o.startswith("aten.")),
                               "collectives": sorted({o for o in ops if o.startswith("dist.")}),
                               "forwards": dict(sliced.forwards)}
     return out
@@ -100,7 +102,12 @@ def test_captured_sizes_replay_their_path_and_equal_the_unsharded_model(compiled
         assert decode["issued"][0] == f"by shape -> {DECODE_TOKENS} tokens, decode"
         assert prefill["issued"][0] == f"by shape -> {3 * DECODE_TOKENS} tokens, prefill"
         assert all(not line.startswith("gather") for line in decode["issued"])
+        # each layer gathered at its use while captured: a captured graph replays alone (vLLM captures each
+        # piece on its own), so no gather may be waited in a later one
         assert sum(line.startswith("gather") for line in prefill["issued"]) == 8  # 4 layers x 2 series
+        assert not any(line.endswith(" ahead") for line in prefill["issued"]), prefill["issued"]
+        # uncaptured, the same forward gathers ahead: o_proj[0] at q_b_proj[0], then layer i + 1 of each series at layer i
+        assert prefill["ahead_uncaptured"] == 7
         assert decode["collectives"] == ["dist.all_gather_into_tensor", "dist.all_to_all_single",
                                          "dist.reduce_scatter_tensor"]
         assert prefill["collectives"] == ["dist.broadcast"]  # gather_slices on gloo: one broadcast per rank

@@ -77,8 +77,8 @@ def test_eager_both_paths_with_different_tokens_per_rank(world):
     assert not any(e.startswith("gather") for e in decode) and len(decode) == 1 + 8
     # k=1 per series, as layout="layers": layer 0 of both series at the first, then layer i+1 at layer i's use
     assert [e for e in prefill if e.startswith("gather")] == [
-        "gather layers.0.self_attn.q_b_proj", "gather layers.0.self_attn.o_proj"] + [
-        f"gather layers.{i}.self_attn.{s}" for i in range(1, 4) for s in ("q_b_proj", "o_proj")]
+        "gather layers.0.self_attn.q_b_proj", "gather layers.0.self_attn.o_proj ahead"] + [
+        f"gather layers.{i}.self_attn.{s} ahead" for i in range(1, 4) for s in ("q_b_proj", "o_proj")]
 
 
 def test_compiled_both_paths():

@@ -197,18 +197,22 @@ class SliceState:
     def prefill_weight(self, pos: int, w: torch.Tensor) -> torch.Tensor:
         """Layer ``pos``'s whole weight on the prefill path. The gathers of a prefill forward follow ``prefetch_step`` = k
         per series, as ``layout="layers"`` broadcasts: layers ``0..k-1`` of every series at the
-        forward's first sliced layer, then layer ``i + k`` of a series when its layer ``i`` is used."""
+        forward's first sliced layer, then layer ``i + k`` of a series when its layer ``i`` is used. While
+        a device graph is being captured, each layer is gathered at its use instead: a captured graph
+        (one of vLLM's pieces) replays alone, so nothing it issues may be waited in another."""
+        if capturing():
+            return self._wait_whole(pos, *self.issue_gather(pos, w))
         if pos == self.first:
             for early in range(len(self.layers)):
                 if (self.layers[early].index < self.prefetch_step and early not in self.in_flight
                         and self.gathers_ahead(early)):
-                    self.in_flight[early] = self.issue_gather(early, w if early == pos else None)
+                    self.in_flight[early] = self.issue_gather(early, w if early == pos else None, early != pos)
         if pos not in self.in_flight:
             self.in_flight[pos] = self.issue_gather(pos, w)
         layer = self.layers[pos]
         ahead = self.position.get((layer.series, layer.index + self.prefetch_step))
         if self.prefetch_step and ahead is not None and ahead not in self.in_flight and self.gathers_ahead(ahead):
-            self.in_flight[ahead] = self.issue_gather(ahead, None)
+            self.in_flight[ahead] = self.issue_gather(ahead, None, True)
         return self._wait_whole(pos, *self.in_flight.pop(pos))
 
     def can_gather(self, pos: int) -> bool:
@@ -219,13 +223,30 @@ class SliceState:
         """Whether a prefill forward gathers layer ``pos`` ahead of its use (not one read inside an opaque op)."""
         return self.can_gather(pos) and pos not in self.opaque
 
-    def issue_gather(self, pos: int, w: Optional[torch.Tensor]):
+    def issue_gather(self, pos: int, w: Optional[torch.Tensor], ahead: bool = False):
+        """Start gathering layer ``pos``'s slices (``ahead``: of a later layer than the one in use)."""
         w = gather_source(self.layers[pos].cut, self.modules[pos].weight if w is None else w).contiguous()
         buf = torch.empty((w.shape[0] * self.pg.size(), w.shape[1]), dtype=w.dtype, device=w.device)
-        self.issued.append(f"gather {self.layers[pos].module}")
+        self.issued.append(f"gather {self.layers[pos].module}" + (" ahead" if ahead else ""))
         work = self._collective(f"the gather of {self.layers[pos].module}'s slices",
                                 lambda: gather_slices(buf, w, self.pg, async_op=True))
         return work, buf
+
+
+def capturing() -> bool:
+    """Whether this thread's device stream is being captured into a graph (CUDA, or Ascend's ACL
+    graphs through ``torch.npu``); False on CPU and wherever the device cannot say."""
+    for name in ("npu", "cuda"):
+        device = getattr(torch, name, None)
+        check = getattr(device, "is_current_stream_capturing", None)
+        if check is None or not device.is_available():
+            continue
+        try:
+            if check():
+                return True
+        except Exception:  # noqa: BLE001 - a build without that device
+            continue
+    return False
 
 
 def _vllm_forward_context():
