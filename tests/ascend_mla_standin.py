@@ -28,7 +28,6 @@ JSON summary: each rank's tokens, and how many forwards called ``q_proj`` twice,
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -208,18 +207,9 @@ def worker(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", required=True)
-    parser.add_argument("--configs", default="unshared,layers,slices")
-    parser.add_argument("--config", help=argparse.SUPPRESS)  # set for the torchrun workers
-    parser.add_argument("--timeout", type=float, default=600)
-    args = parser.parse_args(argv)
-    if "RANK" in os.environ:
-        return worker(args)
-    from ranks import torchrun_configs
+    from ranks import configs_main
 
-    print(json.dumps(torchrun_configs(__file__, args.dir, args.configs.split(","), args.timeout)))
-    return 0
+    return configs_main(__file__, __doc__, "unshared,layers,slices", worker, argv)
 
 
 if __name__ == "__main__":

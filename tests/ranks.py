@@ -190,3 +190,23 @@ def torchrun_configs(script: str, out_dir: str, configs: list, timeout: float, r
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump(summary, f)
     return summary
+
+
+def configs_main(script: str, doc: str, default_configs: str, worker, argv=None) -> int:
+    """The command line of a torchrun driver such as ``tests/ascend_mla_standin.py``: ``--dir``,
+    ``--configs`` (comma-separated), ``--timeout``. Under torchrun (``RANK`` set) it runs
+    ``worker(args)`` for ``--config``; otherwise it runs every config (``torchrun_configs``) and
+    prints the summary."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--configs", default=default_configs)
+    parser.add_argument("--config", help=argparse.SUPPRESS)  # set for the torchrun workers
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args(argv)
+    if "RANK" in os.environ:
+        return worker(args)
+    print(json.dumps(torchrun_configs(script, args.dir, args.configs.split(","), args.timeout)))
+    return 0

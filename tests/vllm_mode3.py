@@ -20,7 +20,6 @@ Run by ``tests/test_vllm_mode3.py``: ``python tests/vllm_mode3.py --dir DIR``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -101,19 +100,9 @@ def worker(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", required=True)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--config", help=argparse.SUPPRESS)  # set for the torchrun workers
-    parser.add_argument("--timeout", type=float, default=600)
-    args = parser.parse_args(argv)
-    if "RANK" in os.environ:
-        return worker(args)
-    sys.path.insert(0, os.path.join(HERE, ".."))
-    from ranks import torchrun_configs
+    from ranks import configs_main
 
-    print(json.dumps(torchrun_configs(__file__, args.dir, args.configs.split(","), args.timeout)))
-    return 0
+    return configs_main(__file__, __doc__, ",".join(CONFIGS), worker, argv)
 
 
 if __name__ == "__main__":
