@@ -71,6 +71,7 @@ def _replays(rank, world, compiled, paths, dump_dir=None):
         out["sizes"][size] = {"replays": replays, "issued": issued, "ahead_uncaptured": ahead_uncaptured, "item": sum(o.split(".")[1] in ("item", "_local_scalar_dense") for o in ops if o.startswith("aten.")),
                               "collectives": sorted({o for o in ops if o.startswith("dist.")}),
                               "forwards": dict(sliced.forwards)}
+    out["captured"] = dict(sliced.captured)
     return out
 
 
@@ -113,6 +114,8 @@ def test_captured_sizes_replay_their_path_and_equal_the_unsharded_model(compiled
         assert prefill["collectives"] == ["dist.broadcast"]  # gather_slices on gloo: one broadcast per rank
         assert decode["item"] == prefill["item"] == 0  # no host sync: nothing agreed at run time
     assert results[0]["sizes"][DECODE_TOKENS]["issued"] == results[1]["sizes"][DECODE_TOKENS]["issued"]
+    for r in results:  # each captured size and its path, as the log says at capture
+        assert r["captured"] == {DECODE_TOKENS: "decode", 3 * DECODE_TOKENS: "prefill"}
 
 
 def test_the_agreed_path_syncs_with_the_host_and_capture_refuses_it():

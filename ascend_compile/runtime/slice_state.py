@@ -23,7 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import errors, failing, groups
-from .slice_layout import SLICE_GEMM, cut_name, decode_linear, gather_slices, gather_source, reassemble
+from .slice_layout import (SLICE_GEMM, cut_name, decode_linear, gather_slices, gather_source, path_collectives,
+                           reassemble)
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class SliceState:
         self.in_flight: dict = {}  # position -> (work, buffer)
         self.forwards = {p: 0 for p in PATHS}  # forwards run on each path (dumps, tests, benchmarks)
         self.opaque: set = set()  # positions read inside ops a graph cannot see (fetched whole by opaque.fetch_layers)
+        self.captured: dict = {}  # paths="by_shape": token count of each captured graph -> its path
         self.issued = collections.deque(maxlen=4096)  # the latest collectives issued, as text (tests, debugging)
 
     @property
@@ -186,6 +188,11 @@ class SliceState:
             self.wait_in_flight()  # none, unless an earlier forward stopped halfway
             self.forwards[path] += 1
             self.issued.append(f"by shape -> {tokens} tokens, {path}")
+            if capturing() and tokens not in self.captured:  # a replay runs no Python: say it now
+                self.captured[tokens] = path
+                log.info("ascend_compile: rank %d of group %s: a graph captured at %d tokens takes the %s path in every "
+                         "sliced layer (%s each)", dist.get_rank(self.pg), self.group_name, tokens, path,
+                         ", ".join(path_collectives(layer.cut, path)))
         if path == "prefill" and gemm is None:
             return F.linear(x, self.prefill_weight(pos, w), b)
         self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
