@@ -210,3 +210,17 @@ def configs_main(script: str, doc: str, default_configs: str, worker, argv=None)
         return worker(args)
     print(json.dumps(torchrun_configs(script, args.dir, args.configs.split(","), args.timeout)))
     return 0
+
+
+def driver_summary(script: str, out_dir, timeout: float, *args: str) -> dict:
+    """Run a torchrun driver (``configs_main``) in a session of its own (on a hang it is killed with
+    every rank it started) and return its ``summary.json``, with ``"dumps"``: its dump directory."""
+    import json
+    import sys
+
+    code, _, err = run_command([sys.executable, script, "--dir", str(out_dir), *args], timeout=timeout)
+    assert code == 0, (err or "")[-4000:]
+    with open(os.path.join(str(out_dir), "summary.json")) as f:
+        result = json.load(f)
+    result["dumps"] = os.path.join(str(out_dir), "dumps")
+    return result

@@ -3,7 +3,6 @@ through vLLM 0.23's engine on 2 DP ranks: ``q_b_proj`` and ``o_proj`` are called
 different number of times on each rank (mixed batches, decode-only batches, an idle rank's dummy
 forwards); both layouts give the unshared run's tokens."""
 
-import json
 import os
 import subprocess
 import sys
@@ -11,21 +10,15 @@ import sys
 import pytest
 
 import vllm  # noqa: E402,F401  (run in .venv-vllm by scripts/test.sh: a missing vLLM fails)
+from ranks import driver_summary  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mla")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "ascend_mla_standin.py"), "--dir", str(out),
-                           "--configs", "unshared,layers,slices,layers-nofetch,kv_b_proj", "--timeout", "400"],
-                          capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out / "summary.json") as f:
-        result = json.load(f)
-    result["dumps"] = str(out / "dumps")
-    return result
+    return driver_summary(os.path.join(HERE, "ascend_mla_standin.py"), tmp_path_factory.mktemp("mla"), 1500,
+                          "--configs", "unshared,layers,slices,layers-nofetch,kv_b_proj", "--timeout", "400")
 
 
 @pytest.mark.parametrize("layout", ["layers", "slices"])

@@ -4,7 +4,6 @@ compiled by vLLM's own backend and pass manager), on 2 DP ranks, with sharing tu
 the tokens equal the unshared mode-3 run's. vLLM's CPU platform turns mode 3 into mode 2; the test
 harness in ``tests/vllm_mode3.py`` (never shipped) keeps it."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,20 +11,15 @@ import sys
 import pytest
 
 import vllm  # noqa: F401  (run in .venv-vllm by scripts/test.sh: a missing vLLM fails)
+from ranks import driver_summary  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
-    out = tmp_path_factory.mktemp("mode3")
-    proc = subprocess.run([sys.executable, os.path.join(HERE, "vllm_mode3.py"), "--dir", str(out), "--timeout", "500"],
-                          capture_output=True, text=True, timeout=1700)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    with open(out / "summary.json") as f:
-        result = json.load(f)
-    result["dumps"] = str(out / "dumps")
-    return result
+    return driver_summary(os.path.join(HERE, "vllm_mode3.py"), tmp_path_factory.mktemp("mode3"), 1700,
+                          "--timeout", "500")
 
 
 def test_sliced_layers_in_vllms_pieces_equal_the_unshared_run(summary):

@@ -161,9 +161,16 @@ class SliceState:
                 "tokens"
             )
             raise error  # sliced_linear aborts the group: the peers wait in this layer's collectives
+        return self._decode(x, w, b, pos, self.tokens, gemm)
+
+    def _decode(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], pos: int, tokens: int,
+                gemm) -> torch.Tensor:
+        """Layer ``pos`` on the decode path: ``x`` computed on the slices, its rows padded to ``tokens``
+        (the count every rank of the group passes here)."""
+        layer = self.layers[pos]
         self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
-        x2 = x.reshape(tokens, x.shape[-1])
-        out = decode_linear(x2, w, layer.cut, self.tokens, self.pg, self._collective, layer.module, gemm)
+        out = decode_linear(x.reshape(-1, x.shape[-1]), w, layer.cut, tokens, self.pg, self._collective,
+                            layer.module, gemm)
         out = out.reshape(*x.shape[:-1], layer.shape[0])
         return out + b if b is not None else out
 
@@ -190,16 +197,13 @@ class SliceState:
             self.issued.append(f"by shape -> {tokens} tokens, {path}")
             if capturing() and tokens not in self.captured:  # a replay runs no Python: say it now
                 self.captured[tokens] = path
+                issues = sorted({f"{cut_name(sl.cut)}-cut layers {', '.join(path_collectives(sl.cut, path))}"
+                                 for sl in self.layers})
                 log.info("ascend_compile: rank %d of group %s: a graph captured at %d tokens takes the %s path in every "
-                         "sliced layer (%s each)", dist.get_rank(self.pg), self.group_name, tokens, path,
-                         ", ".join(path_collectives(layer.cut, path)))
+                         "sliced layer (%s)", dist.get_rank(self.pg), self.group_name, tokens, path, "; ".join(issues))
         if path == "prefill" and gemm is None:
             return F.linear(x, self.prefill_weight(pos, w), b)
-        self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
-        out = decode_linear(x.reshape(tokens, x.shape[-1]), w, layer.cut, tokens, self.pg, self._collective,
-                            layer.module, gemm)
-        out = out.reshape(*x.shape[:-1], layer.shape[0])
-        return out + b if b is not None else out
+        return self._decode(x, w, b, pos, tokens, gemm)
 
     def prefill_weight(self, pos: int, w: torch.Tensor) -> torch.Tensor:
         """Layer ``pos``'s whole weight on the prefill path. The gathers of a prefill forward follow ``prefetch_step`` = k

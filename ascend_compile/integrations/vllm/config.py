@@ -93,9 +93,16 @@ def check_config(vllm_config) -> None:
     mode = _mode(cc)
     if mode == 3:
         check_pieces(cc, cfg)
-        check_parallelism(vllm_config, ours.get("group", "world"))
-        check_share_size(vllm_config, cfg, ours.get("group", "world"))
-        return
+    else:
+        check_whole_graph(vllm_config, cfg)
+    check_parallelism(vllm_config, ours.get("group", "world"))
+    check_share_size(vllm_config, cfg, ours.get("group", "world"))
+
+
+def check_whole_graph(vllm_config, cfg: SharedWeightConfig) -> None:
+    """Modes 0-2: our backend must get the whole graph (modes 1 and 2 with backend='ascend_compile')."""
+    cc = vllm_config.compilation_config
+    mode = _mode(cc)
     if cfg.paths == "by_shape":
         raise ConfigError(
             "shared_weight paths='by_shape' is for graphs captured at a fixed token count, equal on every rank "
@@ -115,8 +122,6 @@ def check_config(vllm_config) -> None:
             f"compilation_config backend {cc.backend!r} would run the shared weights without prefetching; "
             "set compilation_config={'mode': %d, 'backend': 'ascend_compile'}" % mode
         )
-    check_parallelism(vllm_config, ours.get("group", "world"))
-    check_share_size(vllm_config, cfg, ours.get("group", "world"))
 
 
 def captures(compilation_config) -> bool:

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Optional
 
-from .config import check_config, settings, uses_our_backend
+from .config import _mode, check_config, settings, uses_our_backend
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def prepare(vllm_config) -> None:
     check_config(vllm_config)
     _LOADED_CONFIG = vllm_config
     cc = vllm_config.compilation_config
-    if "shared_weight" in settings(vllm_config) and cc.mode is not None and int(cc.mode) == 3:
+    if "shared_weight" in settings(vllm_config) and _mode(cc) == 3:
         from . import pieces
 
         dump = getattr(cc, "debug_dump_path", None)
