@@ -197,11 +197,15 @@ class _Invalidations(logging.Handler):
 
 
 def generate(path: str, dp_rank: int, shared: dict | None, dump_dir: str | None, tp: int = 1,
-             mode: int = 2, reload: bool = False, llm_kwargs: dict | None = None, dp: int = 2) -> dict:
+             mode: int = 2, reload: bool = False, llm_kwargs: dict | None = None, dp: int = 2,
+             lowering: str | None = None) -> dict:
     from vllm import LLM, SamplingParams
 
     # with TP, a shard may only be shared among the ranks that hold the same one: vLLM's DP group
-    additional = {"ascend_compile": {"shared_weight": shared, **({"group": "dp"} if tp > 1 else {})}} if shared else {}
+    ours = {"shared_weight": shared, **({"group": "dp"} if tp > 1 else {})} if shared else {}
+    if lowering:  # our backend's lowering (modes 1 and 2), with or without sharing
+        ours["compile"] = {"lowering": lowering}
+    additional = {"ascend_compile": ours} if ours else {}
     llm = LLM(path, skip_tokenizer_init=True, dtype="float32", seed=0, max_model_len=256, max_num_seqs=8,
               kv_cache_memory_bytes=32 << 20, distributed_executor_backend="external_launcher",
               tensor_parallel_size=tp, data_parallel_size=dp,
@@ -314,7 +318,7 @@ def worker(args) -> int:
         shared.update(layout="slices", decode_tokens=args.decode_tokens if args.decode_tokens == "auto"
                       else int(args.decode_tokens))
     result = generate(path, dp_rank, shared, os.path.join(args.dir, "dumps") if args.share else None,
-                      tp=args.tp, mode=args.mode, reload=args.reload, dp=args.dp)
+                      tp=args.tp, mode=args.mode, reload=args.reload, dp=args.dp, lowering=args.lowering)
     result["dp_rank"] = dp_rank
     with open(os.path.join(args.dir, f"{'shared' if args.share else 'unshared'}_rank{rank}.json"), "w") as f:
         json.dump(result, f)
@@ -344,6 +348,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-tokens", default="auto",
                         help="slices: the largest agreed token count computed on the slices (an int or 'auto')")
     parser.add_argument("--hidden", type=int, default=128, help="hidden size of the checkpoint (a multiple of 64)")
+    parser.add_argument("--lowering", choices=["inductor", "aot_eager"], default=None,
+                        help="our backend's lowering in both runs (default: inductor off an NPU)")
     parser.add_argument("--share", action="store_true", help=argparse.SUPPRESS)  # set for the torchrun workers
     parser.add_argument("--timeout", type=float, default=900)
     args = parser.parse_args(argv)

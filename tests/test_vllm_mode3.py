@@ -1,7 +1,8 @@
 """vLLM 0.23's engine in compilation mode 3 (VLLM_COMPILE: the graph split at attention, each piece
 compiled by vLLM's own backend and pass manager), on 2 DP ranks, with sharing turned on by
-``additional_config`` alone: sliced layers run inside vLLM's pieces, our pass checks each piece, and
-the tokens equal the unshared mode-3 run's. vLLM's CPU platform turns mode 3 into mode 2; the test
+``additional_config`` alone: sliced layers run inside vLLM's pieces and our pass checks each piece;
+whole layers are broadcast on a schedule our pass gives each piece; the tokens equal the unshared
+mode-3 run's in both layouts. vLLM's CPU platform turns mode 3 into mode 2; the test
 harness in ``tests/vllm_mode3.py`` (never shipped) keeps it."""
 
 import os
@@ -47,6 +48,40 @@ def test_our_pass_ran_in_every_piece_with_sliced_layers(summary):
             assert "layout=slices  paths=agreed  sliced layers=2" in piece
             assert piece.index(f"o_proj[{i}]") < piece.index(f"down_proj[{i}]")
     assert "graph_piece_0" not in out  # the piece before the first attention holds no sliced layer
+
+
+def test_whole_layers_in_vllms_pieces_equal_the_unshared_run(summary):
+    unshared, layers = summary["unshared"], summary["layers"]
+    assert "error" not in layers, layers.get("error")
+    for rank in ("0", "1"):
+        assert layers[rank]["tokens"] == unshared[rank]["tokens"], rank
+        plan = layers[rank]["plan"]
+        assert plan["layout"] == "layers" and plan["saved_bytes"] == plan["series_bytes"] // 2 > 0
+        saved = unshared[rank]["weight_bytes"] - layers[rank]["weight_bytes"]
+        assert abs(saved - plan["saved_bytes"]) < 0.02 * plan["saved_bytes"]
+    assert layers["0"]["forwards"] == layers["1"]["forwards"] == unshared["0"]["forwards"]
+
+
+def test_our_pass_scheduled_the_broadcasts_of_every_piece(summary):
+    import glob
+    import json
+
+    for rank in ("0", "1"):
+        tables = {}
+        for path in glob.glob(os.path.join(summary["dumps"], "layers", "ascend_compile", f"rank_{rank}",
+                                           "graph_piece_*", "schedule.json")):
+            with open(path) as f:
+                tables[os.path.basename(os.path.dirname(path))] = json.load(f)
+        # 4 decoder layers: the piece after attention i holds o_proj[i] and down_proj[i]; none before the first
+        assert sorted(tables) == [f"graph_piece_{i}" for i in range(1, 5)], sorted(tables)
+        for i in range(4):
+            table = tables[f"graph_piece_{i + 1}"]
+            assert [o.split()[0] for o in table["order"]] == [f"o_proj.weight[{i}]", f"down_proj.weight[{i}]"]
+            o_proj, down_proj = sorted(table["collectives"], key=lambda r: r["issue"])
+            assert (o_proj["series"], down_proj["series"]) == ("o_proj.weight", "down_proj.weight")
+            assert o_proj["owner"] == down_proj["owner"] == i % 2
+            # prefetch_step=1: both issued as the piece starts, down_proj's in flight while o_proj computes
+            assert down_proj["issue"] < o_proj["wait"] < o_proj["first_use"] < down_proj["wait"]
 
 
 def test_a_piece_compiled_without_our_pass_is_refused_on_every_rank(summary):

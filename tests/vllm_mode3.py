@@ -1,5 +1,5 @@
-"""vLLM 0.23's engine in compilation mode 3 (VLLM_COMPILE, piecewise) on 2 DP ranks, with and without
-sliced layers, through a TEST HARNESS (never shipped) that keeps mode 3 on vLLM's CPU platform.
+"""vLLM 0.23's engine in compilation mode 3 (VLLM_COMPILE, piecewise) on 2 DP ranks, without sharing,
+with sliced layers and with whole layers, through a TEST HARNESS (never shipped) that keeps mode 3 on vLLM's CPU platform.
 
 What vLLM 0.23's CPU build does to mode 3, and what the harness (``keep_mode_3``) undoes, each the
 least that lets vLLM's own piecewise compile run here:
@@ -31,6 +31,8 @@ CUDA_ONLY = ("fused_add_rms_norm_static_fp8_quant", "rms_norm_dynamic_per_token_
 CONFIGS = {
     "unshared": None,
     "slices": {"layers": ["o_proj", "down_proj"], "layout": "slices", "decode_tokens": 8},
+    # whole layers, scheduled by our pass inside each piece (mode 3 defaults wrap_around to False)
+    "layers": {"layers": ["o_proj", "down_proj"], "prefetch_step": 1},
     # our pass kept out of vLLM's pass manager: what a piece compiled without it meets
     "slices-nopass": {"layers": ["o_proj", "down_proj"], "layout": "slices", "decode_tokens": 8},
 }
@@ -73,7 +75,7 @@ def worker(args) -> int:
     if args.config.endswith("-nopass"):
         from ascend_compile.integrations.vllm import pieces
 
-        def caches_off_only(vllm_config, dump_dir=None):
+        def caches_off_only(vllm_config, dump_dir=None, options=None):
             vllm_config.compilation_config.inductor_compile_config["force_disable_caches"] = True
 
         pieces.register = caches_off_only

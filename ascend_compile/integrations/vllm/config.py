@@ -40,11 +40,21 @@ def shared_weight_config(vllm_config) -> Optional[SharedWeightConfig]:
     ours = settings(vllm_config)
     if "shared_weight" not in ours:
         return None
-    d = dict(ours["shared_weight"], group=_group(ours.get("group", "world")))
+    d = dict(_shared_settings(vllm_config), group=_group(ours.get("group", "world")))
     if d.get("share_size") == "machine" and d.get("ranks_per_machine") is None and not os.environ.get("GROUP_WORLD_SIZE"):
         # vLLM started the ranks (no torchrun); its CPU platform rewrites LOCAL_WORLD_SIZE to the TP size
         d["ranks_per_machine"] = _ranks_per_machine(vllm_config)
     return SharedWeightConfig.from_dict(d)
+
+
+def _shared_settings(vllm_config) -> dict:
+    """``additional_config["ascend_compile"]["shared_weight"]`` with the defaults of the compilation mode:
+    under mode 3 whole layers are not prefetched across forwards (``wrap_around=False``): nothing crosses
+    a piece of vLLM's graph."""
+    d = dict(settings(vllm_config)["shared_weight"])
+    if _mode(vllm_config.compilation_config) == 3 and d.get("layout", "layers") == "layers":
+        d.setdefault("wrap_around", False)
+    return d
 
 
 def _ranks_per_machine(vllm_config) -> Optional[int]:
@@ -81,7 +91,7 @@ def check_config(vllm_config) -> None:
     ours = settings(vllm_config)
     if "shared_weight" not in ours:
         return
-    cfg = SharedWeightConfig.from_dict(dict(ours["shared_weight"]))  # its keys and values, before any group exists
+    cfg = SharedWeightConfig.from_dict(_shared_settings(vllm_config))  # its keys and values, before any group exists
     check_not_double_sharded(vllm_config, cfg)
     if cfg.layout == "slices" and _tp(vllm_config) > 1:
         raise ConfigError(
@@ -92,7 +102,7 @@ def check_config(vllm_config) -> None:
     cc = vllm_config.compilation_config
     mode = _mode(cc)
     if mode == 3:
-        check_pieces(cc, cfg)
+        check_pieces(cc, cfg, ours.get("compile"))
     else:
         check_whole_graph(vllm_config, cfg)
     check_parallelism(vllm_config, ours.get("group", "world"))
@@ -131,23 +141,31 @@ def captures(compilation_config) -> bool:
     return mode is None or getattr(mode, "name", str(mode)) != "NONE"
 
 
-def check_pieces(compilation_config, cfg: SharedWeightConfig) -> None:
+def check_pieces(compilation_config, cfg: SharedWeightConfig, compile_options: Optional[dict] = None) -> None:
     """Mode 3 (VLLM_COMPILE): vLLM splits the graph at attention and compiles each piece with its own
-    backend and pass manager (ours among its passes: ``pieces.py``). Sliced layers run there: each is
-    one op, kept in order by its effect; with graph capture, only with ``paths="by_shape"``. Whole
-    layers (``layout="layers"``) need our backend to schedule their broadcasts."""
+    backend and pass manager (ours among its passes: ``pieces.py``). Whole layers are scheduled inside
+    each piece (no window across pieces: ``wrap_around`` refused). Sliced layers run there as one op
+    each, kept in order by its effect; with graph capture, only with ``paths="by_shape"``."""
     if compilation_config.backend in BACKEND_NAMES:
         raise ConfigError(
             "compilation_config mode 3 (VLLM_COMPILE) compiles the pieces with vLLM's own backend and passes ours to "
             "its pass manager: drop backend='ascend_compile' (it is for modes 1 and 2)"
         )
-    if cfg.layout != "slices":
+    lowering = (compile_options or {}).get("lowering")
+    if lowering is not None:
         raise ConfigError(
-            "compilation_config mode 3 (VLLM_COMPILE) splits the graph at attention and compiles it with vLLM's own "
-            "backend, which cannot schedule the broadcasts of layout='layers': use shared_weight layout='slices' "
-            "(each sliced layer is one op, run inside vLLM's pieces), or compilation_config={'mode': 2, 'backend': "
-            "'ascend_compile'} for whole layers"
+            f"additional_config['ascend_compile']['compile']['lowering']={lowering!r} chooses our backend's lowering, "
+            "but under compilation_config mode 3 (VLLM_COMPILE) vLLM lowers each piece with its own backend: drop it"
         )
+    if cfg.layout == "layers":
+        if cfg.wrap_around:
+            raise ConfigError(
+                "shared_weight wrap_around=True prefetches the first layers of each forward during the one before, "
+                "but compilation_config mode 3 (VLLM_COMPILE) compiles (and captures) each piece of the graph on its "
+                "own, and a broadcast cannot stay in flight between pieces: drop wrap_around (mode 3 defaults it to "
+                "False), or use compilation_config={'mode': 2, 'backend': 'ascend_compile'}"
+            )
+        return
     if captures(compilation_config) and cfg.paths != "by_shape":
         raise ConfigError(
             f"compilation_config cudagraph_mode={getattr(compilation_config.cudagraph_mode, 'name', 'default')} "

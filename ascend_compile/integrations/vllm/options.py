@@ -26,8 +26,12 @@ def compile_options() -> Optional[dict]:
         vllm_config = _LOADED_CONFIG
     if vllm_config is None:
         return None
-    ours = settings(vllm_config)
-    options = dict(ours.get("compile") or {})
+    return compile_options_of(vllm_config)
+
+
+def compile_options_of(vllm_config) -> dict:
+    """``additional_config["ascend_compile"]["compile"]``, with vLLM's ``debug_dump_path`` as ``dump_dir``."""
+    options = dict(settings(vllm_config).get("compile") or {})
     dump = getattr(vllm_config.compilation_config, "debug_dump_path", None)
     if dump and "dump_dir" not in options:
         options["dump_dir"] = os.path.join(str(dump), "ascend_compile")
@@ -49,8 +53,8 @@ def prepare(vllm_config) -> None:
     if "shared_weight" in settings(vllm_config) and _mode(cc) == 3:
         from . import pieces
 
-        dump = getattr(cc, "debug_dump_path", None)
-        pieces.register(vllm_config, os.path.join(str(dump), "ascend_compile") if dump else None)
+        options = compile_options_of(vllm_config)
+        pieces.register(vllm_config, options.get("dump_dir"), options)
     if not uses_our_backend(vllm_config):
         return
     if os.environ.get("VLLM_USE_AOT_COMPILE") is None:

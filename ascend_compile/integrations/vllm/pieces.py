@@ -3,13 +3,21 @@
 vLLM splits the model's graph at attention and compiles each piece with its own backend; user
 passes join its pass manager through ``inductor_compile_config[current_platform.pass_key]`` (a
 ``VllmInductorPass``; vLLM-Ascend's ``GraphFusionPassManager`` takes them under its own key the
-same way). ``register`` puts ``SlicedPieces`` there when sliced layers are shared, and switches
-the compile caches off (they cannot store a graph with effect tokens). On each piece
-it checks that every ``sliced_linear`` call is still ordered by its effect token (the collectives
-inside must run in the same order on every rank), and writes the piece's table to the dumps: its
-sliced layers, their cut, and with ``paths="by_shape"`` and a static size the path and collectives
-of each. A sliced layer read inside a piece compiled with this pass is accepted at run time
-(``runtime/opaque.py``); one in any other Inductor graph is still refused.
+same way). ``register`` puts ``SharedPieces`` there when weights are shared, and switches the
+compile caches off (they cannot store a graph with effect tokens, and a cache hit would skip the
+pass). On each piece, per layout:
+
+- ``"slices"`` (``check_piece``): every ``sliced_linear`` call must still be ordered by its effect
+  token (the collectives inside run in the same order on every rank); the piece's table goes to the
+  dumps: its sliced layers, their cut, and with ``paths="by_shape"`` and a static size the path and
+  collectives of each. A sliced layer read inside a piece compiled with this pass is accepted at run
+  time (``runtime/opaque.py``); one in any other Inductor graph is still refused.
+- ``"layers"`` (``schedule_piece``): our passes rewrite the piece's markers into broadcasts and
+  schedule them inside the piece, as our backend does for a whole graph (rewrite, prefetch, pin the
+  order, verify): a layer's broadcast is issued ``prefetch_step`` layers of its series ahead, and at
+  the piece's start for the first ones. Nothing crosses a piece (no window is left in flight when a
+  piece ends), so each piece can be captured as a graph of its own; the order is a function of the
+  piece alone, the same on every rank.
 """
 
 from __future__ import annotations
@@ -27,26 +35,29 @@ log = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=None)
 def pass_class() -> type:
-    """``SlicedPieces``, a ``VllmInductorPass`` (imported from vLLM when first needed)."""
+    """``SharedPieces``, a ``VllmInductorPass`` (imported from vLLM when first needed)."""
     from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
 
-    class SlicedPieces(VllmInductorPass):
-        """Checks the order of the sliced layers of every piece vLLM compiles, and dumps them."""
+    class SharedPieces(VllmInductorPass):
+        """Schedules the whole layers and checks the sliced layers of every piece vLLM compiles; dumps them."""
 
-        def __init__(self, config, dump_dir=None):
+        def __init__(self, config, dump_dir=None, options=None):
             super().__init__(config)
             self.dump_dir = dump_dir
+            self.options = dict(options or {})
             self.pieces = itertools.count()
             setattr(self, PIECES_PASS_MARK, True)
 
         def __call__(self, graph):
-            check_piece(graph, self.dump_dir, f"piece_{next(self.pieces)}")
+            piece_id = f"piece_{next(self.pieces)}"
+            check_piece(graph, self.dump_dir, piece_id)
+            schedule_piece(graph.owning_module, self.options, self.dump_dir, piece_id)
 
         def uuid(self) -> str:  # Inductor's cache key: this module's code
             with open(__file__, "rb") as f:
                 return hashlib.sha256(f.read()).hexdigest()
 
-    return SlicedPieces
+    return SharedPieces
 
 
 def check_piece(graph, dump_dir=None, piece_id: str = "piece") -> list:
@@ -72,8 +83,48 @@ def check_piece(graph, dump_dir=None, piece_id: str = "piece") -> list:
     return layers
 
 
-def register(vllm_config, dump_dir=None) -> None:
-    """Put ``SlicedPieces`` under the platform's pass key (once); refuse if another pass is there."""
+def schedule_piece(gm, options: dict, dump_dir=None, piece_id: str = "piece"):
+    """Whole shared layers (``layout="layers"``) read in this piece: our passes on it, in place (its
+    markers become broadcasts and waits scheduled inside the piece). Returns the piece's schedule
+    table (also dumped), or None for a piece without shared layers."""
+    import dataclasses
+
+    from ...config import CompileOptions
+    from ...debug.dump import GraphDumper, schedule_table
+    from ...passes import PassPipeline, default_passes
+    from ...passes.plan import marker_groups
+    from ...passes.planning import make_plan, resolve_auto_step
+    from ...passes.prefetch import collective_order
+    from ...runtime import groups
+
+    if not marker_groups(gm.graph):
+        return None
+    opts = CompileOptions.from_dict(options)
+    plan = make_plan(gm, opts)
+    if plan.wrap:
+        raise ConfigError(
+            f"series {[s for s, _ in plan.wrap]} prefetch across forwards (wrap_around=True), but under compilation "
+            "mode 3 each piece of vLLM's graph is compiled (and captured) on its own, and a window cannot stay in "
+            "flight between pieces: drop shared_weight wrap_around (mode 3 defaults it to False)"
+        )
+    plan = dataclasses.replace(plan, pin_order=opts.pin_order, inplace=True)
+    plan, explanation = resolve_auto_step(gm, plan, opts)
+    dumper = GraphDumper(dump_dir, groups.global_rank(), graph_id=piece_id)
+    pipeline = PassPipeline(plan, default_passes(plan.pin_order), observer=dumper.graph)
+    pipeline(gm)
+    table = schedule_table(plan, pipeline.final_schedule)
+    table.update(piece=piece_id, global_rank=groups.global_rank(),
+                 order=[str(c) for c in collective_order(pipeline.final_schedule)])
+    if explanation:
+        table["explain"] = explanation
+    dumper.schedule(table)
+    log.debug("ascend_compile: %s of vLLM's graph: %s", piece_id, ", ".join(table["order"]))
+    return table
+
+
+def register(vllm_config, dump_dir=None, options=None) -> None:
+    """Put ``SharedPieces`` under the platform's pass key (once), with our compile ``options``
+    (``additional_config["ascend_compile"]["compile"]``); refuse if another pass is there."""
     from vllm.platforms import current_platform
 
     config = vllm_config.compilation_config.inductor_compile_config
@@ -86,10 +137,12 @@ def register(vllm_config, dump_dir=None) -> None:
             f"compilation_config.inductor_compile_config[{key!r}] already holds {type(existing).__name__}, and vLLM "
             "takes one pass there: ascend_compile's pass for sliced layers needs it"
         )
-    config[key] = pass_class()(vllm_config, dump_dir)
+    config[key] = pass_class()(vllm_config, dump_dir, options)
     if "force_disable_caches" not in config:
         # torch's graph caches refuse graphs with effect tokens (with_effects is not cacheable), and vLLM's
-        # compile cache then refuses the piece ("The compiled artifact is not serializable")
+        # compile cache then refuses the piece ("The compiled artifact is not serializable"); a hit would
+        # also skip our pass, and with it the dumps
         config["force_disable_caches"] = True
-        log.info("ascend_compile: sliced layers keep their order with effect tokens, which torch's compile caches "
-                 "cannot store: inductor_compile_config['force_disable_caches'] = True (every start compiles)")
+        log.info("ascend_compile: shared layers are scheduled by a pass a cache hit would skip, and sliced layers keep "
+                 "their order with effect tokens, which torch's compile caches cannot store: "
+                 "inductor_compile_config['force_disable_caches'] = True (every start compiles)")
