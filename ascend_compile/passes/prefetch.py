@@ -100,6 +100,16 @@ def schedule_prefetch(gm: fx.GraphModule, plan: CompilePlan) -> fx.GraphModule:
         log.debug("schedule_prefetch: no shared-weight collectives in graph")
         return gm
 
+    # Weights read by get_attr (graphs traced by make_fx) join the graph's head: a get_attr has no
+    # inputs, and a broadcast moved up must not come before the weight it sends.
+    head = entry_point(graph)
+    for layers in series.values():
+        for layer in layers:
+            for a in layer.issue.all_input_nodes:
+                if a.op == "get_attr" and a is not head:
+                    head.append(a)
+                    head = a
+
     # Waits first: each right before its first use.
     for layers in series.values():
         for layer in layers:
