@@ -170,6 +170,11 @@ CONFIGS = {
     # the integration's fetch at the op's start switched off: what a model without it meets
     "layers-nofetch": {"layers": ["q_b_proj", "o_proj"], "prefetch_step": 1},
     "kv_b_proj": {"layers": ["kv_b_proj"]},  # read at load to build W_UK/W_UV: refused
+    # compilation mode 3 (vLLM-Ascend's default): the graph split at the attention op, as vLLM-Ascend splits
+    # it at vllm::mla_forward (tests/vllm_mode3.py keeps mode 3 on vLLM's CPU platform)
+    "unshared-mode3": None,
+    "layers-mode3": {"layers": ["q_b_proj", "o_proj"], "prefetch_step": 1},
+    "slices-mode3": {"layers": ["q_b_proj", "o_proj"], "layout": "slices", "decode_tokens": 8},
 }
 
 
@@ -181,6 +186,12 @@ def worker(args) -> int:
 
     rank = int(os.environ["RANK"])
     ModelRegistry.register_model(ARCH, model_class())
+    mode = 2
+    if args.config.endswith("-mode3"):
+        from vllm_mode3 import keep_mode_3
+
+        keep_mode_3(splitting_ops=["vllm::ascend_compile_standin_mla_forward"])  # vLLM-Ascend: vllm::mla_forward
+        mode = 3
     if args.config.endswith("-nofetch"):
         from ascend_compile.integrations.vllm import patches
 
@@ -197,7 +208,7 @@ def worker(args) -> int:
         time.sleep(0.2)
     # a budget of 8 tokens a step: prompts are chunked, so steps mix decodes and prefill chunks
     dump = os.path.join(args.dir, "dumps", args.config) if CONFIGS[args.config] else None
-    result = vllm_generate.generate(path, rank, CONFIGS[args.config], dump,
+    result = vllm_generate.generate(path, rank, CONFIGS[args.config], dump, mode=mode,
                                     llm_kwargs={"hf_overrides": {"architectures": [ARCH]},
                                                 "max_num_batched_tokens": 8})
     result["q_proj_calls"] = {str(k): v for k, v in CALLS.items()}

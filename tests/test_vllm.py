@@ -186,8 +186,8 @@ def test_config_errors_name_the_key_and_the_fix():
 
 
 def test_eager_mode_with_shared_weights_is_refused(monkeypatch):
-    """Mode 0 (NONE) never calls our backend: one synchronous broadcast per layer, nothing
-    prefetched. Refused like mode 3, naming what made it eager (enforce_eager=True, which vLLM
+    """Mode 0 (NONE) never calls our backend or passes: one synchronous broadcast per layer, nothing
+    prefetched. Refused, naming what made it eager (enforce_eager=True, which vLLM
     0.23 turns into mode 0 in VllmConfig.__post_init__, or an environment variable) and the fix."""
     from ascend_compile.integrations import vllm as integ
 
@@ -195,15 +195,22 @@ def test_eager_mode_with_shared_weights_is_refused(monkeypatch):
     monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
     monkeypatch.delenv("VLLM_USE_BREAKABLE_CUDAGRAPH", raising=False)
     with pytest.raises(ConfigError, match=re.escape(
-            "need compilation_config mode 1 or 2 with backend='ascend_compile': enforce_eager=True (vLLM then sets "
-            "compilation mode 0, NONE), so vLLM runs the model eagerly and never calls our backend: every shared "
-            "layer would be broadcast synchronously right before it is used, one broadcast per layer, nothing "
+            "need a compiled model (compilation_config mode 3, or mode 1 or 2 with backend='ascend_compile'): "
+            "enforce_eager=True (vLLM then sets compilation mode 0, NONE), so vLLM runs the model eagerly and never "
+            "calls our passes: every shared layer would be broadcast synchronously right before it is used, one broadcast per layer, nothing "
             "prefetched. Use compilation_config={'mode': 2, 'backend': 'ascend_compile'} and drop "
             "enforce_eager=True (--enforce-eager).")):
         integ.check_config(_Cfg(sw, mode=0, enforce_eager=True))
     with pytest.raises(ConfigError, match=r": compilation mode 0 \(NONE\), so vLLM runs the model eagerly.*"
                                           r"'backend': 'ascend_compile'}\.$"):
         integ.check_config(_Cfg(sw, mode=0))
+    from types import SimpleNamespace
+
+    uncaptured = _Cfg(sw, mode=0)
+    uncaptured.compilation_config.cudagraph_mode = SimpleNamespace(name="NONE")
+    with pytest.raises(ConfigError, match=r"vLLM-Ascend 0.23 sets it whenever cudagraph_mode is NONE\).*or keep "
+                                          r"vLLM-Ascend's default, compilation mode 3 with graph capture"):
+        integ.check_config(uncaptured)
     monkeypatch.setenv("TORCH_COMPILE_DISABLE", "1")
     with pytest.raises(ConfigError, match=r": TORCH_COMPILE_DISABLE=1 \(vLLM then sets compilation mode 0, NONE\).*"
                                           r"and unset TORCH_COMPILE_DISABLE\.$"):

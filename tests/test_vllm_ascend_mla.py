@@ -1,7 +1,9 @@
 """vLLM-Ascend 0.23's MLA attention op, as a CPU stand-in that follows its calls (``tests/ascend_mla_standin.py``),
 through vLLM 0.23's engine on 2 DP ranks: ``q_b_proj`` and ``o_proj`` are called inside the op, a
 different number of times on each rank (mixed batches, decode-only batches, an idle rank's dummy
-forwards); both layouts give the unshared run's tokens."""
+forwards); both layouts give the unshared run's tokens, under compilation mode 2 with our backend and
+under mode 3 (vLLM-Ascend's default) with the graph split at the op, as vLLM-Ascend splits it at
+``vllm::mla_forward``."""
 
 import os
 import subprocess
@@ -18,14 +20,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def summary(tmp_path_factory):
     return driver_summary(os.path.join(HERE, "ascend_mla_standin.py"), tmp_path_factory.mktemp("mla"), 1500,
-                          "--configs", "unshared,layers,slices,layers-nofetch,kv_b_proj", "--timeout", "400")
+                          "--configs", "unshared,layers,slices,layers-nofetch,kv_b_proj,unshared-mode3,layers-mode3,slices-mode3",
+                          "--timeout", "400")
 
 
-@pytest.mark.parametrize("layout", ["layers", "slices"])
-def test_layers_called_inside_the_attention_op_equal_the_unshared_run(summary, layout):
-    unshared, shared = summary["unshared"], summary[layout]
+@pytest.mark.parametrize("config", ["layers", "slices", "layers-mode3", "slices-mode3"])
+def test_layers_called_inside_the_attention_op_equal_the_unshared_run(summary, config):
+    layout, _, mode = config.partition("-")
+    unshared, shared = summary["unshared" + (f"-{mode}" if mode else "")], summary[config]
+    if mode:  # vLLM split the graph at the attention op: a piece of its own
+        for rank in ("0", "1"):
+            with open(os.path.join(summary["dumps"], config, f"rank_{rank}_dp_{rank}",
+                                   "__compiled_fn_1.after_split.0.py")) as f:
+                split = f.read()
+            pieces = split.split("class submod_")[1:]
+            ops = [i for i, piece in enumerate(pieces) if "= torch.ops.vllm.ascend_compile_standin_mla_forward(" in piece]
+            assert len(pieces) == 9 and ops == [1, 3, 5, 7], (len(pieces), ops)  # 4 ops, each a piece of its own
     explain = subprocess.run([sys.executable, "-m", "ascend_compile.cli", "explain",
-                              os.path.join(summary["dumps"], layout, "ascend_compile")],
+                              os.path.join(summary["dumps"], config, "ascend_compile")],
                              capture_output=True, text=True, timeout=120)
     assert explain.returncode == 0, explain.stderr
     for rank in ("0", "1"):  # every rank's attention ops, their layers, and where they are fetched

@@ -38,8 +38,9 @@ CONFIGS = {
 }
 
 
-def keep_mode_3() -> None:
-    """TEST HARNESS ONLY: the three changes above, applied to vLLM's classes in this process."""
+def keep_mode_3(splitting_ops=()) -> None:
+    """TEST HARNESS ONLY: the three changes above, applied to vLLM's classes in this process; and
+    ``splitting_ops`` added to vLLM's (as vLLM-Ascend adds its attention ops, ``vllm::mla_forward``)."""
     import torch
     from vllm.compilation.passes.utility import fix_functionalization
     from vllm.platforms import cpu
@@ -54,6 +55,9 @@ def keep_mode_3() -> None:
             cc.mode, cc.backend = wanted, "inductor"
             if cc.compile_sizes is None:
                 cc.compile_sizes = []
+            if splitting_ops:
+                cc.splitting_ops = list(cc.splitting_ops or []) + [op for op in splitting_ops
+                                                                    if op not in (cc.splitting_ops or [])]
 
     cpu.CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
     fix = fix_functionalization.FixFunctionalizationPass.__call__

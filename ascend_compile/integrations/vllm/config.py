@@ -122,8 +122,9 @@ def check_whole_graph(vllm_config, cfg: SharedWeightConfig) -> None:
     if cc.mode is not None and mode == 0:  # None: vLLM has not decided yet (it does in VllmConfig.__post_init__)
         why, undo = _why_eager(vllm_config)
         raise ConfigError(
-            f"ascend_compile shared weights need compilation_config mode 1 or 2 with backend='ascend_compile': "
-            f"{why}, so vLLM runs the model eagerly and never calls our backend: every shared layer would be "
+            f"ascend_compile shared weights need a compiled model (compilation_config mode 3, or mode 1 or 2 with "
+            f"backend='ascend_compile'): {why}, so vLLM runs the model eagerly and never calls our passes: every "
+            "shared layer would be "
             "broadcast synchronously right before it is used, one broadcast per layer, nothing prefetched. Use "
             f"compilation_config={{'mode': 2, 'backend': 'ascend_compile'}}{undo}."
         )
@@ -203,6 +204,12 @@ def _why_eager(vllm_config) -> tuple:
     for var in ("TORCH_COMPILE_DISABLE", "VLLM_USE_BREAKABLE_CUDAGRAPH"):
         if os.environ.get(var) == "1":
             return f"{var}=1 (vLLM then sets compilation mode 0, NONE)", f" and unset {var}"
+    cudagraph = getattr(vllm_config.compilation_config, "cudagraph_mode", None)
+    if cudagraph is not None and getattr(cudagraph, "name", str(cudagraph)) == "NONE":
+        # vllm_ascend/platform.py (v0.23.0) check_and_update_config: cudagraph_mode NONE -> CompilationMode.NONE
+        return ("compilation mode 0 (NONE; vLLM-Ascend 0.23 sets it whenever cudagraph_mode is NONE)",
+                ", or keep vLLM-Ascend's default, compilation mode 3 with graph capture (cudagraph_mode "
+                "FULL_AND_PIECEWISE or PIECEWISE)")
     return "compilation mode 0 (NONE)", ""
 
 
