@@ -898,7 +898,9 @@ def test_generate_with_tp2_x_dp2_equals_the_unshared_run(tmp_path):
     replicas of 2 tensor-parallel ranks each (``--tp 2``), the replicas with different requests,
     compiled by vLLM (mode 2) with our backend. Each TP shard is shared between the 2 ranks that
     hold it (``"group": "dp"``): greedy tokens equal those without sharing, on every rank."""
-    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--tp", "2", "--share-size", "machine")
+    # the subject is the groups, not the lowering (Inductor: the DP=4 and slices engine tests): aot_eager compiles faster
+    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--tp", "2", "--share-size", "machine",
+                                "--lowering", "aot_eager")
     for rank in range(4):
         unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
         assert unshared["plan"] is None
@@ -928,7 +930,8 @@ def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_ru
     import glob
     import json
 
-    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "1", "--reload")
+    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "1", "--reload",
+                                "--lowering", "aot_eager")  # recompiles and reloads, whatever lowers the graphs
     for rank in range(2):
         assert results[f"shared_rank{rank}"]["tokens"] == results[f"unshared_rank{rank}"]["tokens"]
     _assert_reloads(out, results)  # and vLLM's reload_weights in mode 1 (one job for both)
@@ -953,7 +956,8 @@ def test_reload_weights_through_vllm_keeps_tokens_and_drops_prefetched_windows(t
     """``llm.collective_rpc("reload_weights")`` (vLLM's own reload path, which the CPU runner
     inherits from the GPU runner) between generates, on both DP ranks, unshared and shared, in
     mode 2 (mode 1: ``test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_run``)."""
-    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "2", "--reload")
+    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "2", "--reload",
+                                "--lowering", "aot_eager")
     _assert_reloads(out, results)
 
 
