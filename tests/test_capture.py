@@ -156,6 +156,33 @@ def test_the_stand_in_freezes_python_decisions_and_refuses_host_syncs():
         Capture(torch.ops.capture_demo.sync, x)
 
 
+def _unequal_case(rank, world, tokens):
+    """Eager forwards with ``paths="by_shape"`` outside vLLM, each rank with ``tokens[rank]`` tokens."""
+    shape = StackShape(layers=2)
+    ref, model = build_stack(shape), build_stack(shape)
+    ac.shard_model(model, ac.SharedWeightConfig(layers=SERIES, layout="slices", decode_tokens=DECODE_TOKENS,
+                                                paths="by_shape"))
+    x = make_input(shape, tokens=tokens[rank], seed=rank)
+    try:
+        with torch.device("meta"):  # the check's buffer takes the input's device
+            out = model(x)
+    except RuntimeError as e:
+        return str(e)
+    return {"equal": torch.allclose(out, ref(x), atol=1e-5, rtol=1e-5),
+            "issued": list(shardings.of_model(model).slices.issued)}
+
+
+def test_ranks_with_different_token_counts_under_paths_by_shape_raise_together():
+    """Outside vLLM and outside capture, one all-reduce at a forward's first sliced layer checks what
+    ``paths="by_shape"`` assumes (every rank runs the same token count): ranks with 4 and 6 tokens
+    would issue collectives of different sizes; both raise, naming the counts and the fix."""
+    for said in run_fresh(_unequal_case, 2, (4, 6)):
+        assert isinstance(said, str), said
+        assert "run between 4 and 6 tokens in this forward" in said and "set paths='agreed'" in said, said
+    for r in run_fresh(_unequal_case, 2, (6, 6)):  # equal counts: the forward runs, as unsharded
+        assert r["equal"] and r["issued"][0] == "by shape -> 6 tokens, decode", r["issued"]
+
+
 # -- compiling for capture: refused with paths="agreed", accepted with "by_shape" ------------------
 
 def _reduce_overhead_case(rank, world, paths):

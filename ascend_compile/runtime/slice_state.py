@@ -3,8 +3,9 @@
 Which path a forward takes is decided once per forward, at the first sliced layer it calls, from the
 largest token count of any rank of the group: every rank takes the same path, whatever its own batch.
 With ``paths="by_shape"`` each layer's path follows its own input's token count instead, equal on
-every rank by contract: no agreement, no host sync, nothing read from this object between layers but
-the prefill path's gathers in flight, issued and waited in the same order at every forward of a size
+every rank by contract (checked against vLLM's padded count inside vLLM, and by one all-reduce at
+the first sliced layer of a forward that is not captured elsewhere): under capture no agreement, no
+host sync, nothing read from this object between layers but the prefill path's gathers in flight, issued and waited in the same order at every forward of a size
 (what a captured graph replays).
 "decode" names the path that computes on the slices and moves activations (decode steps, and prefill
 chunks of at most ``decode_tokens`` tokens); "prefill" the one that gathers the weights ahead.
@@ -192,6 +193,8 @@ class SliceState:
         path = self.path_of(tokens)
         gemm = getattr(self.modules[pos], SLICE_GEMM, None)
         if pos == self.first:
+            if padded is None and not capturing():
+                self._check_same_tokens(tokens, x.device, layer.module)
             self.wait_in_flight()  # none, unless an earlier forward stopped halfway
             self.forwards[path] += 1
             self.issued.append(f"by shape -> {tokens} tokens, {path}")
@@ -204,6 +207,23 @@ class SliceState:
         if path == "prefill" and gemm is None:
             return F.linear(x, self.prefill_weight(pos, w), b)
         return self._decode(x, w, b, pos, tokens, gemm)
+
+    def _check_same_tokens(self, tokens: int, device, module: str) -> None:
+        """``paths="by_shape"`` outside vLLM and outside capture (eager forwards, compiled ones not
+        captured, a captured graph's warm-up): one all-reduce checks that every rank of the group runs
+        ``tokens``. Ranks with different counts would issue collectives of different sizes (a hang, or
+        wrong results); every rank sees both extremes, so all raise together."""
+        extremes = torch.tensor([tokens, -tokens], dtype=torch.int64, device=device)
+        self._collective("the token-count check of paths='by_shape'",
+                         lambda: dist.all_reduce(extremes, op=dist.ReduceOp.MAX, group=self.pg))
+        most, fewest = int(extremes[0].item()), -int(extremes[1].item())
+        if most != fewest:
+            raise RuntimeError(
+                f"sliced layer {module}: the ranks of group {self.group_name} run between {fewest} and {most} tokens in "
+                f"this forward (this rank {tokens}), and paths='by_shape' takes each layer's path from its own token "
+                "count, which must be equal on every rank (as vLLM's data-parallel padding makes it under graph "
+                "capture): set paths='agreed' for forwards of different sizes, or pad every rank's batch to one size"
+            )
 
     def prefill_weight(self, pos: int, w: torch.Tensor) -> torch.Tensor:
         """Layer ``pos``'s whole weight on the prefill path. The gathers of a prefill forward follow ``prefetch_step`` = k
