@@ -398,8 +398,8 @@ def main(argv=None) -> int:
             print(f"rank {rank}: {name}: {r['forwards']} forwards ({r['dummy_forwards']} of them vLLM's dummy "
                   f"forwards), {r['generated']} tokens generated")
         if s["paths"]:
-            print(f"rank {rank}: slices: {s['paths']['decode']} forwards on the decode path, {s['paths']['prefill']} "
-                  f"on the prefill path (decode_tokens={plan['decode_tokens']})")
+            print(f"rank {rank}: slices: {s['paths']['slices']} forwards on the slices path, {s['paths']['gather']} "
+                  f"on the gather path (decode_tokens={plan['decode_tokens']})")
         print(f"rank {rank}: time per forward: shared {s['seconds_per_forward'] * 1e3:.2f} ms, unshared "
               f"{u['seconds_per_forward'] * 1e3:.2f} ms ({s['seconds_per_forward'] / u['seconds_per_forward']:.2f}x)")
         print(f"rank {rank}: equal={equal}; shared {plan['series']} over {plan['world_size']} ranks {plan['ranks']}: this rank holds "

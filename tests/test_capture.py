@@ -83,14 +83,14 @@ def test_captured_sizes_replay_their_path_and_equal_the_unsharded_model(compiled
 
         assert cli.main(["explain", "--all-graphs", str(tmp_path)]) == 0
         out = capsys.readouterr().out
-        assert out.count("layout=slices  paths=by_shape  sliced layers=8  decode path up to 8 tokens (its own "
+        assert out.count("layout=slices  paths=by_shape  sliced layers=8  slices path up to 8 tokens (its own "
                          "count, the same on every rank)") == 4  # 2 ranks x 2 sizes
         for rank in (0, 1):
             assert f"rank_{rank}" in out
-        assert "o_proj[3]" in out and ("input cut  decode moves 448 B per token, prefill gathers 12288 B; at 8 "
-                                       "tokens: decode path, all_to_all (inputs), reduce_scatter (outputs)") in out
-        assert "; at 8 tokens: decode path, all_gather (inputs), all_to_all (outputs)" in out  # q_b_proj: output cut
-        assert "; at 24 tokens: prefill path, all_gather (weight)" in out
+        assert "o_proj[3]" in out and ("input cut  slices path moves 448 B per token, gather path 12288 B; at 8 "
+                                       "tokens: slices path, all_to_all (inputs), reduce_scatter (outputs)") in out
+        assert "; at 8 tokens: slices path, all_gather (inputs), all_to_all (outputs)" in out  # q_b_proj: output cut
+        assert "; at 24 tokens: gather path, all_gather (weight)" in out
     for rank, r in enumerate(results):
         assert r["paths"] == "by_shape"
         decode, prefill = r["sizes"][DECODE_TOKENS], r["sizes"][3 * DECODE_TOKENS]
@@ -100,8 +100,8 @@ def test_captured_sizes_replay_their_path_and_equal_the_unsharded_model(compiled
                 assert replay["device"] == "cpu"
                 assert replay["max_diff"] <= 1e-5 * replay["scale"], (rank, size, replay)
         # the path of each size, fixed by its shape: activations move at the decode size, weights at prefill
-        assert decode["issued"][0] == f"by shape -> {DECODE_TOKENS} tokens, decode"
-        assert prefill["issued"][0] == f"by shape -> {3 * DECODE_TOKENS} tokens, prefill"
+        assert decode["issued"][0] == f"by shape -> {DECODE_TOKENS} tokens, slices"
+        assert prefill["issued"][0] == f"by shape -> {3 * DECODE_TOKENS} tokens, gather"
         assert all(not line.startswith("gather") for line in decode["issued"])
         # each layer gathered at its use while captured: a captured graph replays alone (vLLM captures each
         # piece on its own), so no gather may be waited in a later one
@@ -115,7 +115,7 @@ def test_captured_sizes_replay_their_path_and_equal_the_unsharded_model(compiled
         assert decode["item"] == prefill["item"] == 0  # no host sync: nothing agreed at run time
     assert results[0]["sizes"][DECODE_TOKENS]["issued"] == results[1]["sizes"][DECODE_TOKENS]["issued"]
     for r in results:  # each captured size and its path, as the log says at capture
-        assert r["captured"] == {DECODE_TOKENS: "decode", 3 * DECODE_TOKENS: "prefill"}
+        assert r["captured"] == {DECODE_TOKENS: "slices", 3 * DECODE_TOKENS: "gather"}
 
 
 def test_the_agreed_path_syncs_with_the_host_and_capture_refuses_it():
@@ -180,7 +180,7 @@ def test_ranks_with_different_token_counts_under_paths_by_shape_raise_together()
         assert isinstance(said, str), said
         assert "run between 4 and 6 tokens in this forward" in said and "set paths='agreed'" in said, said
     for r in run_fresh(_unequal_case, 2, (6, 6)):  # equal counts: the forward runs, as unsharded
-        assert r["equal"] and r["issued"][0] == "by shape -> 6 tokens, decode", r["issued"]
+        assert r["equal"] and r["issued"][0] == "by shape -> 6 tokens, slices", r["issued"]
 
 
 # -- compiling for capture: refused with paths="agreed", accepted with "by_shape" ------------------

@@ -118,7 +118,7 @@ def test_demo_with_slices(tmp_path):
     assert returncode == 0, stdout + stderr
     assert "layout=slices" in stdout and "50.0%" in stdout
     assert re.search(r"decode forward \(2 tokens on rank 0, 1 on the others.*rank 0 \d\.\d+e-0[6-9], rank 1 ", stdout)
-    assert "layout=slices  paths=agreed  sliced layers=4  decode path up to 8 tokens" in stdout
+    assert "layout=slices  paths=agreed  sliced layers=4  slices path up to 8 tokens" in stdout
     assert "result: OK - sharded model matches the unsharded model" in stdout
 
 

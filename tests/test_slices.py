@@ -63,7 +63,7 @@ def _check(results, world, expect_paths):
 
 # (rank 0's tokens, rank 1's tokens, rank 2's ...) per forward; threshold 8 on the largest
 TOKENS = [(3, 1, 2), (1, 300, 5), (40, 9, 1), (8, 8, 8)]
-PATHS = ["decode", "prefill", "prefill", "decode"]
+PATHS = ["slices", "gather", "gather", "slices"]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -129,30 +129,30 @@ def test_auto_threshold_is_agreed():
     results = run_ranks(_auto_case, 2)
     assert len(set(results)) == 1  # measured on each rank, decided from the slowest: the same everywhere
     threshold, explanation = results[0]
-    assert explanation.startswith("1: decode ") and "512: decode" in explanation
+    assert explanation.startswith("1: slices ") and "512: slices" in explanation
     # the threshold is what choose_threshold makes of the measurements it explains: the last candidate of
-    # an unbroken run, from 1, whose decode time is at most its prefill time
-    rows = [re.match(r"(\d+): decode ([\d.]+) ms, prefill ([\d.]+) ms", r).groups() for r in explanation.split("; ")]
+    # an unbroken run, from 1, whose slices path is no slower than its gather path
+    rows = [re.match(r"(\d+): slices ([\d.]+) ms, gather ([\d.]+) ms", r).groups() for r in explanation.split("; ")]
     expect = 0
-    for n, decode, prefill in rows:
-        if float(decode) > float(prefill):
+    for n, on_slices, gathered in rows:
+        if float(on_slices) > float(gathered):
             break
         expect = int(n)
     assert threshold == expect, (threshold, explanation)
 
 
-def test_choose_threshold_picks_the_last_candidate_before_decode_loses():
-    costs = {"decode": {1: 1.0, 2: 1.5, 4: 3.0, 8: 2.0}, "gemm": {1: 0.5, 2: 1.0, 4: 2.0, 8: 4.0},
+def test_choose_threshold_picks_the_last_candidate_before_the_slices_path_loses():
+    costs = {"slices": {1: 1.0, 2: 1.5, 4: 3.0, 8: 2.0}, "gemm": {1: 0.5, 2: 1.0, 4: 2.0, 8: 4.0},
              "gather": 2.0, "prefetch_step": 1}
     assert slice_measure.choose_threshold(costs)[0] == 2  # 4 loses (3.0 > 2.0); 8 wins again but comes after
     assert slice_measure.choose_threshold(dict(costs, prefetch_step=0))[0] == 8  # no overlap: gathers add to the GEMM
-    assert slice_measure.choose_threshold(dict(costs, decode={1: 9.0, 2: 0.1, 4: 0.1, 8: 0.1}))[0] == 0
+    assert slice_measure.choose_threshold(dict(costs, slices={1: 9.0, 2: 0.1, 4: 0.1, 8: 0.1}))[0] == 0
 
 
 def test_agree_costs_takes_the_slowest_rank():
-    a = {"decode": {1: 1.0}, "gemm": {1: 3.0}, "gather": 1.0, "prefetch_step": 1}
-    b = {"decode": {1: 2.0}, "gemm": {1: 1.0}, "gather": 0.5, "prefetch_step": 1}
-    assert slice_measure.agree_costs([a, b]) == {"decode": {1: 2.0}, "gemm": {1: 3.0}, "gather": 1.0, "prefetch_step": 1}
+    a = {"slices": {1: 1.0}, "gemm": {1: 3.0}, "gather": 1.0, "prefetch_step": 1}
+    b = {"slices": {1: 2.0}, "gemm": {1: 1.0}, "gather": 0.5, "prefetch_step": 1}
+    assert slice_measure.agree_costs([a, b]) == {"slices": {1: 2.0}, "gemm": {1: 3.0}, "gather": 1.0, "prefetch_step": 1}
 
 
 @pytest.mark.parametrize("cut", [slice_layout.INPUT_CUT, slice_layout.OUTPUT_CUT])
@@ -331,8 +331,8 @@ def test_dump_and_explain_show_the_sliced_layers(tmp_path, capsys):
     assert rows["q_b_proj[0]"]["cut"] == "output" and rows["q_b_proj[0]"]["decode_bytes_per_token"] == (32 + 48) * 4
     assert cli.main(["explain", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "layout=slices  paths=agreed  sliced layers=4  decode path up to 4 tokens (the most of any rank)" in out
-    assert "o_proj[1]" in out and "input cut  decode moves 448 B per token, prefill gathers 12288 B" in out
+    assert "layout=slices  paths=agreed  sliced layers=4  slices path up to 4 tokens (the most of any rank)" in out
+    assert "o_proj[1]" in out and "input cut  slices path moves 448 B per token, gather path 12288 B" in out
 
 
 def _update_case(rank, world):
@@ -428,7 +428,7 @@ def _skipping_case(rank, world, compiled):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_a_forward_that_skips_the_first_sliced_layer_agrees_on_its_own_path(compiled):
     for r in run_fresh(_skipping_case, 2, compiled, timeout=240, allow_dead=False):
-        assert [f["path"] for f in r] == ["decode", "prefill", "decode"]
+        assert [f["path"] for f in r] == ["slices", "gather", "slices"]
         assert max(f["diff"] for f in r) <= 1e-5
 
 
@@ -455,7 +455,7 @@ def _all_gather_case(rank, world):
 def test_prefill_gathers_through_all_gather_as_on_a_device():
     results = run_fresh(_all_gather_case, 2, timeout=240)
     _check(results, 2, PATHS)
-    # two prefill forwards gather 8 layers each through all_gather_into_tensor (the decode path's input
+    # two prefill forwards gather 8 layers each through all_gather_into_tensor (the slices path's input
     # all-gathers of the output-cut q_b_proj count too: 4 layers in each of the 2 decode forwards)
     assert results[0]["all_gathers"] == 2 * 8 + 2 * 4
 
@@ -499,6 +499,6 @@ def _vllm_count_case(rank, world):
 
 def test_under_vllm_a_sliced_forward_takes_the_token_count_vllm_agreed():
     for r in run_fresh(_vllm_count_case, 2, timeout=120):
-        assert [f["issued"] for f in r] == ["agree (vLLM's num_tokens_across_dp) -> 40 tokens, prefill",
-                                           "agree (vLLM's num_tokens_across_dp) -> 5 tokens, decode"]
+        assert [f["issued"] for f in r] == ["agree (vLLM's num_tokens_across_dp) -> 40 tokens, gather",
+                                           "agree (vLLM's num_tokens_across_dp) -> 5 tokens, slices"]
         assert all(f["close"] for f in r)

@@ -55,8 +55,8 @@ def time_call_seconds(call, device):
 
 
 def _measure_on_a_slow_device(rank, world):
-    """``slice_measure.measure_paths`` with a decode path whose work is queued on a stand-in device: the
-    decode costs must include that work, so the decode path must not win."""
+    """``slice_measure.measure_paths`` with a slices path whose work is queued on a stand-in device: the
+    slices path's costs must include that work, so it must not win."""
     import ascend_compile as ac
     from ascend_compile.runtime import slice_measure
     from ascend_compile.runtime.groups import group_from_name
@@ -84,14 +84,14 @@ def _measure_on_a_slow_device(rank, world):
     finally:
         slice_measure.decode_linear, timing.synchronize = real_decode, real_sync
         del torch.standin
-    return {"decode": costs["decode"], "threshold": slice_measure.choose_threshold(costs)[0]}
+    return {"slices": costs["slices"], "threshold": slice_measure.choose_threshold(costs)[0]}
 
 
 def test_decode_threshold_measures_the_work_of_a_device_that_queues_it():
     for r in run_fresh(_measure_on_a_slow_device, 2, timeout=180):
         # two series, one decode_linear each per candidate: each queued QUEUED of work
-        assert min(r["decode"].values()) >= 2 * QUEUED * 0.9, r["decode"]
-        assert r["threshold"] == 0  # the slow decode path never wins
+        assert min(r["slices"].values()) >= 2 * QUEUED * 0.9, r["slices"]
+        assert r["threshold"] == 0  # the slow slices path never wins
 
 
 def test_decode_benchmark_runs_under_torchrun_on_the_process_groups_backend(tmp_path):
@@ -109,8 +109,8 @@ def test_decode_benchmark_runs_under_torchrun_on_the_process_groups_backend(tmp_
     assert "slices by shape" in proc.stdout
     report = json.loads((tmp_path / "decode.json").read_text())["sizes"]["64"]
     # the agreed path and the path fixed by the padded size: the same numbers, the same path
-    assert report["paths"] == {"decode slices": "decode", "decode slices by shape": "decode (by shape)",
-                               "prefill slices": "prefill", "prefill slices by shape": "prefill (by shape)"}
+    assert report["paths"] == {"decode slices": "slices", "decode slices by shape": "slices (by shape)",
+                               "prefill slices": "gather", "prefill slices by shape": "gather (by shape)"}
     assert max(report["max_rel_diff"].values()) <= 1e-5, report["max_rel_diff"]
     for phase in ("decode", "prefill"):  # the agreement's cost per forward, measured in the same run
         assert "agreement_ms_per_forward" in report["phases"][phase]

@@ -869,7 +869,7 @@ def test_generate_with_slices_through_vllms_engine_equals_the_unshared_run(model
     in one forward, and rank 0 idle in vLLM's dummy forwards while rank 1 decodes): greedy tokens
     equal the unshared run's on every rank, each rank holds half of every shared layer, and the
     ranks took the same path in every forward (with ``decode_tokens=8``: the prefill forward on
-    the prefill path, every decode step on the slices)."""
+    the gather path, every decode step on the slices path)."""
     out, results = _run_example(tmp_path, "--model", model, "--layout", "slices", "--decode-tokens", decode_tokens)
     series = ["down_proj", "o_proj"] + (["q_b_proj"] if model == "deepseek_v2" else [])
     for rank in range(2):
@@ -881,10 +881,10 @@ def test_generate_with_slices_through_vllms_engine_equals_the_unshared_run(model
         saved = unshared["weight_bytes"] - shared["weight_bytes"]
         assert abs(saved - plan["saved_bytes"]) < 0.02 * plan["saved_bytes"]
         paths = shared["paths"]
-        assert paths["decode"] + paths["prefill"] == shared["forwards"], (paths, shared["forwards"])
+        assert paths["slices"] + paths["gather"] == shared["forwards"], (paths, shared["forwards"])
         if decode_tokens == "8":
             assert plan["decode_tokens"] == 8
-            assert paths["prefill"] >= 1 and paths["decode"] >= max(len(t) for t in shared["tokens"]) - 1, paths
+            assert paths["gather"] >= 1 and paths["slices"] >= max(len(t) for t in shared["tokens"]) - 1, paths
         else:
             assert isinstance(plan["decode_tokens"], int)
         assert f"rank {rank}: equal=True" in out

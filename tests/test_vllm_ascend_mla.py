@@ -58,7 +58,7 @@ def test_layers_called_inside_the_attention_op_equal_the_unshared_run(summary, c
     assert shared["0"]["q_proj_calls"] != shared["1"]["q_proj_calls"]
     assert shared["0"]["dummy_forwards"] > 0 and shared["1"]["dummy_forwards"] == 0
     if layout == "slices":  # the layers read inside the op are gathered there: no forward took a path
-        assert shared["0"]["paths"] == {"decode": 0, "prefill": 0}
+        assert shared["0"]["paths"] == {"slices": 0, "gather": 0}
 
 
 def test_without_the_fetch_at_the_ops_start_every_rank_refuses_instead_of_hanging(summary):

@@ -99,7 +99,7 @@ def test_vllm_serve_with_dp2_moe_and_shared_weights_answers_like_the_unshared_se
         log = f.read()
     assert "rank 0 loads slice 0 of each" in log and "rank 1 loads slice 1 of each" in log
     # both paths ran in both engine cores: prompts of more than 8 tokens gathered, decode steps computed on the slices
-    for path in ("decode", "prefill"):
+    for path in ("slices", "gather"):
         for rank in (0, 1):
             assert re.search(rf"rank {rank} of group \S+: first sliced forward on the {path} path", log), (path, rank)
 

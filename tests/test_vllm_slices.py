@@ -120,8 +120,8 @@ def _sliced_run(rank, world, decode_tokens):
 def test_vllm_layers_load_only_their_slice_and_compute_both_paths_as_unsharded():
     """Each rank's weight loader gets every checkpoint tensor whole and keeps only its slice (the
     layer holds 1/2 of its bytes, equal to the checkpoint's narrowed block), vLLM's layers compute
-    through ``SlicedLinearMethod``, and forwards where the ranks have 1 and 3 tokens (decode path,
-    decode_tokens=4) and 2 and 9 tokens (prefill path) equal the unsharded vLLM stack on every rank,
+    through ``SlicedLinearMethod``, and forwards where the ranks have 1 and 3 tokens (slices path,
+    decode_tokens=4) and 2 and 9 tokens (gather path) equal the unsharded vLLM stack on every rank,
     eagerly and compiled by our backend."""
     results = run_ranks(_sliced_case, 2, 4, timeout=600)
     for rank, r in enumerate(results):
@@ -132,7 +132,7 @@ def test_vllm_layers_load_only_their_slice_and_compute_both_paths_as_unsharded()
         for phase in ("decode", "prefill"):
             assert r[phase]["eager"] < 1e-5 and r[phase]["compiled"] < 1e-5, (rank, phase, r[phase])
             # both forwards (eager, compiled) took the path every rank agreed on
-            assert r[phase]["paths"] == {"decode": 2 * (phase == "decode"), "prefill": 2 * (phase == "prefill")}
+            assert r[phase]["paths"] == {"slices": 2 * (phase == "decode"), "gather": 2 * (phase == "prefill")}
 
 
 def _quant_case(rank, world, decode_tokens):

@@ -176,12 +176,12 @@ def format_schedule(table: dict) -> str:
         by_shape = table.get("paths") == "by_shape"
         whose = "its own count, the same on every rank" if by_shape else "the most of any rank"
         lines = [f"rank {table.get('rank')} / world {table.get('world_size')}{_sharing(table)}  layout=slices  "
-                 f"paths={table.get('paths', 'agreed')}  sliced layers={len(table['sliced'])}  decode path up to "
+                 f"paths={table.get('paths', 'agreed')}  sliced layers={len(table['sliced'])}  slices path up to "
                  f"{table.get('decode_tokens')} tokens ({whose}), else gathers {table.get('prefetch_step')} layer(s) "
                  f"ahead; forwards before this compile: {table.get('forwards')}"]
         for r in table["sliced"]:
-            line = (f"  {r['layer']:<22} {r['cut']:>6} cut  decode moves {r['decode_bytes_per_token']} B per token, "
-                    f"prefill gathers {r['gather_bytes']} B")
+            line = (f"  {r['layer']:<22} {r['cut']:>6} cut  slices path moves {r['decode_bytes_per_token']} B per token, "
+                    f"gather path {r['gather_bytes']} B")
             if r.get("path"):
                 line += f"; at {r['tokens']} tokens: {r['path']} path, {', '.join(r['collectives'])}"
             elif by_shape:

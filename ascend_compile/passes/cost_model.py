@@ -179,7 +179,7 @@ class StepInputs:
                 "slices decode": self.layers * self.decode_layer_s(tokens) + self.latency_s}
 
     def decode_threshold(self, prefetch_step: int = 1, limit: int = 1 << 16) -> int:
-        """The largest token count (a power of two) up to which the decode path is no slower than gathering."""
+        """The largest token count (a power of two) up to which the slices path is no slower than gathering."""
         chosen, n = 0, 1
         while n <= limit:
             s = self.steps(n, prefetch_step)
@@ -223,7 +223,7 @@ def compare_share_sizes(step: StepInputs, where: Deployment, sizes, decode_token
     """One row per (size, layout): memory saved per device (the series' ``(K-1)/K``, less the
     ``prefetch_step + 1`` layer buffers a fetch holds at its peak) and the modelled seconds per step at
     decode and at prefill. Sizes that do not divide the group are left out. ``slices`` takes the path
-    it would choose at each token count (its decode path up to ``decode_threshold``, else gathers)."""
+    it would choose at each token count (its slices path up to ``decode_threshold``, else gathers)."""
     layer_bytes = step.series_bytes()
     rows = []
     for size in sizes:

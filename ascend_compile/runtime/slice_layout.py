@@ -146,7 +146,7 @@ def reassemble(gathered: torch.Tensor, cut: int) -> torch.Tensor:
 
 def path_collectives(cut: int, path: str) -> list:
     """The collectives one sliced layer issues on ``path``, in order, as dumps name them."""
-    if path == "prefill":
+    if path == "gather":
         return ["all_gather (weight)"]
     if cut == INPUT_CUT:
         return ["all_to_all (inputs)", "reduce_scatter (outputs)"]

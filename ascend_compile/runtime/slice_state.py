@@ -5,10 +5,11 @@ largest token count of any rank of the group: every rank takes the same path, wh
 With ``paths="by_shape"`` each layer's path follows its own input's token count instead, equal on
 every rank by contract (checked against vLLM's padded count inside vLLM, and by one all-reduce at
 the first sliced layer of a forward that is not captured elsewhere): under capture no agreement, no
-host sync, nothing read from this object between layers but the prefill path's gathers in flight, issued and waited in the same order at every forward of a size
+host sync, nothing read from this object between layers but the gather path's gathers in flight, issued and waited in the same order at every forward of a size
 (what a captured graph replays).
-"decode" names the path that computes on the slices and moves activations (decode steps, and prefill
-chunks of at most ``decode_tokens`` tokens); "prefill" the one that gathers the weights ahead.
+"slices" names the path that computes on the slices and moves activations (forwards of at most
+``decode_tokens`` tokens: decode steps, small prefill chunks); "gather" the one that gathers the
+weights ahead (larger forwards).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .slice_layout import (SLICE_GEMM, cut_name, decode_linear, gather_slices, g
 
 log = logging.getLogger(__name__)
 
-PATHS = ("decode", "prefill")
+PATHS = ("slices", "gather")
 
 
 @dataclasses.dataclass
@@ -43,7 +44,7 @@ class SlicedLayer:
 
 class SliceState:
     """One sliced model's run-time state: the layers in call order, the agreed path of the forward
-    under way, and the weight gathers in flight (prefill). Keyed by (group, generation)."""
+    under way, and the weight gathers in flight (gather path). Keyed by (group, generation)."""
 
     def __init__(self, group_name: str, generation: int, layers: list, modules: list, prefetch_step: int,
                  decode_tokens: int, by_shape: bool = False):
@@ -125,13 +126,13 @@ class SliceState:
             self._collective("the token-count agreement of a sliced forward",
                              lambda: dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.pg))
             self.tokens, source = int(count.item()), ""
-        self.path = "decode" if self.tokens <= self.decode_tokens else "prefill"
+        self.path = "slices" if self.tokens <= self.decode_tokens else "gather"
         self.forwards[self.path] += 1
         self.issued.append(f"agree{source} -> {self.tokens} tokens, {self.path}")
         if self.forwards[self.path] == 1:
             log.info("ascend_compile: rank %d of group %s: first sliced forward on the %s path: %d tokens (the most of "
                      "any rank), %s decode_tokens=%d", dist.get_rank(self.pg), self.group_name, self.path, self.tokens,
-                     "at most" if self.path == "decode" else "above", self.decode_tokens)
+                     "at most" if self.path == "slices" else "above", self.decode_tokens)
 
     def wait_in_flight(self) -> list:
         """Wait for (and forget) gathers left by a forward that stopped early; returns their positions."""
@@ -153,8 +154,8 @@ class SliceState:
             self.begin_forward(tokens, w.device)
         layer = self.layers[pos]
         gemm = getattr(self.modules[pos], SLICE_GEMM, None)
-        if self.path == "prefill" and gemm is None:
-            return F.linear(x, self.prefill_weight(pos, w), b)
+        if self.path == "gather" and gemm is None:
+            return F.linear(x, self.gathered_weight(pos, w), b)
         if tokens > self.tokens:
             error = RuntimeError(
                 f"sliced layer {layer.module} got {tokens} tokens, more than the {self.tokens} its forward agreed on at "
@@ -162,14 +163,14 @@ class SliceState:
                 "tokens"
             )
             raise error  # sliced_linear aborts the group: the peers wait in this layer's collectives
-        return self._decode(x, w, b, pos, self.tokens, gemm)
+        return self._on_slices(x, w, b, pos, self.tokens, gemm)
 
-    def _decode(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], pos: int, tokens: int,
+    def _on_slices(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], pos: int, tokens: int,
                 gemm) -> torch.Tensor:
-        """Layer ``pos`` on the decode path: ``x`` computed on the slices, its rows padded to ``tokens``
+        """Layer ``pos`` on the slices path: ``x`` computed on the slices, its rows padded to ``tokens``
         (the count every rank of the group passes here)."""
         layer = self.layers[pos]
-        self.issued.append(f"decode {layer.module} ({cut_name(layer.cut)} cut)")
+        self.issued.append(f"slices {layer.module} ({cut_name(layer.cut)} cut)")
         out = decode_linear(x.reshape(-1, x.shape[-1]), w, layer.cut, tokens, self.pg, self._collective,
                             layer.module, gemm)
         out = out.reshape(*x.shape[:-1], layer.shape[0])
@@ -177,7 +178,7 @@ class SliceState:
 
     def path_of(self, tokens: int) -> str:
         """``paths="by_shape"``: the path of a layer whose input has ``tokens`` tokens."""
-        return "decode" if tokens <= self.decode_tokens else "prefill"
+        return "slices" if tokens <= self.decode_tokens else "gather"
 
     def _linear_by_shape(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], pos: int,
                          tokens: int) -> torch.Tensor:
@@ -204,9 +205,9 @@ class SliceState:
                                  for sl in self.layers})
                 log.info("ascend_compile: rank %d of group %s: a graph captured at %d tokens takes the %s path in every "
                          "sliced layer (%s)", dist.get_rank(self.pg), self.group_name, tokens, path, "; ".join(issues))
-        if path == "prefill" and gemm is None:
-            return F.linear(x, self.prefill_weight(pos, w), b)
-        return self._decode(x, w, b, pos, tokens, gemm)
+        if path == "gather" and gemm is None:
+            return F.linear(x, self.gathered_weight(pos, w), b)
+        return self._on_slices(x, w, b, pos, tokens, gemm)
 
     def _check_same_tokens(self, tokens: int, device, module: str) -> None:
         """``paths="by_shape"`` outside vLLM and outside capture (eager forwards, compiled ones not
@@ -225,8 +226,8 @@ class SliceState:
                 "capture): set paths='agreed' for forwards of different sizes, or pad every rank's batch to one size"
             )
 
-    def prefill_weight(self, pos: int, w: torch.Tensor) -> torch.Tensor:
-        """Layer ``pos``'s whole weight on the prefill path. The gathers of a prefill forward follow ``prefetch_step`` = k
+    def gathered_weight(self, pos: int, w: torch.Tensor) -> torch.Tensor:
+        """Layer ``pos``'s whole weight on the gather path. The gathers of a forward on it follow ``prefetch_step`` = k
         per series, as ``layout="layers"`` broadcasts: layers ``0..k-1`` of every series at the
         forward's first sliced layer, then layer ``i + k`` of a series when its layer ``i`` is used. While
         a device graph is being captured, each layer is gathered at its use instead: a captured graph
@@ -251,7 +252,7 @@ class SliceState:
         return getattr(self.modules[pos], SLICE_GEMM, None) is None
 
     def gathers_ahead(self, pos: int) -> bool:
-        """Whether a prefill forward gathers layer ``pos`` ahead of its use (not one read inside an opaque op)."""
+        """Whether a forward on the gather path gathers layer ``pos`` ahead of its use (not one read inside an opaque op)."""
         return self.can_gather(pos) and pos not in self.opaque
 
     def issue_gather(self, pos: int, w: Optional[torch.Tensor], ahead: bool = False):
