@@ -183,6 +183,50 @@ def test_ranks_with_different_token_counts_under_paths_by_shape_raise_together()
         assert r["equal"] and r["issued"][0] == "by shape -> 6 tokens, slices", r["issued"]
 
 
+def _opaque_capture_case(rank, world, layout):
+    """A whole forward captured (vLLM's FULL / FULL_DECODE_ONLY graphs), attention op included: its layers
+    are fetched where the op starts (``fetch_layers``), and the ranks call ``q_b_proj`` a different
+    number of times (rank 0 a mixed batch: twice; rank 1 decode only: once) on the same padded count."""
+    import test_opaque as opaque_model
+
+    ref, model = opaque_model.build(), opaque_model.build()
+    extra = {"decode_tokens": 8, "paths": "by_shape"} if layout == "slices" else {}
+    ac.shard_model(model, ac.SharedWeightConfig(layers=["q_b_proj", "o_proj", "down_proj"], layout=layout,
+                                                wrap_around=False, **extra))
+    tokens = 4
+    opaque_model.CONTEXT.update(scoped=True, meta={"num_decode_tokens": (2, 4)[rank]})
+    static = torch.zeros(tokens, opaque_model.HIDDEN)
+    opaque_model.CONTEXT["layers"].clear()
+    opaque_model.register(model)
+    with torch.device("meta"):  # every buffer from the model's device
+        captured = Capture(model, static)
+    diffs = []
+    for seed in (1, 2, 3):
+        x = torch.randn(tokens, opaque_model.HIDDEN, generator=torch.Generator().manual_seed(seed + 10 * rank))
+        static.copy_(x)
+        got = captured.replay().clone()
+        opaque_model.CONTEXT["layers"].clear()
+        opaque_model.register(ref)
+        want = ref(x)
+        diffs.append((got - want).abs().max().item())
+    return {"diffs": diffs, "calls": model.layers[0].impl.calls, "collectives": sorted(
+        {o for o in captured.op_names() if o.startswith("dist.")})}
+
+
+@pytest.mark.parametrize("layout", ["layers", "slices"])
+def test_a_captured_forward_replays_the_layers_fetched_inside_its_attention_op(layout):
+    """The fetch at the op's start is collectives on static buffers: a replay (no Python) repeats
+    them, and the layers read inside the op by each rank's own number of calls use them."""
+    results = run_fresh(_opaque_capture_case, 2, layout)
+    assert [r["calls"] for r in results] == [[(2, 1)], [(1, 1)]]  # captured once; replays run no Python
+    for r in results:
+        assert max(r["diffs"]) <= (0.0 if layout == "layers" else 1e-5), r["diffs"]
+        if layout == "layers":  # the owners' broadcasts, nothing else
+            assert r["collectives"] == ["dist.broadcast"], r["collectives"]
+        else:  # the op's layers gathered; down_proj (output cut) on the slices path: inputs gathered, outputs back
+            assert {"dist.all_gather_into_tensor", "dist.all_to_all_single"} <= set(r["collectives"]), r["collectives"]
+
+
 # -- compiling for capture: refused with paths="agreed", accepted with "by_shape" ------------------
 
 def _reduce_overhead_case(rank, world, paths):
