@@ -21,7 +21,7 @@ from ascend_compile.launch import free_port, init_gloo, run_command  # noqa: F40
 DEFAULT_TIMEOUT = float(os.environ.get("ASCEND_COMPILE_TEST_TIMEOUT", "300"))
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
+def _worker(rank: int, world_size: int, port: int, tasks, results, parent: int) -> None:
     import torch.distributed as dist
 
     try:
@@ -31,7 +31,12 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
         results.put((rank, "error", traceback.format_exc()))
         return
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=5)
+        except queue.Empty:
+            if os.getppid() != parent:  # pytest was killed: no one will send a task or read a result
+                break
+            continue
         if task is None:
             break
         task_id, fn, args = task
@@ -53,7 +58,8 @@ class RankPool:
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         port = free_port()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results), daemon=True)
+            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results, os.getpid()),
+                        daemon=True)
             for r in range(world_size)
         ]
         for p in self.procs:
