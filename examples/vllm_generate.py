@@ -91,6 +91,22 @@ def write_checkpoint(kind: str, path: str, layers: int, hidden: int = 128) -> st
     return path
 
 
+def checkpoint_once(kind: str, path: str, layers: int, rank: int, hidden: int = 128) -> str:
+    """``write_checkpoint`` on rank 0 (written aside, renamed into place: whole or absent), the other
+    ranks waiting for it (300 s at most)."""
+    if rank == 0 and not os.path.exists(path):
+        tmp = f"{path}.tmp{os.getpid()}"
+        write_checkpoint(kind, tmp, layers, hidden)
+        if not os.path.exists(path):
+            os.rename(tmp, path)
+    deadline = time.monotonic() + 300
+    while not os.path.exists(os.path.join(path, "config.json")):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank {rank}: no checkpoint at {path} after 300 s (rank 0 writes it)")
+        time.sleep(0.2)
+    return path
+
+
 def prompts(rank: int) -> tuple:
     """Different requests per data-parallel rank: counts, lengths and max_tokens differ."""
     g = torch.Generator().manual_seed(100 + rank)
@@ -301,16 +317,7 @@ def worker(args) -> int:
         ["o_proj", "down_proj"] if args.model == "llama" else ["o_proj", "q_b_proj", "down_proj"])
     step = args.prefetch_step if args.prefetch_step == "auto" else int(args.prefetch_step)
     path = os.path.join(args.dir, f"{args.model}_{args.num_layers}" + (f"_h{args.hidden}" if args.hidden != 128 else ""))
-    if rank == 0 and not os.path.exists(path):  # written once, renamed into place; the other ranks wait for it
-        tmp = f"{path}.tmp{os.getpid()}"
-        write_checkpoint("llama" if args.model == "llama" else "deepseek_v2", tmp, args.num_layers, args.hidden)
-        if not os.path.exists(path):
-            os.rename(tmp, path)
-    deadline = time.monotonic() + 300
-    while not os.path.exists(os.path.join(path, "config.json")):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: no checkpoint at {path} after 300 s (rank 0 writes it)")
-        time.sleep(0.2)
+    checkpoint_once("llama" if args.model == "llama" else "deepseek_v2", path, args.num_layers, rank, args.hidden)
     shared = {"layers": layers, "prefetch_step": step} if args.share else None
     if shared and args.share_size:
         shared["share_size"] = args.share_size if args.share_size == "machine" else int(args.share_size)

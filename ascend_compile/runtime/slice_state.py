@@ -5,8 +5,8 @@ largest token count of any rank of the group: every rank takes the same path, wh
 With ``paths="by_shape"`` each layer's path follows its own input's token count instead, equal on
 every rank by contract (checked against vLLM's padded count inside vLLM, and by one all-reduce at
 the first sliced layer of a forward that is not captured elsewhere): under capture no agreement, no
-host sync, nothing read from this object between layers but the gather path's gathers in flight, issued and waited in the same order at every forward of a size
-(what a captured graph replays).
+host sync, nothing read from this object between layers but the gather path's gathers in flight,
+issued and waited in the same order at every forward of a size (what a captured graph replays).
 "slices" names the path that computes on the slices and moves activations (forwards of at most
 ``decode_tokens`` tokens: decode steps, small prefill chunks); "gather" the one that gathers the
 weights ahead (larger forwards).
@@ -194,12 +194,13 @@ class SliceState:
         path = self.path_of(tokens)
         gemm = getattr(self.modules[pos], SLICE_GEMM, None)
         if pos == self.first:
-            if padded is None and not capturing():
+            in_capture = capturing()
+            if padded is None and not in_capture:
                 self._check_same_tokens(tokens, x.device, layer.module)
             self.wait_in_flight()  # none, unless an earlier forward stopped halfway
             self.forwards[path] += 1
             self.issued.append(f"by shape -> {tokens} tokens, {path}")
-            if capturing() and tokens not in self.captured:  # a replay runs no Python: say it now
+            if in_capture and tokens not in self.captured:  # a replay runs no Python: say it now
                 self.captured[tokens] = path
                 issues = sorted({f"{cut_name(sl.cut)}-cut layers {', '.join(path_collectives(sl.cut, path))}"
                                  for sl in self.layers})

@@ -53,8 +53,7 @@ def prepare(vllm_config) -> None:
     if "shared_weight" in settings(vllm_config) and _mode(cc) == 3:
         from . import pieces
 
-        options = compile_options_of(vllm_config)
-        pieces.register(vllm_config, options.get("dump_dir"), options)
+        pieces.register(vllm_config, compile_options_of(vllm_config))
     if not uses_our_backend(vllm_config):
         return
     if os.environ.get("VLLM_USE_AOT_COMPILE") is None:

@@ -41,10 +41,10 @@ def pass_class() -> type:
     class SharedPieces(VllmInductorPass):
         """Schedules the whole layers and checks the sliced layers of every piece vLLM compiles; dumps them."""
 
-        def __init__(self, config, dump_dir=None, options=None):
+        def __init__(self, config, options=None):
             super().__init__(config)
-            self.dump_dir = dump_dir
             self.options = dict(options or {})
+            self.dump_dir = self.options.get("dump_dir")
             self.pieces = itertools.count()
             setattr(self, PIECES_PASS_MARK, True)
 
@@ -107,7 +107,7 @@ def schedule_piece(gm, options: dict, dump_dir=None, piece_id: str = "piece"):
             "mode 3 each piece of vLLM's graph is compiled (and captured) on its own, and a window cannot stay in "
             "flight between pieces: drop shared_weight wrap_around (mode 3 defaults it to False)"
         )
-    plan = dataclasses.replace(plan, pin_order=opts.pin_order, inplace=True)
+    plan = dataclasses.replace(plan, inplace=True)  # broadcast_ into fresh buffers, as our Inductor lowering
     plan, explanation = resolve_auto_step(gm, plan, opts)
     dumper = GraphDumper(dump_dir, groups.global_rank(), graph_id=piece_id)
     pipeline = PassPipeline(plan, default_passes(plan.pin_order), observer=dumper.graph)
@@ -122,9 +122,10 @@ def schedule_piece(gm, options: dict, dump_dir=None, piece_id: str = "piece"):
     return table
 
 
-def register(vllm_config, dump_dir=None, options=None) -> None:
+def register(vllm_config, options=None) -> None:
     """Put ``SharedPieces`` under the platform's pass key (once), with our compile ``options``
-    (``additional_config["ascend_compile"]["compile"]``); refuse if another pass is there."""
+    (``options.compile_options_of``: its ``dump_dir`` is where the pieces are dumped); refuse if another
+    pass is there."""
     from vllm.platforms import current_platform
 
     config = vllm_config.compilation_config.inductor_compile_config
@@ -137,7 +138,7 @@ def register(vllm_config, dump_dir=None, options=None) -> None:
             f"compilation_config.inductor_compile_config[{key!r}] already holds {type(existing).__name__}, and vLLM "
             "takes one pass there: ascend_compile's pass for sliced layers needs it"
         )
-    config[key] = pass_class()(vllm_config, dump_dir, options)
+    config[key] = pass_class()(vllm_config, options)
     if "force_disable_caches" not in config:
         # torch's graph caches refuse graphs with effect tokens (with_effects is not cacheable), and vLLM's
         # compile cache then refuses the piece ("The compiled artifact is not serializable"); a hit would
