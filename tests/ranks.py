@@ -21,9 +21,29 @@ from ascend_compile.launch import free_port, init_gloo, run_command  # noqa: F40
 DEFAULT_TIMEOUT = float(os.environ.get("ASCEND_COMPILE_TEST_TIMEOUT", "300"))
 
 
-def _worker(rank: int, world_size: int, port: int, tasks, results, parent: int) -> None:
+def _context():
+    """Ranks are forked from one server process that imported torch, ascend_compile and Inductor
+    and probed the CPU once (``tests/rank_preload.py``), instead of each spawned rank doing it."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["rank_preload"])
+    return ctx
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # the ranks' parent is the forkserver: ask after pytest itself
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _worker(rank: int, world_size: int, port: int, tasks, results, parent: int, environ: dict) -> None:
     import torch.distributed as dist
 
+    os.environ.clear()  # the environment pytest has now, as a spawned rank would see it (not the server's)
+    os.environ.update(environ)
     try:
         init_gloo(rank, world_size, port)
         results.put((rank, "ready", None))
@@ -34,7 +54,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results, parent: int) 
         try:
             task = tasks.get(timeout=5)
         except queue.Empty:
-            if os.getppid() != parent:  # pytest was killed: no one will send a task or read a result
+            if not _alive(parent):  # pytest was killed: no one will send a task or read a result
                 break
             continue
         if task is None:
@@ -53,12 +73,12 @@ class RankPool:
     def __init__(self, world_size: int, allow_dead: bool = False):
         self.world_size = world_size
         self.allow_dead = allow_dead  # a rank that exits reports ("died", exit code) instead of failing the run
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         port = free_port()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results, os.getpid()),
+            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results, os.getpid(), dict(os.environ)),
                         daemon=True)
             for r in range(world_size)
         ]

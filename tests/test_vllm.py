@@ -839,8 +839,12 @@ def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_
     """``LLM(...).generate`` on 4 data-parallel ranks under torchrun (external launcher), each
     rank with different requests, compiled by vLLM (mode 2) with our backend, sharing in blocks of
     2 (``share_size=2``): greedy tokens with shared weights equal those without, on every rank
-    (prefill and decode), and each rank holds what its block saves."""
-    out, results = _run_example(tmp_path, "--model", model, "--prefetch-step", step, "--dp", "4", "--share-size", "2")
+    (prefill and decode), and each rank holds what its block saves. Then vLLM's own reload path,
+    ``llm.collective_rpc("reload_weights")`` (which the CPU runner inherits from the GPU runner),
+    between generates on every rank, unshared and shared (``_assert_reloads``; mode 1:
+    ``test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_run``)."""
+    out, results = _run_example(tmp_path, "--model", model, "--prefetch-step", step, "--dp", "4", "--share-size", "2",
+                                "--reload")
     series = ["down_proj", "o_proj"] + (["q_b_proj"] if model == "deepseek_v2" else [])
     for rank in range(4):
         unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
@@ -859,6 +863,7 @@ def test_generate_through_vllms_engine_equals_the_unshared_run(model, step, tmp_
     # ran vLLM's dummy forwards until rank 3 was done, the same number of forwards on every rank
     _assert_ranks_ran_in_lockstep(results, 4, idle=[0, 1, 2])
     assert len({str(results[f"shared_rank{r}"]["tokens"]) for r in range(4)}) == 4
+    _assert_reloads(out, results, 4)
 
 
 @pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
@@ -934,7 +939,7 @@ def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_ru
                                 "--lowering", "aot_eager")  # recompiles and reloads, whatever lowers the graphs
     for rank in range(2):
         assert results[f"shared_rank{rank}"]["tokens"] == results[f"unshared_rank{rank}"]["tokens"]
-    _assert_reloads(out, results)  # and vLLM's reload_weights in mode 1 (one job for both)
+    _assert_reloads(out, results, 2)  # and vLLM's reload_weights in mode 1 (one job for both)
     _assert_ranks_ran_in_lockstep(results, 2, idle=[0])  # counted around the model's compiled call
     graphs = {}
     for path in glob.glob(str(tmp_path / "dumps" / "**" / "rank_*" / "graph_*" / "schedule.json"), recursive=True):
@@ -951,17 +956,7 @@ def test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_ru
         o.replace("(window)", "(next step)") for o in orders[0] if o.endswith("(window)")]
 
 
-@pytest.mark.timeout(1100)  # two torchrun jobs of up to 500 s each; the example kills them
-def test_reload_weights_through_vllm_keeps_tokens_and_drops_prefetched_windows(tmp_path):
-    """``llm.collective_rpc("reload_weights")`` (vLLM's own reload path, which the CPU runner
-    inherits from the GPU runner) between generates, on both DP ranks, unshared and shared, in
-    mode 2 (mode 1: ``test_mode_1_dp_ranks_that_recompile_at_different_calls_equal_the_unshared_run``)."""
-    out, results = _run_example(tmp_path, "--model", "llama", "--prefetch-step", "1", "--mode", "2", "--reload",
-                                "--lowering", "aot_eager")
-    _assert_reloads(out, results)
-
-
-def _assert_reloads(out: str, results: dict) -> None:
+def _assert_reloads(out: str, results: dict, ranks: int) -> None:
     """The checkpoint reloaded gives the same tokens as before, changed weights (``perturbed_weights``,
     a ``weights_iterator`` through the same path) give the unshared run's new tokens, and the
     checkpoint again gives the first tokens back. With shared weights our plugin's wrapper of
@@ -970,7 +965,7 @@ def _assert_reloads(out: str, results: dict) -> None:
     gave the shared layers new classes or modules would recompile every shape again and hit
     the recompile limit (fullgraph=True fails) by the third generate."""
     lines = []
-    for rank in range(2):
+    for rank in range(ranks):
         unshared, shared = results[f"unshared_rank{rank}"], results[f"shared_rank{rank}"]
         assert shared["tokens"] == unshared["tokens"]
         for r in (unshared, shared):
@@ -984,4 +979,4 @@ def _assert_reloads(out: str, results: dict) -> None:
         assert shared["weight_bytes_reloaded"] == shared["weight_bytes"] < unshared["weight_bytes"]
         assert re.search(rf"rank {rank}: reload: same=True \(.*\), follows=True \(.*\), invalidated=3 of 3 reloads, "
                          r"kept=True", out)
-    assert lines[0] == lines[1]  # the same windows dropped on both ranks
+    assert lines[0] == lines[1]  # the same windows dropped on both ranks (of one block with --share-size 2)
