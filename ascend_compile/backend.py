@@ -8,7 +8,6 @@ unchanged.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any, Optional
 
@@ -20,7 +19,7 @@ from .lowering import get_lowering
 from .passes import PassPipeline, default_passes
 from .passes.graph import sliced_layers, sliced_token_counts
 from .passes.plan import marker_groups
-from .passes.planning import make_plan, planned_schedule, resolve_auto_step
+from .passes.planning import plan_graph, planned_schedule
 from .passes.prefetch import collective_order, order_layers
 from .runtime import failing, groups, order, state
 from .runtime.guard import GuardedGraph
@@ -133,16 +132,12 @@ def _compile_shared(gm: fx.GraphModule, example_inputs: list, opts: CompileOptio
 
     start = time.monotonic()
     lowering = get_lowering(opts.lowering)
-    plan = make_plan(gm, opts)
-    if plan.wrap and not getattr(lowering, "WRAP_AROUND", False):
-        raise ConfigError(
-            f"the {opts.lowering} lowering has no wrap-around prefetch (a graph run cannot leave a broadcast in "
-            f"flight), but series {[s for s, _ in plan.wrap]} were sharded with it: shard with "
-            "SharedWeightConfig(wrap_around=False) (the default where torch_npu is importable)"
-        )
-    plan = dataclasses.replace(plan, pin_order=opts.pin_order and lowering.PINS_ORDER,
-                               inplace=lowering.INPLACE_BROADCAST)
-    plan, explanation = resolve_auto_step(gm, plan, opts)
+    plan, explanation = plan_graph(
+        gm, opts, wraps=getattr(lowering, "WRAP_AROUND", False), pins_order=lowering.PINS_ORDER,
+        inplace=lowering.INPLACE_BROADCAST,
+        refuse_wrap=f"the {opts.lowering} lowering has no wrap-around prefetch (a graph run cannot leave a broadcast "
+                    "in flight), but series {series} were sharded with it: shard with "
+                    "SharedWeightConfig(wrap_around=False) (the default where torch_npu is importable)")
     # Directories by global rank: with several sharing groups (one per data-parallel replica,
     # say) group ranks repeat across processes and would overwrite each other's dumps.
     global_rank = groups.global_rank()

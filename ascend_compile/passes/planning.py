@@ -48,6 +48,21 @@ def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePl
     )
 
 
+def plan_graph(gm: fx.GraphModule, options: CompileOptions, *, wraps: bool, refuse_wrap: str,
+               pins_order: bool = True, inplace: bool = True) -> tuple:
+    """``(plan, explanation)`` for a graph whose markers the passes will rewrite (``make_plan``), as the
+    lowering that runs it can take it: a graph prefetching across forwards where the lowering cannot
+    (``wraps`` False) raises ``ConfigError(refuse_wrap)`` (``{series}``: the wrapped series); the order is
+    pinned only if the lowering keeps pins (``pins_order``); ``inplace``: broadcast into fresh buffers
+    (``broadcast_``) rather than the functional collective; ``"auto"`` resolved (``resolve_auto_step``).
+    Our backend calls it per graph, vLLM's pass per piece."""
+    plan = make_plan(gm, options)
+    if plan.wrap and not wraps:
+        raise ConfigError(refuse_wrap.format(series=[s for s, _ in plan.wrap]))
+    plan = dataclasses.replace(plan, pin_order=plan.pin_order and pins_order, inplace=inplace)
+    return resolve_auto_step(gm, plan, options)
+
+
 def wrap_around_series(graph: fx.Graph) -> tuple:
     """``(("series", w), ...)``: the series this graph prefetches across steps, from the markers
     (each model carries its own ``wrap_windows`` and series length). Only a graph that holds every

@@ -87,28 +87,23 @@ def schedule_piece(gm, options: dict, dump_dir=None, piece_id: str = "piece"):
     """Whole shared layers (``layout="layers"``) read in this piece: our passes on it, in place (its
     markers become broadcasts and waits scheduled inside the piece). Returns the piece's schedule
     table (also dumped), or None for a piece without shared layers."""
-    import dataclasses
-
     from ...config import CompileOptions
     from ...debug.dump import GraphDumper, schedule_table
     from ...passes import PassPipeline, default_passes
     from ...passes.plan import marker_groups
-    from ...passes.planning import make_plan, resolve_auto_step
+    from ...passes.planning import plan_graph
     from ...passes.prefetch import collective_order
     from ...runtime import groups
 
     if not marker_groups(gm.graph):
         return None
     opts = CompileOptions.from_dict(options)
-    plan = make_plan(gm, opts)
-    if plan.wrap:
-        raise ConfigError(
-            f"series {[s for s, _ in plan.wrap]} prefetch across forwards (wrap_around=True), but under compilation "
-            "mode 3 each piece of vLLM's graph is compiled (and captured) on its own, and a window cannot stay in "
-            "flight between pieces: drop shared_weight wrap_around (mode 3 defaults it to False)"
-        )
-    plan = dataclasses.replace(plan, inplace=True)  # broadcast_ into fresh buffers, as our Inductor lowering
-    plan, explanation = resolve_auto_step(gm, plan, opts)
+    # broadcast_ into fresh buffers, as our Inductor lowering
+    plan, explanation = plan_graph(
+        gm, opts, wraps=False, inplace=True,
+        refuse_wrap="series {series} prefetch across forwards (wrap_around=True), but under compilation mode 3 each "
+                    "piece of vLLM's graph is compiled (and captured) on its own, and a window cannot stay in flight "
+                    "between pieces: drop shared_weight wrap_around (mode 3 defaults it to False)")
     dumper = GraphDumper(dump_dir, groups.global_rank(), graph_id=piece_id)
     pipeline = PassPipeline(plan, default_passes(plan.pin_order), observer=dumper.graph)
     pipeline(gm)
