@@ -78,8 +78,8 @@ class RankPool:
         self.tasks = [ctx.Queue() for _ in range(world_size)]
         port = free_port()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, self.tasks[r], self.results, os.getpid(), dict(os.environ)),
-                        daemon=True)
+            ctx.Process(target=_worker, daemon=True,
+                        args=(r, world_size, port, self.tasks[r], self.results, os.getpid(), dict(os.environ)))
             for r in range(world_size)
         ]
         for p in self.procs:

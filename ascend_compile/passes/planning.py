@@ -48,8 +48,8 @@ def make_plan(gm: fx.GraphModule, options: CompileOptions) -> Optional[CompilePl
     )
 
 
-def plan_graph(gm: fx.GraphModule, options: CompileOptions, *, wraps: bool, refuse_wrap: str,
-               pins_order: bool = True, inplace: bool = True) -> tuple:
+def plan_graph(gm: fx.GraphModule, options: CompileOptions, *, wraps: bool, refuse_wrap: str, inplace: bool,
+               pins_order: bool = True) -> tuple:
     """``(plan, explanation)`` for a graph whose markers the passes will rewrite (``make_plan``), as the
     lowering that runs it can take it: a graph prefetching across forwards where the lowering cannot
     (``wraps`` False) raises ``ConfigError(refuse_wrap)`` (``{series}``: the wrapped series); the order is
