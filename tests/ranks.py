@@ -23,7 +23,13 @@ DEFAULT_TIMEOUT = float(os.environ.get("ASCEND_COMPILE_TEST_TIMEOUT", "300"))
 
 def _context():
     """Ranks are forked from one server process that imported torch, ascend_compile and Inductor
-    and probed the CPU once (``tests/rank_preload.py``), instead of each spawned rank doing it."""
+    and probed the CPU once (``tests/rank_preload.py``), instead of each spawned rank doing it.
+
+    Except where the environment sets what the C library reads only as a process starts (glibc's
+    ``MALLOC_*`` and ``GLIBC_TUNABLES``, e.g. a test's mmap threshold): a forked rank would keep the
+    server's settings, so those ranks are spawned."""
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["rank_preload"])
     return ctx
