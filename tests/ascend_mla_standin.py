@@ -21,8 +21,9 @@ The math between is DeepSeek-V2's plain attention (vLLM's ``DeepseekV2Attention`
 
     .venv-vllm/bin/python tests/ascend_mla_standin.py --dir DIR [--configs unshared,layers,slices]
 
-runs one 2-rank torchrun job per config (vLLM's external launcher, ``data_parallel_size=2``, a token
-budget of 8 per step so prompts are chunked and steps mix decode and prefill tokens) and prints a
+runs each config on 2 ranks (vLLM's external launcher, ``data_parallel_size=2``, a token
+budget of 8 per step so prompts are chunked and steps mix decode and prefill tokens), forked from the
+driver with the environment torchrun gives its ranks (``tests/ranks.py``: ``run_configs``), and prints a
 JSON summary: each rank's tokens, and how many forwards called ``q_proj`` twice, once or not at all.
 """
 
@@ -35,6 +36,7 @@ import sys
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("VLLM_MLA_DISABLE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it for each rank (read as torch loads)
 
 import torch  # noqa: E402
 
@@ -179,7 +181,6 @@ CONFIGS = {
 
 
 def worker(args) -> int:
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
     from vllm import ModelRegistry
 
     import vllm_generate
@@ -210,10 +211,18 @@ def worker(args) -> int:
     return 0
 
 
+def preload() -> None:
+    """What every rank imports, imported once by the driver its ranks are forked from."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+    from ranks import preload_vllm
+
+    preload_vllm("vllm.model_executor.models.deepseek_v2")
+
+
 def main(argv=None) -> int:
     from ranks import configs_main
 
-    return configs_main(__file__, __doc__, "unshared,layers,slices", worker, argv)
+    return configs_main(__doc__, "unshared,layers,slices", worker, preload, argv)
 
 
 if __name__ == "__main__":

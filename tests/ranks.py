@@ -192,28 +192,116 @@ def _close_all() -> None:
         pool.close()
 
 
-def torchrun_configs(script: str, out_dir: str, configs: list, timeout: float, ranks: int = 2) -> dict:
-    """Run ``script`` under torchrun on ``ranks`` CPU ranks once per config (``--dir out_dir --config
-    c``; each rank writes ``{config}_rank{rank}.json``, a failed or hung job is its error text).
-    Returns ``{config: {rank: result} or {"error": ...}}``, also written to ``summary.json``."""
-    import json
+def _fork_rank(worker, args, rank: int, ranks: int, port: int, log: str) -> int:
+    """Fork one rank of a job: the environment torchrun gives its workers (``--standalone``, one
+    machine), output to ``log``; the child runs ``worker(args)`` and exits with its code (1 if it
+    raised, the traceback in ``log``) without running this process's exit handlers."""
     import sys
 
-    from ascend_compile.launch import run_torchrun
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
+                          GROUP_RANK="0", GROUP_WORLD_SIZE="1", ROLE_RANK=str(rank), ROLE_WORLD_SIZE=str(ranks),
+                          ROLE_NAME="default", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                          TORCHELASTIC_RESTART_COUNT="0", TORCHELASTIC_MAX_RESTARTS="0")
+        code = worker(args) or 0
+    except BaseException:  # noqa: BLE001 - the rank's failure is its exit code and its log
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+GRACE_ENV = "ASCEND_COMPILE_TEST_FAIL_GRACE"  # seconds a failed rank's peers get to fail with it (default 30)
+
+
+def _wait_ranks(pids: dict, timeout: float) -> tuple:
+    """Wait for a job's ranks (``{pid: rank}``): ``(exit code of the first rank that failed or 0,
+    {rank: how it ended})``. Once one fails, the others get 30 s (``GRACE_ENV``) to fail with it (ranks
+    that fail together do), then they are killed, as torchrun stops a job; past ``timeout`` every
+    rank left is killed and TimeoutError raised."""
+    import signal
+    import time
+
+    grace = float(os.environ.get(GRACE_ENV, "30"))
+    deadline, failed_at, first, ended = time.monotonic() + timeout, None, 0, {}
+    left = dict(pids)
+    while left:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid in left:
+            rank = left.pop(pid)
+            code = os.waitstatus_to_exitcode(status)
+            ended[rank] = f"exit {code}" if code >= 0 else f"killed by signal {-code}"
+            if code != 0 and not first:
+                first, failed_at = code, time.monotonic()
+            continue
+        now = time.monotonic()
+        if now > deadline or (failed_at is not None and now > failed_at + grace):
+            why = "killed at the deadline" if now > deadline else "killed after a peer failed"
+            for pid, rank in left.items():
+                os.kill(pid, signal.SIGKILL)  # in the driver's process group: a hang-kill of the driver reaches them
+                os.waitpid(pid, 0)
+                ended[rank] = why
+            if failed_at is None:
+                raise TimeoutError(f"ranks did not finish within {timeout:.0f} s: {ended}")
+            break
+        time.sleep(0.2)
+    return first, ended
+
+
+def preload_vllm(*modules: str) -> None:
+    """Import, once, what a driver's ranks import (vLLM's engine and CPU worker, the example's
+    ``vllm_generate``, ``modules``) and probe the CPU for Inductor, in the driver the ranks are then
+    forked from. Forking is safe only while the driver runs one thread: checked."""
+    import importlib
+    import threading
+
+    for name in ("vllm_generate", "vllm.entrypoints.llm", "vllm.v1.engine.llm_engine", "vllm.v1.worker.cpu_worker",
+                 "vllm.v1.worker.cpu_model_runner", *modules):
+        importlib.import_module(name)
+    from torch._inductor import cpu_vec_isa
+
+    cpu_vec_isa.pick_vec_isa()  # cached: every rank (vLLM compiles its sampler with Inductor) inherits it
+    if threading.active_count() != 1:
+        raise RuntimeError(f"a driver that forks ranks must run one thread; it runs {threading.enumerate()}")
+
+
+def run_configs(worker, out_dir: str, configs: list, timeout: float, ranks: int = 2) -> dict:
+    """Run a driver's ``worker`` on ``ranks`` CPU ranks once per config (``args.config``; each rank
+    writes ``{config}_rank{rank}.json``, a failed or hung job is its error text). The ranks are
+    forked from this process (which imported what they need once, ``configs_main``'s ``preload``)
+    with the environment torchrun would give them, instead of each importing vLLM anew under
+    torchrun: ~12 s of a 2-core machine per rank. The examples' engine jobs still run under torchrun.
+    Returns ``{config: {rank: result} or {"error": ...}}``, also written to ``summary.json``."""
+    import argparse
+    import json
 
     os.makedirs(out_dir, exist_ok=True)
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     summary = {}
     for config in configs:
-        cmd = [torchrun, "--standalone", "--nproc-per-node", str(ranks), os.path.abspath(script), "--dir", out_dir,
-               "--config", config]
+        args = argparse.Namespace(dir=out_dir, config=config)
+        logs = [os.path.join(out_dir, f"{config}_rank{rank}.log") for rank in range(ranks)]
+        port = free_port()
+        pids = {_fork_rank(worker, args, rank, ranks, port, logs[rank]): rank for rank in range(ranks)}
         try:
-            code, _, err = run_torchrun(cmd, timeout=timeout)
+            code, ended = _wait_ranks(pids, timeout)
         except TimeoutError as e:
-            summary[config] = {"error": f"timeout: {str(e)[-2000:]}"}
-            continue
+            code, ended = None, str(e)
         if code != 0:
-            summary[config] = {"error": f"exit {code}: {(err or '')[-4000:]}"}
+            tails = ""
+            for rank, log in enumerate(logs):
+                with open(log, errors="replace") as f:
+                    tails += f"\n--- rank {rank} ({ended[rank] if isinstance(ended, dict) else 'hung'}) ---\n" + f.read()[-3000:]
+            summary[config] = {"error": (f"exit {code}: " if code is not None else f"timeout: {ended}") + tails}
             continue
         summary[config] = {}
         for rank in range(ranks):
@@ -224,28 +312,25 @@ def torchrun_configs(script: str, out_dir: str, configs: list, timeout: float, r
     return summary
 
 
-def configs_main(script: str, doc: str, default_configs: str, worker, argv=None) -> int:
-    """The command line of a torchrun driver such as ``tests/ascend_mla_standin.py``: ``--dir``,
-    ``--configs`` (comma-separated), ``--timeout``. Under torchrun (``RANK`` set) it runs
-    ``worker(args)`` for ``--config``; otherwise it runs every config (``torchrun_configs``) and
-    prints the summary."""
+def configs_main(doc: str, default_configs: str, worker, preload, argv=None) -> int:
+    """The command line of a driver such as ``tests/ascend_mla_standin.py``: ``--dir``, ``--configs``
+    (comma-separated), ``--timeout``. It runs ``preload()`` (imports) once, then every config on
+    forked ranks (``run_configs``), and prints the summary."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--dir", required=True)
     parser.add_argument("--configs", default=default_configs)
-    parser.add_argument("--config", help=argparse.SUPPRESS)  # set for the torchrun workers
     parser.add_argument("--timeout", type=float, default=600)
     args = parser.parse_args(argv)
-    if "RANK" in os.environ:
-        return worker(args)
-    print(json.dumps(torchrun_configs(script, args.dir, args.configs.split(","), args.timeout)))
+    preload()
+    print(json.dumps(run_configs(worker, args.dir, args.configs.split(","), args.timeout)))
     return 0
 
 
 def driver_summary(script: str, out_dir, timeout: float, *args: str) -> dict:
-    """Run a torchrun driver (``configs_main``) in a session of its own (on a hang it is killed with
+    """Run a driver (``configs_main``) in a session of its own (on a hang it is killed with
     every rank it started) and return its ``summary.json``, with ``"dumps"``: its dump directory."""
     import json
     import sys

@@ -24,6 +24,8 @@ import json
 import os
 import sys
 
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it for each rank (read as torch loads)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CUDA_ONLY = ("fused_add_rms_norm_static_fp8_quant", "rms_norm_dynamic_per_token_quant", "rms_norm_static_fp8_quant",
              "silu_and_mul_quant", "fused_qk_norm_rope")
@@ -72,7 +74,6 @@ def keep_mode_3(splitting_ops=()) -> None:
 
 
 def worker(args) -> int:
-    sys.path.insert(0, os.path.join(HERE, "..", "examples"))
     import vllm_generate
 
     keep_mode_3()
@@ -94,10 +95,18 @@ def worker(args) -> int:
     return 0
 
 
+def preload() -> None:
+    """What every rank imports, imported once by the driver its ranks are forked from."""
+    sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+    from ranks import preload_vllm
+
+    preload_vllm("vllm.model_executor.models.llama", "vllm.compilation.passes.utility")
+
+
 def main(argv=None) -> int:
     from ranks import configs_main
 
-    return configs_main(__file__, __doc__, ",".join(CONFIGS), worker, argv)
+    return configs_main(__doc__, ",".join(CONFIGS), worker, preload, argv)
 
 
 if __name__ == "__main__":
