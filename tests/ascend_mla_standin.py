@@ -213,7 +213,6 @@ def worker(args) -> int:
 
 def preload() -> None:
     """What every rank imports, imported once by the driver its ranks are forked from."""
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
     from ranks import preload_vllm
 
     preload_vllm("vllm.model_executor.models.deepseek_v2")

@@ -226,9 +226,9 @@ GRACE_ENV = "ASCEND_COMPILE_TEST_FAIL_GRACE"  # seconds a failed rank's peers ge
 
 def _wait_ranks(pids: dict, timeout: float) -> tuple:
     """Wait for a job's ranks (``{pid: rank}``): ``(exit code of the first rank that failed or 0,
-    {rank: how it ended})``. Once one fails, the others get 30 s (``GRACE_ENV``) to fail with it (ranks
-    that fail together do), then they are killed, as torchrun stops a job; past ``timeout`` every
-    rank left is killed and TimeoutError raised."""
+    {rank: how it ended}, whether the deadline passed)``. Once one fails, the others get 30 s
+    (``GRACE_ENV``) to fail with it (ranks that fail together do), then they are killed, as torchrun
+    stops a job; past ``timeout`` every rank left is killed."""
     import signal
     import time
 
@@ -236,26 +236,24 @@ def _wait_ranks(pids: dict, timeout: float) -> tuple:
     deadline, failed_at, first, ended = time.monotonic() + timeout, None, 0, {}
     left = dict(pids)
     while left:
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid in left:
-            rank = left.pop(pid)
-            code = os.waitstatus_to_exitcode(status)
-            ended[rank] = f"exit {code}" if code >= 0 else f"killed by signal {-code}"
-            if code != 0 and not first:
-                first, failed_at = code, time.monotonic()
-            continue
+        for pid in list(left):  # this job's ranks only: the driver may have other children
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                rank = left.pop(pid)
+                code = os.waitstatus_to_exitcode(status)
+                ended[rank] = f"exit {code}" if code >= 0 else f"killed by signal {-code}"
+                if code != 0 and failed_at is None:
+                    first, failed_at = code, time.monotonic()
         now = time.monotonic()
-        if now > deadline or (failed_at is not None and now > failed_at + grace):
+        if left and (now > deadline or (failed_at is not None and now > failed_at + grace)):
             why = "killed at the deadline" if now > deadline else "killed after a peer failed"
             for pid, rank in left.items():
                 os.kill(pid, signal.SIGKILL)  # in the driver's process group: a hang-kill of the driver reaches them
                 os.waitpid(pid, 0)
                 ended[rank] = why
-            if failed_at is None:
-                raise TimeoutError(f"ranks did not finish within {timeout:.0f} s: {ended}")
-            break
+            return first, ended, failed_at is None
         time.sleep(0.2)
-    return first, ended
+    return first, ended, False
 
 
 def preload_vllm(*modules: str) -> None:
@@ -263,8 +261,12 @@ def preload_vllm(*modules: str) -> None:
     ``vllm_generate``, ``modules``) and probe the CPU for Inductor, in the driver the ranks are then
     forked from. Forking is safe only while the driver runs one thread: checked."""
     import importlib
+    import sys
     import threading
 
+    examples = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+    if examples not in sys.path:
+        sys.path.insert(0, examples)  # vllm_generate
     for name in ("vllm_generate", "vllm.entrypoints.llm", "vllm.v1.engine.llm_engine", "vllm.v1.worker.cpu_worker",
                  "vllm.v1.worker.cpu_model_runner", *modules):
         importlib.import_module(name)
@@ -292,16 +294,14 @@ def run_configs(worker, out_dir: str, configs: list, timeout: float, ranks: int 
         logs = [os.path.join(out_dir, f"{config}_rank{rank}.log") for rank in range(ranks)]
         port = free_port()
         pids = {_fork_rank(worker, args, rank, ranks, port, logs[rank]): rank for rank in range(ranks)}
-        try:
-            code, ended = _wait_ranks(pids, timeout)
-        except TimeoutError as e:
-            code, ended = None, str(e)
-        if code != 0:
+        code, ended, timed_out = _wait_ranks(pids, timeout)
+        if code != 0 or timed_out:
             tails = ""
             for rank, log in enumerate(logs):
                 with open(log, errors="replace") as f:
-                    tails += f"\n--- rank {rank} ({ended[rank] if isinstance(ended, dict) else 'hung'}) ---\n" + f.read()[-3000:]
-            summary[config] = {"error": (f"exit {code}: " if code is not None else f"timeout: {ended}") + tails}
+                    tails += f"\n--- rank {rank} ({ended[rank]}) ---\n" + f.read()[-3000:]
+            head = f"timeout: ranks did not finish within {timeout:.0f} s: {ended}" if timed_out else f"exit {code}: "
+            summary[config] = {"error": head + tails}
             continue
         summary[config] = {}
         for rank in range(ranks):

@@ -97,7 +97,6 @@ def worker(args) -> int:
 
 def preload() -> None:
     """What every rank imports, imported once by the driver its ranks are forked from."""
-    sys.path.insert(0, os.path.join(HERE, "..", "examples"))
     from ranks import preload_vllm
 
     preload_vllm("vllm.model_executor.models.llama", "vllm.compilation.passes.utility")
